@@ -1,0 +1,21 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Each runs scripts/setup.sh first (idempotent: seconds once the stack is installed).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+NP     ?= 2
+ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
+MPIRUN := mpirun $(ROOT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 -np $(NP)
+
+.PHONY: setup demo test bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(MPIRUN) $(PY) examples/torch_a9a.py
+
+test: setup
+	$(PY) -m pytest tests -ra
+
+bench: setup
+	$(PY) benchmarks/compressors.py

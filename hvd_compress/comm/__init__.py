@@ -1,0 +1,1 @@
+"""Collectives that move payloads between ranks (imported lazily: mpi4py, Horovod)."""

@@ -1,0 +1,284 @@
+"""Backend adapters: the few array operations the compression math needs.
+
+The math in :mod:`hvd_compress.core` is written once against :class:`Backend` and runs on
+numpy arrays, torch tensors (any device) and TensorFlow tensors (eager or inside
+``tf.function``). A backend is chosen from the tensor's type by looking only at modules
+that are already imported, so the core never imports a framework the user did not.
+
+Conventions shared by every backend:
+
+* indices are int64 inside the core (cast to int32 only on the wire);
+* dtypes are named by strings (``"float32"``, ``"bfloat16"``, ...). numpy has no bfloat16,
+  so the numpy backend stores bfloat16 as its raw ``uint16`` bit pattern;
+* nothing leaves the tensor's device: no host copies on the hot path.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+
+from ..errors import HvdCompressError
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_NP_DTYPES = {
+    "float16": np.float16, "float32": np.float32, "float64": np.float64,
+    "bfloat16": np.uint16, "uint8": np.uint8, "int32": np.int32, "int64": np.int64,
+    "uint16": np.uint16, "bool": np.bool_,
+}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1,
+            "int32": 4, "int64": 8, "uint16": 2}
+
+
+class Backend:
+    """Array operations for one framework. Subclasses implement every method."""
+
+    name = "abstract"
+
+    def eager(self) -> bool:
+        """Whether Python control flow may look at tensor values (false in tf.function)."""
+        return True
+
+    # -- shape and dtype -------------------------------------------------------------
+    def shape(self, x): raise NotImplementedError
+    def dtype(self, x) -> str: raise NotImplementedError
+    def reshape(self, x, shape): raise NotImplementedError
+    def astype(self, x, dtype: str): raise NotImplementedError
+    def bitcast(self, x, dtype: str): raise NotImplementedError
+
+    def size(self, x) -> int:
+        n = 1
+        for s in self.shape(x):
+            n *= int(s)
+        return n
+
+    def flatten(self, x):
+        return self.reshape(x, (-1,))
+
+    # -- construction ----------------------------------------------------------------
+    def zeros(self, n: int, dtype: str, like): raise NotImplementedError
+    def arange(self, n: int, like): raise NotImplementedError
+    def constant(self, values, dtype: str, like): raise NotImplementedError
+    def concat(self, xs): raise NotImplementedError
+
+    # -- elementwise and reductions ----------------------------------------------------
+    def abs(self, x): raise NotImplementedError
+    def sign(self, x): raise NotImplementedError
+    def floor(self, x): raise NotImplementedError
+    def where(self, cond, a, b): raise NotImplementedError
+    def sum(self, x): raise NotImplementedError
+    def sum_rows(self, x): raise NotImplementedError
+    def max(self, x): raise NotImplementedError
+
+    def norm(self, x):
+        return self.sum(x * x) ** 0.5
+
+    # -- selection -------------------------------------------------------------------
+    def nonzero(self, mask): raise NotImplementedError
+    def gather(self, x, idx): raise NotImplementedError
+    def topk_values(self, x, k: int): raise NotImplementedError
+    def sort(self, x): raise NotImplementedError
+    def cumsum(self, x): raise NotImplementedError
+    def scatter_add(self, n: int, idx, values): raise NotImplementedError
+    def count(self, mask) -> int: raise NotImplementedError
+
+    # -- integer bit ops (int64, values kept in [0, 2**32)) ----------------------------
+    def xor(self, a, b): raise NotImplementedError
+    def rshift(self, a, s: int): raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray: raise NotImplementedError
+    def from_numpy(self, a, like): raise NotImplementedError
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def shape(self, x): return tuple(x.shape)
+    def dtype(self, x): return np.dtype(x.dtype).name
+    def reshape(self, x, shape): return np.reshape(x, shape)
+    def astype(self, x, dtype):
+        if dtype == "bfloat16":
+            return _np_to_bf16(x)
+        if self.dtype(x) == "uint16" and dtype in FLOAT_DTYPES:
+            # numpy stores bfloat16 as uint16 bits
+            return (x.astype(np.uint32) << 16).view(np.float32).astype(_NP_DTYPES[dtype])
+        return x.astype(_NP_DTYPES[dtype], copy=False)
+    def bitcast(self, x, dtype): return np.ascontiguousarray(x).view(_NP_DTYPES[dtype])
+    def zeros(self, n, dtype, like): return np.zeros(n, _NP_DTYPES[dtype])
+    def arange(self, n, like): return np.arange(n, dtype=np.int64)
+    def constant(self, values, dtype, like): return np.asarray(values, _NP_DTYPES[dtype])
+    def concat(self, xs): return np.concatenate(xs)
+    def abs(self, x): return np.abs(x)
+    def sign(self, x): return np.sign(x)
+    def floor(self, x): return np.floor(x)
+    def where(self, cond, a, b): return np.where(cond, a, b)
+    def sum(self, x): return x.sum()
+    def sum_rows(self, x): return x.sum(axis=1)
+    def max(self, x): return x.max()
+    def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
+    def gather(self, x, idx): return x[idx]
+    def topk_values(self, x, k):
+        return -np.sort(-np.partition(x, len(x) - k)[len(x) - k:])
+    def sort(self, x): return np.sort(x)
+    def cumsum(self, x): return np.cumsum(x)
+    def scatter_add(self, n, idx, values):
+        out = np.zeros(n, values.dtype)
+        np.add.at(out, idx, values)
+        return out
+    def count(self, mask): return int(np.count_nonzero(mask))
+    def xor(self, a, b): return np.bitwise_xor(a, b)
+    def rshift(self, a, s): return np.right_shift(a, s)
+    def to_numpy(self, x): return np.asarray(x)
+    def from_numpy(self, a, like): return np.asarray(a)
+
+
+def _np_to_bf16(x):
+    """float -> bfloat16 bits (round to nearest even), as numpy uint16."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self):
+        import torch
+        self.t = torch
+        self._dt = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                    "float32": torch.float32, "float64": torch.float64,
+                    "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
+                    "uint16": torch.int16, "bool": torch.bool}
+
+    def shape(self, x): return tuple(x.shape)
+    def dtype(self, x): return str(x.dtype).replace("torch.", "")
+    def reshape(self, x, shape): return x.reshape(shape)
+    def astype(self, x, dtype): return x.to(self._dt[dtype])
+    def bitcast(self, x, dtype):
+        x = x.contiguous()
+        if x.storage_offset() % ITEMSIZE[dtype]:  # a slice of a gathered byte buffer
+            x = x.clone()
+        return x.view(self._dt[dtype])
+    def zeros(self, n, dtype, like): return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)
+    def arange(self, n, like): return self.t.arange(n, dtype=self.t.int64, device=like.device)
+    def constant(self, values, dtype, like):
+        return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
+    def concat(self, xs): return self.t.cat(xs)
+    def abs(self, x): return x.abs()
+    def sign(self, x): return x.sign()
+    def floor(self, x): return x.floor()
+    def where(self, cond, a, b): return self.t.where(cond, a, b)
+    def sum(self, x): return x.sum()
+    def sum_rows(self, x): return x.sum(axis=1)
+    def max(self, x): return x.max()
+    def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
+    def gather(self, x, idx): return x[idx]
+    def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
+    def sort(self, x): return self.t.sort(x).values
+    def cumsum(self, x): return self.t.cumsum(x, 0)
+    def scatter_add(self, n, idx, values):
+        out = self.t.zeros(n, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, idx, values)
+    def count(self, mask): return int(self.t.count_nonzero(mask))
+    def xor(self, a, b): return self.t.bitwise_xor(a, b)
+    def rshift(self, a, s): return self.t.bitwise_right_shift(a, s)
+    def to_numpy(self, x):
+        if x.dtype == self.t.bfloat16:
+            return x.view(self.t.int16).cpu().numpy().view(np.uint16)
+        return x.detach().cpu().numpy()
+    def from_numpy(self, a, like):
+        return self.t.from_numpy(np.ascontiguousarray(a)).to(like.device)
+
+
+class TensorflowBackend(Backend):
+    name = "tensorflow"
+
+    def __init__(self):
+        import tensorflow as tf
+        self.tf = tf
+        self._dt = {"float16": tf.float16, "bfloat16": tf.bfloat16, "float32": tf.float32,
+                    "float64": tf.float64, "uint8": tf.uint8, "int32": tf.int32,
+                    "int64": tf.int64, "uint16": tf.uint16, "bool": tf.bool}
+
+    def eager(self): return self.tf.executing_eagerly()
+
+    def shape(self, x):
+        s = x.shape
+        if s.rank is not None and all(d is not None for d in s):
+            return tuple(int(d) for d in s)
+        return tuple(self.tf.unstack(self.tf.shape(x)))
+    def size(self, x):
+        if x.shape.is_fully_defined():
+            return int(x.shape.num_elements())
+        return self.tf.size(x, out_type=self.tf.int64)
+    def dtype(self, x): return x.dtype.name
+    def reshape(self, x, shape): return self.tf.reshape(x, shape)
+    def astype(self, x, dtype): return self.tf.cast(x, self._dt[dtype])
+    def bitcast(self, x, dtype):
+        tf = self.tf
+        src, dst = ITEMSIZE[x.dtype.name], ITEMSIZE[dtype]
+        if src == dst:
+            return tf.bitcast(x, self._dt[dtype])
+        if src > dst:
+            return tf.reshape(tf.bitcast(x, self._dt[dtype]), (-1,))
+        return tf.bitcast(tf.reshape(x, (-1, dst // src)), self._dt[dtype])
+    def zeros(self, n, dtype, like): return self.tf.zeros((n,), self._dt[dtype])
+    def arange(self, n, like): return self.tf.range(n, dtype=self.tf.int64)
+    def constant(self, values, dtype, like): return self.tf.constant(values, self._dt[dtype])
+    def concat(self, xs): return self.tf.concat(xs, 0)
+    def abs(self, x): return self.tf.abs(x)
+    def sign(self, x): return self.tf.sign(x)
+    def floor(self, x): return self.tf.floor(x)
+    def where(self, cond, a, b): return self.tf.where(cond, a, b)
+    def sum(self, x): return self.tf.reduce_sum(x)
+    def sum_rows(self, x): return self.tf.reduce_sum(x, axis=1)
+    def max(self, x): return self.tf.reduce_max(x)
+    def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
+    def gather(self, x, idx): return self.tf.gather(x, idx)
+    def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values
+    def sort(self, x): return self.tf.sort(x)
+    def cumsum(self, x): return self.tf.cumsum(x)
+    def scatter_add(self, n, idx, values):
+        return self.tf.math.unsorted_segment_sum(values, idx, n)
+    def count(self, mask):
+        return self.tf.math.count_nonzero(mask, dtype=self.tf.int64)
+    def xor(self, a, b): return self.tf.bitwise.bitwise_xor(a, b)
+    def rshift(self, a, s): return self.tf.bitwise.right_shift(a, self.tf.constant(s, a.dtype))
+    def to_numpy(self, x):
+        if x.dtype == self.tf.bfloat16:
+            return self.tf.bitcast(x, self.tf.uint16).numpy()
+        return x.numpy()
+    def from_numpy(self, a, like): return self.tf.convert_to_tensor(a)
+
+
+_BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "tensorflow": TensorflowBackend}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_named(name: str) -> Backend:
+    return _BACKENDS[name]()
+
+
+def backend_for(x) -> Backend:
+    """The backend of tensor ``x``; imports nothing the caller has not imported already."""
+    if isinstance(x, np.ndarray):
+        return _backend_named("numpy")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return _backend_named("torch")
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(x, (tf.Tensor, tf.Variable)):
+        return _backend_named("tensorflow")
+    raise HvdCompressError(
+        f"unsupported tensor type {type(x).__module__}.{type(x).__name__}: "
+        "hvd_compress works on numpy arrays, torch tensors and TensorFlow tensors")
+
+
+def backend_named(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise HvdCompressError(f"unknown backend {name!r}; expected one of {sorted(_BACKENDS)}")
+    return _backend_named(name)

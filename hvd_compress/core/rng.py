@@ -1,0 +1,87 @@
+"""A counter-based random stream that gives the same bits on numpy, torch and TensorFlow.
+
+Stochastic compressors never touch a framework's global RNG. Each draw is a pure function
+of a :class:`Key` ``(seed, rank, name, step)`` and the entry's position, computed with
+integer ops that every backend evaluates identically (a 32-bit avalanche hash on int64
+lanes, with multipliers chosen so no product overflows). Consequences:
+
+* the same key gives the same rand-k mask on every backend and every device;
+* independent masks per rank by default (``rank`` is part of the key), shared masks when a
+  compressor is told to drop the rank;
+* nothing to checkpoint: the stream restarts exactly from the step number.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+_M32 = 0xFFFFFFFF
+# Odd multipliers of a 32-bit avalanche hash, stored as their signed residues mod 2**32 so
+# that |x * c| < 2**63 for any 32-bit x: no int64 overflow on any backend.
+_C1 = 0x7FEB352D
+_C2 = 0x846CA68B - (1 << 32)
+_GOLD = 0x9E3779B1 - (1 << 32)
+
+
+class Key(NamedTuple):
+    """Where a random draw comes from: a user seed, the rank, the tensor's name, the step.
+
+    ``rank=None`` means the draw is shared by every rank (for example shared rand-k masks).
+    """
+    seed: int = 0
+    rank: int | None = 0
+    name: str = ""
+    step: object = 0  # a Python int, or an integer scalar tensor inside tf.function
+
+    def stream(self, salt: int = 0) -> int:
+        """The static part of the key, folded into one 32-bit integer."""
+        h = _mix_py(self.seed & _M32)
+        h = _mix_py(h ^ (0 if self.rank is None else (self.rank + 1) & _M32))
+        h = _mix_py(h ^ zlib.crc32(self.name.encode()))
+        return _mix_py(h ^ (salt & _M32))
+
+
+def _mix_py(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix(bk, x):
+    """The same avalanche as :func:`_mix_py`, on int64 tensors holding values < 2**32."""
+    x = bk.xor(x, bk.rshift(x, 16))
+    x = (x * _C1) & _M32
+    x = bk.xor(x, bk.rshift(x, 15))
+    x = (x * _C2) & _M32
+    return bk.xor(x, bk.rshift(x, 16))
+
+
+def random_bits(bk, n: int, key: Key, like, salt: int = 0):
+    """n pseudo-random 32-bit integers (held in int64) for positions 0..n-1."""
+    stream = key.stream(salt)
+    step = key.step
+    if isinstance(step, int):
+        base = _mix_py(stream ^ _mix_py(step))
+        base_t = base
+    else:  # a step tensor inside a graph
+        s = bk.astype(step, "int64") & _M32
+        base_t = _mix(bk, bk.xor(_mix(bk, s), stream))
+    j = bk.arange(n, like)
+    x = bk.xor(j & _M32, bk.rshift(j, 32))
+    x = ((x * _GOLD) & _M32)
+    x = bk.xor(x, base_t) if not isinstance(base_t, int) else bk.xor(x, _const(bk, base_t, like))
+    return _mix(bk, x)
+
+
+def _const(bk, v, like):
+    return bk.constant(v, "int64", like)
+
+
+def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
+    """n uniforms in [0, 1) with 24 random bits each (exact in float32), identical on
+    every backend for the same key."""
+    bits = bk.rshift(random_bits(bk, n, key, like, salt), 8)
+    return bk.astype(bits, dtype) * (1.0 / (1 << 24))

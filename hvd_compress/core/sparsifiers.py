@@ -1,0 +1,180 @@
+"""Sparsifiers: send k (index, value) pairs instead of d values.
+
+All three travel as int32 indices (int64 when d >= 2**31) plus values in the gradient dtype
+(or a cast given by ``values=``), so the wire cost is ``64 + k * (32 + value bits)`` bits
+for fp32 gradients with a 64-bit header. Their payloads differ in size across ranks or in
+positions, so they go through an allgather, never through a dense allreduce.
+"""
+from __future__ import annotations
+
+from ..errors import HvdCompressError
+from .compressor import Compressor, check_ratio, resolve_k
+from .payload import Payload
+from .registry import register
+from .rng import Key, random_bits
+from .select import topk_indices
+
+_VALUE_DTYPES = (None, "float16", "bfloat16", "float32")
+
+
+class _Sparse(Compressor):
+    """Shared encode/decode of (index, value) payloads."""
+
+    def _payload(self, bk, flat, idx, shape, dtype, d, scale=None):
+        vals = bk.gather(flat, idx)
+        if scale is not None:
+            vals = vals * scale
+        if self.values is not None:
+            vals = bk.astype(vals, self.values)
+        return Payload(shape=shape, dtype=dtype, count=bk.size(idx), values=vals, indices=idx,
+                       index_dtype=self._index_dtype(d))
+
+    def decode_flat(self, bk, p):
+        return bk.scatter_add(_numel(p.shape), p.indices, p.values)
+
+    def aggregate(self, bk, payloads):
+        # one scatter-add over every rank's pairs instead of one dense tensor per rank
+        idx = bk.concat([p.indices for p in payloads])
+        vals = bk.concat([p.values for p in payloads])
+        return bk.scatter_add(_numel(payloads[0].shape), idx, vals)
+
+
+def _check_values(owner, values):
+    if values not in _VALUE_DTYPES:
+        raise HvdCompressError(
+            f"{owner}: values={values!r} must be one of float16, bfloat16, float32 (or unset)")
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@register("compressor", "topk")
+class TopK(_Sparse):
+    """Top-k: keep the k entries of largest magnitude (ties go to lower positions).
+
+    Contractive with alpha = k/d: ||C(x) - x||^2 <= (1 - k/d)||x||^2, usually far better
+    because gradients concentrate their energy. Use it with error feedback (EF14, EF21,
+    EF21-SGDM), which restores convergence; without feedback it is biased.
+
+    Args:
+      ratio: fraction of entries kept, in (0, 1]; k = max(1, int(ratio * d)). 0.01 (1%)
+        with EF21-SGDM or EF14 trains most models to dense accuracy; 0.001 is aggressive.
+      k: keep exactly k entries instead (overrides ratio).
+      values: cast kept values to "float16"/"bfloat16" on the wire (halves value bits).
+
+    Selection is exact and deterministic: a sampled threshold narrows the candidates, then
+    an exact top-k runs on them (see :mod:`hvd_compress.core.select`).
+    """
+    bias = "contractive"
+
+    def __init__(self, ratio=0.01, k=None, values=None):
+        check_ratio("topk", ratio)
+        if k is not None and k <= 0:
+            raise HvdCompressError(f"topk: k={k} must be a positive integer")
+        _check_values("topk", values)
+        self.ratio, self.k, self.values = ratio, k, values
+
+    def k_for(self, d, tensor=""):
+        return resolve_k("topk", d, self.k, self.ratio, tensor)
+
+    def compress(self, x, key: Key = Key()):
+        bk, flat, d, shape, dtype = self._flat(x, key.name)
+        k = self.k_for(d, key.name)
+        idx = topk_indices(bk, bk.abs(flat), k)
+        return self._payload(bk, flat, idx, shape, dtype, d)
+
+    def alpha(self, d):
+        return self.k_for(d) / d
+
+
+@register("compressor", "randk")
+class RandK(_Sparse):
+    """Rand-k: keep k positions drawn uniformly without replacement.
+
+    Unscaled, it is contractive with alpha = k/d (in expectation). Scaled by d/k it is
+    unbiased with omega = d/k - 1, the form DIANA and friends need.
+
+    Masks are independent across ranks by default: averaging n independent unbiased
+    compressors divides the compression variance by n, which is where the communication
+    saving comes from (He, Huang, Yuan, NeurIPS 2023). ``shared=true`` draws one mask for
+    every rank (the GRACE behaviour); it needs no indices on the wire and can be summed by
+    an allreduce, but it forgoes that variance reduction.
+
+    Args:
+      ratio / k: as for top-k.
+      scaled: multiply kept values by d/k (unbiased). Default false (use with EF).
+      shared: one mask for all ranks (default false: independent masks).
+      seed: user seed mixed into the (seed, rank, tensor name, step) key.
+      values: optional fp16/bf16 cast of the kept values.
+    """
+    stochastic = True
+
+    def __init__(self, ratio=0.01, k=None, scaled=False, shared=False, seed=0, values=None):
+        check_ratio("randk", ratio)
+        if k is not None and k <= 0:
+            raise HvdCompressError(f"randk: k={k} must be a positive integer")
+        _check_values("randk", values)
+        self.ratio, self.k, self.scaled, self.shared = ratio, k, bool(scaled), bool(shared)
+        self.seed, self.values = int(seed), values
+        self.bias = "unbiased" if self.scaled else "contractive"
+        self.summable = self.shared
+
+    def k_for(self, d, tensor=""):
+        return resolve_k("randk", d, self.k, self.ratio, tensor)
+
+    def mask(self, bk, d: int, key: Key, like):
+        """The sorted positions this rank keeps for ``key`` (same on every backend)."""
+        key = key._replace(seed=key.seed ^ self.seed, rank=None if self.shared else key.rank)
+        score = 0xFFFFFFFF - random_bits(bk, d, key, like)
+        return topk_indices(bk, score, self.k_for(d, key.name))
+
+    def compress(self, x, key: Key = Key()):
+        bk, flat, d, shape, dtype = self._flat(x, key.name)
+        idx = self.mask(bk, d, key, flat)
+        scale = d / self.k_for(d) if self.scaled else None
+        p = self._payload(bk, flat, idx, shape, dtype, d, scale)
+        return p
+
+    def omega(self, d):
+        if not self.scaled:
+            return super().omega(d)
+        return d / self.k_for(d) - 1.0
+
+    def alpha(self, d):
+        return self.k_for(d) / d if not self.scaled else super().alpha(d)
+
+
+@register("compressor", "threshold")
+class Threshold(_Sparse):
+    """Hard threshold: keep every entry with |x_j| >= lam.
+
+    An *absolute* compressor: ||C(x) - x||^2 <= d * lam^2 whatever x is. With error feedback
+    it minimises the total compression error over training for a given total budget
+    (Sahu et al., "Rethinking gradient sparsification as total error minimization",
+    NeurIPS 2021): it sends many entries early, when gradients are large, and few late.
+
+    Args:
+      lam: the threshold (> 0). To match a top-k budget of k entries per step on
+        gradients of unit scale, start from lam = 1 / (2 sqrt(k)) and adjust.
+      values: optional fp16/bf16 cast of the kept values.
+    """
+    bias = "absolute"
+    fixed_size = False
+
+    def __init__(self, lam=1e-3, values=None):
+        if not float(lam) > 0:
+            raise HvdCompressError(f"threshold: lam={lam!r} must be positive")
+        _check_values("threshold", values)
+        self.lam, self.values = lam, values
+
+    def compress(self, x, key: Key = Key()):
+        bk, flat, d, shape, dtype = self._flat(x, key.name)
+        idx = bk.nonzero(bk.abs(flat) >= self.lam)
+        return self._payload(bk, flat, idx, shape, dtype, d)
+
+    def kappa(self, d):
+        return (d ** 0.5) * self.lam

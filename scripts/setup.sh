@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Idempotent set-up of the full stack hvd_compress is tested on:
+#   Debian OpenMPI, a project-local virtualenv (.venv), torch 2.13 (CPU),
+#   TensorFlow 2.21 + tf_keras, mpi4py, and Horovod 0.28.1 built from its sdist
+#   for PyTorch + TensorFlow + MPI + Gloo.
+#
+# Horovod 0.28.1 as released does not compile against torch >= 2.1 or TF 2.21: it
+# asks for C++14 where they need C++17, and its optional XLA ops include headers that
+# TF's wheel does not ship. We patch the unpacked sdist (C++17, no XLA ops) and cache
+# the built wheel, keyed by the Horovod, torch, TF and Python versions, so a second
+# run takes seconds.
+#
+# Environment knobs:
+#   HVD_COMPRESS_VENV   virtualenv path           (default: <repo>/.venv)
+#   HVD_COMPRESS_CACHE  wheel cache directory     (default: ~/.cache/hvd_compress)
+#   PYTHON              interpreter for the venv  (default: python3)
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+TORCH_VERSION=2.13.0
+TF_VERSION=2.21.0
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${HVD_COMPRESS_VENV:-$repo/.venv}
+cache=${HVD_COMPRESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_compress}
+python=${PYTHON:-python3}
+logdir=$repo/build/setup-logs
+mkdir -p "$logdir" "$cache"
+
+step() { echo "[setup] $*"; }
+# run_logged NAME CMD...: run CMD with output in $logdir/NAME.log; on failure name the
+# step and show the log's tail, then stop.
+run_logged() {
+  local name=$1; shift
+  local log=$logdir/$name.log
+  if ! "$@" >"$log" 2>&1; then
+    echo "[setup] FAILED at step '$name'. Last lines of $log:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+
+# 1. OpenMPI from Debian.
+if ! command -v mpirun >/dev/null 2>&1 || ! dpkg -s libopenmpi-dev >/dev/null 2>&1; then
+  step "installing OpenMPI (libopenmpi-dev openmpi-bin)"
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  run_logged apt-update $sudo_cmd apt-get update
+  run_logged apt-openmpi env DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y \
+    --no-install-recommends libopenmpi-dev openmpi-bin
+fi
+
+# 2. Virtualenv.
+if [ ! -x "$venv/bin/python" ]; then
+  step "creating virtualenv $venv"
+  run_logged venv "$python" -m venv "$venv"
+fi
+vpy=$venv/bin/python
+pyver=$("$vpy" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+# 3. Python dependencies (pip does nothing when they are present).
+have() { "$vpy" -m pip show "$1" 2>/dev/null | grep -q "^Version: $2\$"; }
+if ! have torch "$TORCH_VERSION+cpu" && ! have torch "$TORCH_VERSION"; then
+  step "installing torch $TORCH_VERSION"
+  run_logged pip-torch "$vpy" -m pip install "torch==$TORCH_VERSION"
+fi
+if ! have tensorflow "$TF_VERSION" || ! have tf_keras "$TF_VERSION"; then
+  step "installing TensorFlow $TF_VERSION and tf_keras"
+  run_logged pip-tf "$vpy" -m pip install "tensorflow==$TF_VERSION" "tf_keras==$TF_VERSION"
+fi
+step "installing test and build requirements"
+run_logged pip-deps "$vpy" -m pip install -q "numpy" "packaging" "mpi4py>=4.1" "pytest" \
+  "pytest-timeout" "hypothesis" "cloudpickle" "psutil" "pyyaml" "cffi" "matplotlib" "wheel" "setuptools"
+
+# 4. Horovod, from the wheel cache or built from the patched sdist.
+key="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-tf$TF_VERSION-py$pyver"
+wheeldir=$cache/$key
+if ! "$vpy" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null \
+   || ! "$vpy" -c "import horovod.torch, horovod.tensorflow" >/dev/null 2>&1; then
+  if ! ls "$wheeldir"/horovod-*.whl >/dev/null 2>&1; then
+    step "building Horovod $HOROVOD_VERSION (about 15 minutes on 2 cores; cached afterwards in $wheeldir)"
+    work=$(mktemp -d)
+    run_logged horovod-download "$vpy" -m pip download --no-deps --no-binary :all: \
+      -d "$work" "horovod==$HOROVOD_VERSION"
+    tar -xzf "$work"/horovod-$HOROVOD_VERSION.tar.gz -C "$work"
+    src=$work/horovod-$HOROVOD_VERSION
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+      "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    sed -i '/xla_mpi_ops.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+    mkdir -p "$wheeldir.tmp"
+    # System cmake: cmake 4.x from PyPI rejects Horovod's bundled gloo.
+    run_logged horovod-build env PATH="/usr/bin:$PATH" \
+      HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 \
+      HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" \
+      "$vpy" -m pip wheel --no-build-isolation --no-deps -w "$wheeldir.tmp" "$src"
+    rm -rf "$wheeldir"; mv "$wheeldir.tmp" "$wheeldir"; rm -rf "$work"
+  fi
+  step "installing Horovod from $wheeldir"
+  run_logged horovod-install "$vpy" -m pip install --force-reinstall --no-deps "$wheeldir"/horovod-*.whl
+fi
+
+# 5. The project itself, editable.
+if ! "$vpy" -c "import hvd_compress" >/dev/null 2>&1 || [ "$repo/setup.cfg" -nt "$venv/.hvd_compress-installed" ]; then
+  step "installing hvd_compress (editable)"
+  run_logged pip-project "$vpy" -m pip install --no-deps --no-build-isolation -e "$repo"
+  touch "$venv/.hvd_compress-installed"
+fi
+
+# 6. Check the build.
+run_logged check-build "$venv/bin/horovodrun" --check-build
+for fw in PyTorch TensorFlow MPI Gloo; do
+  if ! grep -Eq "\[X\] $fw" "$logdir/check-build.log"; then
+    echo "[setup] FAILED: 'horovodrun --check-build' does not list $fw. See $logdir/check-build.log" >&2
+    cat "$logdir/check-build.log" >&2
+    exit 1
+  fi
+done
+step "ready: $venv (Horovod $HOROVOD_VERSION with PyTorch, TensorFlow, MPI, Gloo)"

@@ -1,0 +1,288 @@
+"""Compressors: oracles, invariants and exact bit counts, over numpy, torch and TF."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError, Key
+from hvd_compress.core.ops import backend_for, backend_named
+from hvd_compress.core.payload import HEADER_BYTES, pack, unpack
+from hvd_compress.core.select import topk_indices
+
+ALL = hc.available("compressor")
+STOCHASTIC = ["randk:0.1,scaled=true", "qsgd", "qsgd:s=1,bucket=16", "terngrad", "natural"]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def data(d, seed=0, dtype=np.float32):
+    return np.random.RandomState(seed).standard_normal(d).astype(dtype)
+
+
+def as_backend(xp, a, dtype):
+    """numpy array -> tensor of dtype on backend xp (bf16 via the framework's own cast)."""
+    if dtype == "bfloat16":
+        t = xp.asarray(a.astype(np.float32))
+        return backend_for(t).astype(t, "bfloat16")
+    return xp.asarray(a.astype(dtype))
+
+
+def dense(c, p):
+    t = c.decompress(p)
+    bk = backend_for(t)
+    return bk.to_numpy(bk.astype(t, "float64")) if bk.dtype(t) == "bfloat16" else \
+        bk.to_numpy(t).astype(np.float64)
+
+
+# -- one oracle per property, run on every backend -------------------------------------
+
+def topk_oracle(x, k):
+    order = np.argsort(-np.abs(x), kind="stable")  # ties: lower position first
+    return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("d, k", [(1, 1), (7, 7), (100, 1), (1000, 10), (200_000, 37),
+                                  (300_000, 15_000)])
+def test_topk_keeps_exactly_the_k_largest(xp, d, k):
+    x = data(d, seed=d)
+    x[::3] = np.round(x[::3], 1)  # plenty of ties
+    p = hc.resolve(f"topk:k={k}").compress(xp.asarray(x))
+    np.testing.assert_array_equal(xp.numpy(p.indices), topk_oracle(x, k))
+    np.testing.assert_array_equal(xp.numpy(p.values), x[topk_oracle(x, k)])
+
+
+def test_topk_tie_rule_on_constant_input(xp):
+    x = np.ones(100_000, np.float32)
+    p = hc.resolve("topk:k=1000").compress(xp.asarray(x))
+    np.testing.assert_array_equal(xp.numpy(p.indices), np.arange(1000))
+
+
+def test_sampled_selection_falls_back_when_sample_misleads():
+    # a spike pattern the strided sample never sees: candidates are too few, fallback runs
+    x = np.zeros(1 << 17, np.float32)
+    x[1::2] = 1.0
+    bk = backend_named("numpy")
+    idx = topk_indices(bk, x, 1000)
+    np.testing.assert_array_equal(idx, np.arange(1, 2000, 2))
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_backends_agree(spec):
+    """Same input and key: identical payloads on numpy, torch and TF."""
+    import tensorflow as tf
+    import torch
+    x = data(3000, seed=1)
+    key = Key(seed=5, rank=2, name="layer.weight", step=9)
+    c = hc.resolve(spec)
+    outs = [c.compress(t, key) for t in (x, torch.from_numpy(x), tf.constant(x))]
+    ref = outs[0]
+    for p in outs[1:]:
+        bk = backend_for(p.values if p.values is not None else p.codes)
+        for field in ("indices", "values", "codes"):
+            a, b = getattr(ref, field), getattr(p, field)
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(bk.to_numpy(b), a, err_msg=f"{spec} {field}")
+        if ref.scales is not None:  # reductions may round differently in the last bit
+            np.testing.assert_allclose(bk.to_numpy(p.scales), ref.scales, rtol=1e-6)
+
+
+# numpy has no bfloat16 dtype: bf16 inputs are tested on torch and TF
+BACKEND_DTYPES = [(b, d) for b in ("numpy", "torch", "tensorflow") for d in DTYPES
+                  if (b, d) != ("numpy", "bfloat16")]
+
+
+@pytest.mark.parametrize("spec", ALL)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_pack_unpack_round_trip_and_exact_bits(spec, backend, dtype):
+    from conftest import XP
+    xp = XP(backend)
+    x = as_backend(xp, data(1037, seed=3), dtype)
+    c = hc.resolve(spec)
+    p = c.compress(x, Key(1, 0, "w", 0))
+    bk = backend_for(x)
+    buf = pack(bk, p)
+    assert bk.dtype(buf) == "uint8"
+    assert 8 * int(bk.size(buf)) == p.wire_bits(bk)
+    q = unpack(bk, buf, p)
+    assert int(q.count) == int(p.count)
+    np.testing.assert_array_equal(dense(c, q), dense(c, p))
+    y = c.decompress(q)
+    assert bk.dtype(y) == dtype and bk.shape(y) == (1037,)
+
+
+def test_bit_counts_match_the_wire_formats():
+    d = 10_000
+    x = data(d)
+    bk = backend_named("numpy")
+    bits = {s: hc.resolve(s).compress(x, Key()).wire_bits(bk) for s in ALL}
+    h = 8 * HEADER_BYTES
+    assert bits["none"] == h + 32 * d
+    assert bits["fp16"] == bits["bf16"] == h + 16 * d
+    assert bits["topk"] == h + 100 * (32 + 32)              # int32 index + fp32 value
+    assert hc.resolve("topk:values=float16").compress(x).wire_bits(bk) == h + 100 * 48
+    assert bits["randk"] == h + 100 * 64
+    assert bits["sign"] == h + 32 + 8 * math.ceil(d / 8)      # 1 bit per sign
+    assert bits["terngrad"] == h + 32 + 2 * 8 * math.ceil(d / 8)
+    assert bits["natural"] == h + 8 * d + 8 * math.ceil(d / 8)  # 8-bit exponent + sign bit
+    width = 1 + math.ceil(math.log2(7 + 1))                  # qsgd s=7: sign + 3 level bits
+    assert bits["qsgd"] == h + 32 * math.ceil(d / 512) + width * 8 * math.ceil(d / 8)
+
+
+def test_large_tensors_use_int64_indices():
+    from hvd_compress.core.payload import index_dtype_for
+    assert index_dtype_for((1 << 31) - 1) == "int32"
+    assert index_dtype_for(1 << 31) == "int64"
+
+
+# -- classes: contraction, unbiasedness, variance -------------------------------------
+
+def test_topk_contraction(xp):
+    x = data(5000, seed=2)
+    for k in (1, 50, 2500, 5000):
+        c = hc.resolve(f"topk:k={k}")
+        y = dense(c, c.compress(xp.asarray(x)))
+        assert np.sum((y - x) ** 2) <= (1 - k / 5000) * np.sum(x.astype(np.float64) ** 2) + 1e-9
+        assert c.alpha(5000) == k / 5000
+
+
+def test_scaled_sign_error_identity(xp):
+    x = data(4001, seed=4).astype(np.float64)
+    c = hc.resolve("sign")
+    y = dense(c, c.compress(xp.asarray(x)))
+    l1, l2 = np.abs(x).sum(), (x ** 2).sum()
+    assert np.sum((y - x) ** 2) == pytest.approx(l2 - l1 ** 2 / x.size, rel=1e-5)
+
+
+def monte_carlo(c, x, n, name="t"):
+    """n decompressed draws of c(x), each with its own step."""
+    return np.stack([dense(c, c.compress(x, Key(7, 0, name, s))) for s in range(n)])
+
+
+@pytest.mark.parametrize("spec", STOCHASTIC)
+def test_unbiased_compressors_are_unbiased_with_bounded_variance(spec):
+    x = data(256, seed=8)
+    c = hc.resolve(spec)
+    n = 4000
+    draws = monte_carlo(c, x, n)
+    x2 = np.sum(x.astype(np.float64) ** 2)
+    mse = np.mean(np.sum((draws - x) ** 2, axis=1))
+    omega = c.omega(x.size)
+    assert mse <= 1.1 * omega * x2, (mse / x2, omega)
+    # E||mean - x||^2 = mse / n; allow 3x for the fixed-seed draw
+    assert np.sum((draws.mean(0) - x) ** 2) <= 3 * mse / n
+
+
+def test_qsgd_variance_matches_the_exact_formula():
+    x = data(64, seed=9)
+    s = 3
+    c = hc.resolve(f"qsgd:s={s},bucket=64")
+    draws = monte_carlo(c, x, 6000)
+    nrm = np.linalg.norm(x.astype(np.float64))
+    f = (s * np.abs(x) / nrm) % 1.0
+    exact = nrm ** 2 / s ** 2 * np.sum(f * (1 - f))
+    assert np.mean(np.sum((draws - x) ** 2, 1)) == pytest.approx(exact, rel=0.05)
+    nnz = np.mean(np.count_nonzero(draws, axis=1))
+    assert nnz <= s * (s + math.sqrt(64))
+
+
+def test_natural_second_moment():
+    x = data(512, seed=10)
+    draws = monte_carlo(hc.resolve("natural"), x, 2000)
+    assert np.mean(np.sum(draws ** 2, 1)) <= 9 / 8 * np.sum(x.astype(np.float64) ** 2)
+    # every output is a signed power of two or zero
+    m = np.abs(draws[draws != 0])
+    assert np.all(np.log2(m) == np.round(np.log2(m)))
+
+
+def test_unscaled_randk_contracts_in_expectation():
+    x = data(200, seed=11)
+    c = hc.resolve("randk:k=20")
+    draws = monte_carlo(c, x, 2000)
+    mse = np.mean(np.sum((draws - x) ** 2, 1))
+    assert mse <= (1 - 20 / 200) * np.sum(x.astype(np.float64) ** 2) * 1.03
+
+
+def test_randk_masks_independent_across_ranks_unless_shared():
+    x = data(1000)
+    ind, sh = hc.resolve("randk:k=50"), hc.resolve("randk:k=50,shared=true")
+    a = ind.compress(x, Key(0, 0, "w", 3)).indices
+    b = ind.compress(x, Key(0, 1, "w", 3)).indices
+    assert len(np.intersect1d(a, b)) < 20
+    np.testing.assert_array_equal(sh.compress(x, Key(0, 0, "w", 3)).indices,
+                                  sh.compress(x, Key(0, 1, "w", 3)).indices)
+    # each mask is k distinct positions, and masks move with the step
+    assert len(np.unique(a)) == 50
+    assert not np.array_equal(a, ind.compress(x, Key(0, 0, "w", 4)).indices)
+
+
+def test_randk_positions_are_uniform():
+    counts = np.zeros(100)
+    c = hc.resolve("randk:k=10")
+    for s in range(3000):
+        counts[c.compress(np.ones(100, np.float32), Key(0, 0, "u", s)).indices] += 1
+    # 300 expected hits per position; a chi-square-like bound
+    assert np.max(np.abs(counts - 300)) < 5 * math.sqrt(300)
+
+
+def test_compressors_do_not_touch_global_rngs():
+    import torch
+    torch.manual_seed(123)
+    np.random.seed(123)
+    before = (torch.rand(1).item(), np.random.rand())
+    torch.manual_seed(123)
+    np.random.seed(123)
+    for spec in STOCHASTIC:
+        hc.resolve(spec).compress(torch.randn(50, generator=torch.Generator().manual_seed(1)))
+        hc.resolve(spec).compress(data(50))
+    assert (torch.rand(1).item(), np.random.rand()) == before
+
+
+# -- bad input -------------------------------------------------------------------------
+
+def test_integer_tensors_are_refused_by_name(xp):
+    x = xp.asarray(np.arange(10, dtype=np.int32))
+    with pytest.raises(HvdCompressError, match="tensor fc.bias has dtype int32"):
+        hc.resolve("topk:0.5").compress(x, Key(name="fc.bias"))
+
+
+def test_k_larger_than_the_tensor_is_refused():
+    with pytest.raises(HvdCompressError, match="k=20 exceeds the 10 entries of tensor emb"):
+        hc.resolve("topk:k=20").compress(data(10), Key(name="emb"))
+
+
+def test_unbiased_only_constants():
+    with pytest.raises(HvdCompressError, match="not unbiased"):
+        hc.resolve("topk").omega(10)
+    assert hc.resolve("randk:k=10,scaled=true").omega(100) == 9.0
+    assert hc.resolve("natural").alpha(10) == pytest.approx(1 / 1.125)
+
+
+# -- properties over shapes and dtypes -------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 3000), ratio=st.floats(1e-4, 1.0), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from(["float16", "float32", "float64"]))
+def test_topk_property(d, ratio, seed, dtype):
+    x = data(d, seed, dtype)
+    c = hc.resolve(f"topk:ratio={ratio}")
+    k = max(1, int(ratio * d))
+    p = c.compress(x)
+    np.testing.assert_array_equal(p.indices, topk_oracle(x, k))
+    bk = backend_named("numpy")
+    q = unpack(bk, pack(bk, p), p)
+    np.testing.assert_array_equal(c.decompress(q), np.where(np.isin(np.arange(d), p.indices), x, 0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(1, 2000), spec=st.sampled_from(ALL), seed=st.integers(0, 1000))
+def test_round_trip_property(d, spec, seed):
+    x = data(d, seed)
+    c = hc.resolve(spec)
+    p = c.compress(x, Key(seed, 1, "p", seed))
+    bk = backend_named("numpy")
+    buf = pack(bk, p)
+    assert buf.size * 8 == p.wire_bits(bk)
+    np.testing.assert_array_equal(c.decompress(unpack(bk, buf, p)), c.decompress(p))

@@ -1,0 +1,56 @@
+"""Spec strings and objects are interchangeable; every mistake names itself."""
+import pytest
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError
+from hvd_compress.core.quantizers import QSGD
+from hvd_compress.core.sparsifiers import RandK, TopK
+
+
+@pytest.mark.parametrize("spec, obj", [
+    ("topk:0.01", TopK(0.01)),
+    ("topk", TopK()),
+    ("topk:k=5", TopK(k=5)),
+    ("randk:0.1,scaled=true", RandK(0.1, scaled=True)),
+    ("randk:ratio=0.1,shared=true,seed=3", RandK(0.1, shared=True, seed=3)),
+    ("qsgd:s=15,bucket=128", QSGD(15, 128)),
+    ("QSGD: 15 , 128", QSGD(15, 128)),
+])
+def test_spec_builds_the_object(spec, obj):
+    assert hc.resolve(spec) == obj
+    assert hc.resolve(obj) is obj
+    assert hc.resolve(obj.spec()) == obj  # canonical string round-trips
+
+
+def test_canonical_spec_strings():
+    assert TopK(0.05).spec() == "topk:ratio=0.05"
+    assert TopK().spec() == "topk"
+    assert RandK(0.1, scaled=True).spec() == "randk:ratio=0.1,scaled=true"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty compression spec"),
+    ("zipk:0.1", "unknown algorithm 'zipk'"),
+    ("topk:ratio=2", "ratio=2 must lie in (0, 1]"),
+    ("topk:ratio=0", "ratio=0 must lie in (0, 1]"),
+    ("topk:k=0", "k=0 must be a positive integer"),
+    ("topk:kk=3", "topk has no parameter 'kk'"),
+    ("topk:0.1,0.2,3,4", "at most 3 positional arguments"),
+    ("topk:ratio=0.1,0.2", "positional argument '0.2' after keyword"),
+    ("topk:ratio=0.1,ratio=0.2", "argument 'ratio' given twice"),
+    ("qsgd:s=0", "s=0 must be an integer >= 1"),
+    ("qsgd:bucket=0", "bucket=0 must be an integer >= 1"),
+    ("threshold:lam=-1", "lam=-1 must be positive"),
+    ("topk:values=int8", "values='int8' must be one of"),
+    ("topk:0.1,", "empty argument"),
+    ("top k", "bad algorithm name"),
+])
+def test_bad_specs_raise_one_error_type(spec, message):
+    with pytest.raises(HvdCompressError) as e:
+        hc.resolve(spec)
+    assert message in str(e.value)
+
+
+def test_resolve_rejects_other_objects():
+    with pytest.raises(HvdCompressError, match="expected a spec string or a Compressor"):
+        hc.resolve(42)
