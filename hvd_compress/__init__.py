@@ -4,11 +4,11 @@ Pass ``hvd_compress.torch.compression("topk:0.01")`` (or the TensorFlow twin) as
 ``compression=`` argument of Horovod's distributed optimizer. Importing this package needs
 only numpy: torch, TensorFlow, mpi4py and Horovod are imported when first used.
 """
-from .core import Compressor, Key, Payload, available, pack, parse, register, unpack
-from .core.spec import resolve_compressor as resolve
+from .core import (Compressor, Feedback, Key, Payload, Pipeline, available, pack, parse,
+                   register, resolve, unpack)
 from .errors import HvdCompressError
 
 __version__ = "0.1.0"
 
-__all__ = ["Compressor", "HvdCompressError", "Key", "Payload", "available", "pack", "parse",
-           "register", "resolve", "unpack", "__version__"]
+__all__ = ["Compressor", "Feedback", "HvdCompressError", "Key", "Payload", "Pipeline",
+           "available", "pack", "parse", "register", "resolve", "unpack", "__version__"]

@@ -50,7 +50,7 @@ def test_under_mpirun(name, np_):
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"mpirun -np {np_} {name} hung for {TIME_LIMIT_S}s:\n{out[-6000:]}")
-    summaries = re.findall(r"^(\d+) passed.*$", out, re.M)
+    summaries = re.findall(r"(\d+) passed in [\d.]+s", out)
     assert proc.returncode == 0, f"mpirun -np {np_} {name} exited {proc.returncode}:\n{out[-8000:]}"
     assert len(summaries) == np_, f"expected one summary per rank:\n{out[-4000:]}"
     assert len(set(summaries)) == 1 and int(summaries[0]) > 0, out[-4000:]

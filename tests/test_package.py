@@ -19,8 +19,13 @@ def test_registry_lists_every_compressor():
         "topk"]
 
 
+def test_registry_lists_every_feedback_rule():
+    assert hvd_compress.available("feedback") == ["diana", "ef14", "ef21", "ef21sgd2m",
+                                                  "ef21sgdm"]
+
+
 def test_public_names():
     assert set(hvd_compress.__all__) == {
-        "Compressor", "HvdCompressError", "Key", "Payload", "available", "pack", "parse",
-        "register", "resolve", "unpack", "__version__"}
+        "Compressor", "Feedback", "HvdCompressError", "Key", "Payload", "Pipeline", "available",
+        "pack", "parse", "register", "resolve", "unpack", "__version__"}
     assert issubclass(hvd_compress.HvdCompressError, ValueError)

@@ -14,49 +14,52 @@ memory and the result copied back to the device.
 
     reducer = SparseAllreduce("topk:0.01", MPI.COMM_WORLD)
     for name, p in model.named_parameters():
-        p.grad = reducer.allreduce(p.grad, name=name, step=step)   # the average
+        p.grad = reducer.allreduce(p.grad, name=name)   # the average
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from ..core.ops import ITEMSIZE, backend_for
-from ..core.payload import pack, split_gathered
-from ..core.rng import Key
-from ..core.spec import resolve_compressor
-from ..core.telemetry import Record, Telemetry
+from ..core.exchange import Exchange
+from ..core.ops import backend_for
 
 
 class SparseAllreduce:
-    """Average (or sum) a tensor over an MPI communicator through compressed payloads.
+    """Average (or sum) tensors over an MPI communicator through compressed payloads.
 
     Args:
-      compressor: spec string or compressor object.
+      spec: spec string (``"topk:0.01+ef21sgdm"``), compressor or pipeline.
       comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
       average: divide the sum by the communicator size (default true).
       seed: seed of the stochastic compressors.
       cuda_aware: hand device buffers to MPI directly (needs a CUDA-aware MPI).
+
+    Feedback state is kept per tensor ``name``; ``state_dict()`` checkpoints it.
     """
 
-    def __init__(self, compressor, comm=None, average=True, seed=0, cuda_aware=False):
+    def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False):
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
-        self.compressor = resolve_compressor(compressor)
-        self.comm, self.average, self.seed = comm, bool(average), int(seed)
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=())
+        self.telemetry = self.exchange.telemetry
+        self.comm, self.average = comm, bool(average)
         self.cuda_aware = bool(cuda_aware)
-        self.telemetry = Telemetry()
 
-    def allgather_bytes(self, buf):
+    def state_dict(self) -> dict:
+        return self.exchange.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.exchange.load_state_dict(state)
+
+    def allgather_bytes(self, buf, fixed_size: bool):
         """Gather every rank's uint8 buffer; returns their concatenation (same backend)."""
         from mpi4py import MPI
 
         bk = backend_for(buf)
         send, restore = self._host_view(bk, buf)
         n = self.comm.Get_size()
-        if self.compressor.fixed_size:
+        if fixed_size:
             recv = np.empty(n * send.shape[0], np.uint8)
             self.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
         else:
@@ -81,21 +84,11 @@ class SparseAllreduce:
             return buf.cpu().numpy(), lambda r: torch.from_numpy(r).to(buf.device)
         return bk.to_numpy(buf), lambda r: bk.from_numpy(r, buf)
 
-    def allreduce(self, tensor, name: str = "", step: int = 0):
-        """The compressed average (or sum) of ``tensor`` over all ranks."""
+    def allreduce(self, tensor, name: str = ""):
+        """The compressed average (or sum) of ``tensor`` over all ranks; each call for a
+        given ``name`` is one step of that tensor's pipeline."""
         bk = backend_for(tensor)
-        rank, n = self.comm.Get_rank(), self.comm.Get_size()
-        t0 = time.perf_counter()
-        payload = self.compressor.compress(tensor, Key(self.seed, rank, name, step))
-        buf = pack(bk, payload)
-        seconds = time.perf_counter() - t0
-        d = bk.size(bk.flatten(tensor))
-        self.telemetry.record(Record(step, name, 8 * int(bk.size(buf)), int(payload.count), d,
-                                     8 * d * ITEMSIZE[bk.dtype(tensor)], seconds))
-        gathered = self.allgather_bytes(buf)
-        parts = split_gathered(bk, gathered, payload, n, self.compressor.fixed_size)
-        dense = self.compressor.aggregate(bk, parts)
-        if self.average:
-            dense = dense * (1.0 / n)
-        return bk.reshape(bk.astype(dense, bk.dtype(tensor)), bk.shape(tensor))
-
+        out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank())
+        gathered = self.allgather_bytes(out.wire, out.codec.fixed_size)
+        return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
+                                             summed=not self.average)

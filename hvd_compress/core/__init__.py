@@ -1,10 +1,12 @@
 """Framework-agnostic core: the math, written once for numpy, torch and TensorFlow."""
-from . import casts, quantizers, sparsifiers  # noqa: F401  (register the compressors)
+from . import casts, feedback, quantizers, sparsifiers  # noqa: F401  (register algorithms)
 from .compressor import Compressor
+from .feedback import Feedback
+from .pipeline import Pipeline, resolve, resolve_pipeline
 from .payload import Payload, pack, unpack
 from .registry import available, register
 from .rng import Key
 from .spec import parse, resolve_compressor
 
-__all__ = ["Compressor", "Key", "Payload", "available", "pack", "parse", "register",
-           "resolve_compressor", "unpack"]
+__all__ = ["Compressor", "Feedback", "Key", "Payload", "Pipeline", "available", "pack", "parse",
+           "register", "resolve", "resolve_compressor", "resolve_pipeline", "unpack"]

@@ -19,46 +19,19 @@ buffers split without reading their headers.
 """
 from __future__ import annotations
 
-import inspect
-
 from ..errors import HvdCompressError
+from .algorithm import Algorithm
 from .ops import FLOAT_DTYPES, backend_for
 from .payload import Payload, index_dtype_for
 from .rng import Key
 
 
-class Compressor:
-    name = "abstract"
+class Compressor(Algorithm):
     kind = "compressor"
     bias = "exact"
     summable = False
     stochastic = False
     fixed_size = True  # payload size depends only on the tensor size (equal on every rank)
-
-    # -- spec round trip ---------------------------------------------------------------
-    def params(self) -> dict:
-        """Constructor arguments, in signature order, that differ from their defaults."""
-        out = {}
-        for p in inspect.signature(type(self).__init__).parameters.values():
-            if p.name == "self":
-                continue
-            v = getattr(self, p.name)
-            if v != p.default:
-                out[p.name] = v
-        return out
-
-    def spec(self) -> str:
-        args = ",".join(f"{k}={_fmt(v)}" for k, v in self.params().items())
-        return self.name + (":" + args if args else "")
-
-    def __repr__(self):
-        return f"<{type(self).__name__} {self.spec()!r}>"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.params() == other.params()
-
-    def __hash__(self):
-        return hash(self.spec())
 
     # -- the codec ---------------------------------------------------------------------
     def compress(self, x, key: Key = Key()) -> Payload:
@@ -117,14 +90,6 @@ def _any_segment(p: Payload):
         if t is not None:
             return t
     raise HvdCompressError("empty payload")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return repr(v)
-    return str(v)
 
 
 def check_ratio(owner: str, ratio):

@@ -94,7 +94,8 @@ def resolve_compressor(obj):
         stages = parse(obj)
         if len(stages) > 1:
             raise HvdCompressError(
-                f"spec {obj!r}: expected one compressor stage, got {len(stages)}")
+                f"spec {obj!r}: expected a compressor alone; pipelines with feedback go "
+                "through resolve_pipeline / hvd_compress.resolve")
         name, args, kwargs = stages[0]
         return build(name, args, kwargs, ("compressor",), obj)
     raise HvdCompressError(

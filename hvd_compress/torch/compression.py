@@ -1,75 +1,68 @@
 """The object passed as ``compression=`` to Horovod's PyTorch ``DistributedOptimizer``.
 
 Horovod calls ``compress(tensor)`` without the parameter's name and allreduces whatever it
-returns. Sparse payloads need an allgather and stateful or seeded compressors need the
-name, so on its first call from a Horovod optimizer a :class:`Compression` binds itself to
-that optimizer: it replaces the instance's ``_allreduce_grad_async(p)`` (Horovod's own
-files are untouched) with one that looks up the parameter's name, compresses, launches a
-named collective and returns a callable handle, which Horovod's ``synchronize()`` calls
-(supported since Horovod 0.22). The very first tensor of the very first step is already in
-flight through Horovod's allreduce when the binding happens: for it a one-element
-placeholder is allreduced and the real payload goes through the allgather as usual.
+returns. Sparse payloads need an allgather and stateful or seeded pipelines need the name,
+so on its first call from a Horovod optimizer a :class:`Compression` binds itself to that
+optimizer: it replaces the instance's ``_allreduce_grad_async(p)`` (Horovod's own files are
+untouched) with one that looks up the parameter's name, compresses, launches a collective
+named after the parameter and returns a callable handle, which Horovod's ``synchronize()``
+calls (supported since Horovod 0.22). The very first tensor of the very first step is
+already inside Horovod's allreduce when the binding happens: for it a one-element
+placeholder is allreduced and the real payload travels as usual.
 
 ``DistributedOptimizer`` below binds eagerly instead and takes Horovod's arguments.
 """
 from __future__ import annotations
 
 import sys
-import time
 
-from ..core.ops import ITEMSIZE, backend_named
-from ..core.payload import pack, split_gathered
+from ..core.exchange import Exchange
+from ..core.ops import backend_named
 from ..core.rng import Key
-from ..core.spec import resolve_compressor
-from ..core.telemetry import Record, Telemetry
 from ..errors import HvdCompressError
 
 _PREFIX = "hvd_compress."
 
 
-class _Gathered:
-    """ctx marking a gradient that our callable handle already aggregated."""
-    __slots__ = ("placeholder_result",)
+class _Handled:
+    """ctx of a gradient that our callable handle already aggregated."""
+    __slots__ = ("finish",)
 
-    def __init__(self):
-        self.placeholder_result = None
+    def __init__(self, finish=None):
+        self.finish = finish
 
 
 class Compression:
-    """Horovod-compatible compression backed by a hvd_compress compressor.
+    """Horovod-compatible compression backed by a hvd_compress pipeline.
 
     Args:
-      compressor: a spec string such as ``"topk:0.01"`` or a compressor object.
+      spec: ``"topk:0.01"``, ``"topk:0.01+ef21sgdm:eta=0.1"``, a compressor or a Pipeline.
       seed: seed of every stochastic draw (mixed with rank, parameter name and step).
 
     Attributes:
-      telemetry: a :class:`~hvd_compress.core.telemetry.Telemetry` with one record per
-        parameter per step (bits sent, entries kept, compression time).
+      telemetry: one record per parameter per step (bits sent, entries kept, time).
+      pipeline: the resolved pipeline (``pipeline.compressor``, ``pipeline.feedback``).
+
+    Save :meth:`state_dict` beside the optimizer's in checkpoints: feedback state and step
+    counters are part of what training learned.
     """
 
-    def __init__(self, compressor, seed: int = 0):
-        self.compressor = resolve_compressor(compressor)
-        self.seed = int(seed)
-        self.telemetry = Telemetry()
-        self._steps: dict[str, int] = {}
+    def __init__(self, spec, seed: int = 0):
+        # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=("float16", "float32", "float64"))
+        self.pipeline = self.exchange.pipeline
+        self.telemetry = self.exchange.telemetry
         self._optimizer = None
         self._bk = backend_named("torch")
 
     def __repr__(self):
-        return f"hvd_compress.torch.compression({self.compressor.spec()!r})"
+        return f"hvd_compress.torch.compression({self.pipeline.spec()!r})"
 
-    # -- checkpointing ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: save it beside the optimizer's."""
-        return {"spec": self.compressor.spec(), "seed": self.seed, "steps": dict(self._steps)}
+        return self.exchange.state_dict()
 
     def load_state_dict(self, state: dict):
-        if state.get("spec") != self.compressor.spec():
-            raise HvdCompressError(
-                f"checkpoint was written with compression {state.get('spec')!r}, "
-                f"this run uses {self.compressor.spec()!r}")
-        self.seed = int(state["seed"])
-        self._steps = dict(state["steps"])
+        self.exchange.load_state_dict(state)
 
     # -- binding to an optimizer -----------------------------------------------------
     def bind(self, optimizer):
@@ -83,10 +76,10 @@ class Compression:
         if not hasattr(optimizer, "_parameter_names"):
             raise HvdCompressError(
                 f"{type(optimizer).__name__} is not a Horovod DistributedOptimizer")
-        if getattr(optimizer, "_groups", None) is not None and not self.compressor.summable:
+        if getattr(optimizer, "_groups", None) is not None:
             raise HvdCompressError(
-                f"{self.compressor.spec()} travels by allgather and does not support "
-                "DistributedOptimizer(groups=...) yet; drop groups or use fp16/bf16")
+                f"{self.pipeline.spec()}: DistributedOptimizer(groups=...) is not supported "
+                "yet; each parameter already travels in its own named collective")
         original = optimizer._allreduce_grad_async
 
         def _allreduce_grad_async(p):
@@ -97,7 +90,7 @@ class Compression:
                 return original(p)  # Horovod's own sparse allgather path
             tensor = p.grad.to_dense() if p.grad.is_sparse else p.grad
             name = optimizer._parameter_names.get(p)
-            return self._launch(optimizer, name, tensor), _Gathered()
+            return self._launch(optimizer, name, tensor), _Handled()
 
         optimizer._allreduce_grad_async = _allreduce_grad_async
         self._optimizer = optimizer
@@ -109,87 +102,56 @@ class Compression:
         opt = caller.f_locals.get("self")
         if caller.f_code.co_name == "_allreduce_grad_async" and hasattr(opt, "_parameter_names"):
             self.bind(opt)
-            ctx = _Gathered()
             finish = self._launch(opt, caller.f_locals.get("name"), tensor)
-            ctx.placeholder_result = finish
             # Horovod allreduces what we return; later calls bypass this entirely
-            return tensor.new_zeros(1), ctx
-        if not self.compressor.summable:
+            return tensor.new_zeros(1), _Handled(finish)
+        codec = self.pipeline.compressor
+        if self.pipeline.stateful or not codec.summable or codec.stochastic:
             raise HvdCompressError(
-                f"{self.compressor.spec()} needs each tensor's name and an allgather; pass this "
+                f"{self.pipeline.spec()} needs each tensor's name and an allgather; pass this "
                 "object as compression= to hvd.DistributedOptimizer (or use "
                 "hvd_compress.torch.DistributedOptimizer), not to a bare allreduce")
-        p = self.compressor.compress(tensor, Key(self.seed, None, "", 0))
+        p = codec.compress(tensor, Key(self.exchange.seed, None, "", 0))
         return p.values, p
 
     def decompress(self, tensor, ctx):
-        if isinstance(ctx, _Gathered):
-            return tensor if ctx.placeholder_result is None else ctx.placeholder_result()
-        return self.compressor.decompress(ctx._replace(values=tensor))
+        if isinstance(ctx, _Handled):
+            return tensor if ctx.finish is None else ctx.finish()
+        return self.pipeline.compressor.decompress(ctx._replace(values=tensor))
 
     # -- the named path ----------------------------------------------------------------
     def _launch(self, opt, name, tensor):
         """Compress ``tensor`` and start its collective; return a callable that finishes it."""
         import horovod.torch as hvd
-        import torch
-        from horovod.torch.mpi_ops import Adasum, Average
+        from horovod.torch.mpi_ops import Adasum, Average, Sum
 
         if opt.op == Adasum:
-            raise HvdCompressError(f"op=Adasum is not supported by {self.compressor.spec()} "
+            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
                                    f"(parameter {name})")
-        bk = self._bk
-        step = self._steps.get(name, 0)
-        self._steps[name] = step + 1
-        rank = opt.process_set.rank()
-        n = opt.process_set.size()
-        t0 = time.perf_counter()
-        payload = self.compressor.compress(tensor, Key(self.seed, rank, name, step))
-        coll_name = _PREFIX + name
-        # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered
-        by_allreduce = self.compressor.summable and payload.values.dtype != torch.bfloat16
-        if by_allreduce:
-            wire = payload.values
-            nbytes = bk.size(wire) * ITEMSIZE[bk.dtype(wire)]
-        else:
-            wire = pack(bk, payload)
-            nbytes = bk.size(wire)
-        self.telemetry.record(Record(
-            step=step, name=name, bits=8 * nbytes, count=int(payload.count),
-            numel=tensor.numel(), dense_bits=8 * tensor.numel() * tensor.element_size(),
-            seconds=time.perf_counter() - t0))
-
-        if by_allreduce:
+        bk, ps = self._bk, opt.process_set
+        n = ps.size()
+        out = self.exchange.begin(bk, name, tensor, ps.rank())
+        summed = opt.op == Sum
+        if out.by_allreduce:
             if opt.op == Average:
                 pre, post = 1.0 / opt.gradient_predivide_factor, opt.gradient_predivide_factor
             else:
                 pre = post = 1.0
-            handle = hvd.allreduce_async_(wire, name=coll_name, op=opt.op, prescale_factor=pre,
-                                          postscale_factor=post, process_set=opt.process_set)
-
-            def finish():
-                out = hvd.synchronize(handle)
-                return self.compressor.decompress(payload._replace(values=out))
-            return finish
-
-        handle = hvd.allgather_async(wire, name=coll_name, process_set=opt.process_set)
-        scale = 1.0 / n if opt.op == Average else 1.0
-
-        def finish():
-            gathered = hvd.synchronize(handle)
-            parts = split_gathered(bk, gathered, payload, n, self.compressor.fixed_size)
-            dense = self.compressor.aggregate(bk, parts)
-            if scale != 1.0:
-                dense = dense * scale
-            return dense.reshape(tensor.shape).to(tensor.dtype)
-        return finish
+            handle = hvd.allreduce_async_(out.wire, name=_PREFIX + name, op=opt.op,
+                                          prescale_factor=pre, postscale_factor=post,
+                                          process_set=ps)
+            return lambda: self.exchange.finish_allreduced(bk, hvd.synchronize(handle), out,
+                                                           n, summed)
+        handle = hvd.allgather_async(out.wire, name=_PREFIX + name, process_set=ps)
+        return lambda: self.exchange.finish_gathered(bk, hvd.synchronize(handle), out, n, summed)
 
 
 def compression(spec_or_object, seed: int = 0) -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
-      spec_or_object: a spec string (``"topk:0.01"``, ``"fp16"``, ``"qsgd:s=7"``), a
-        compressor object, or an existing :class:`Compression` (returned as is).
+      spec_or_object: a spec string (``"topk:0.01+ef21sgdm"``, ``"fp16"``, ``"qsgd:s=7"``),
+        a compressor or pipeline object, or an existing :class:`Compression` (returned as is).
       seed: seed of the stochastic compressors' private random stream.
     """
     if isinstance(spec_or_object, Compression):
@@ -201,9 +163,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression="none", *
     """``horovod.torch.DistributedOptimizer`` with a hvd_compress compression bound eagerly.
 
     Takes Horovod's arguments (``backward_passes_per_step``, ``op``,
-    ``gradient_predivide_factor``, ``groups``, ``sparse_as_dense``, ``process_set``);
-    ``compression`` may be a spec string, a compressor or a :class:`Compression`.
-    The bound compression is available as ``optimizer.compression``.
+    ``gradient_predivide_factor``, ``sparse_as_dense``, ``process_set``); ``compression``
+    may be a spec string, a compressor, a pipeline or a :class:`Compression`. The bound
+    compression is available as ``optimizer.compression``.
     """
     import horovod.torch as hvd
 

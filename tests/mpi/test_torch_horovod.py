@@ -8,13 +8,15 @@ import horovod.torch as hvd
 
 import hvd_compress as hc
 import hvd_compress.torch as hct
-from hvd_compress import HvdCompressError, Key
-from hvd_compress.core.ops import backend_named
+from hvd_compress import HvdCompressError
+from hvd_compress.core.simulate import Workers
 
 hvd.init()
 torch.set_num_threads(1)
 rank, size = hvd.rank(), hvd.size()
-SPECS = hc.available("compressor") + ["randk:0.2,shared=true", "topk:k=3"]
+SPECS = hc.available("compressor") + [
+    "randk:0.2,shared=true", "topk:k=3", "topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.5",
+    "topk:0.2+ef21sgd2m", "randk:0.3,scaled=true+diana", "topk:0.1+ef21+warmup:1"]
 TOL = {"fp16": 2e-3, "bf16": 2e-2}
 
 
@@ -29,24 +31,28 @@ def loss_fn(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def oracle_grads(model, x, y, spec, step, seed):
-    """Average over ranks of each rank's decompressed payload, computed in one process."""
+def local_grads(model, x, y):
     shadow = copy.deepcopy(model)  # same weights, no Horovod hooks
     loss_fn(shadow, x, y).backward()
-    c = hc.resolve(spec)
-    out, bits = {}, {}
-    for name, p in shadow.named_parameters():
-        g = p.grad.detach()
-        everyone = hvd.allgather(g.reshape(1, -1), name=f"oracle.{spec}.{name}.{step}")
-        dense = [c.decompress(c.compress(everyone[r].reshape(g.shape), Key(seed, r, name, step)))
-                 for r in range(size)]
-        out[name] = torch.stack([d.double() for d in dense]).mean(0)
-        mine = c.compress(g, Key(seed, rank, name, step))
-        bk = backend_named("torch")
-        by_allreduce = c.summable and mine.values.dtype != torch.bfloat16
-        bits[name] = (8 * mine.values.numel() * mine.values.element_size() if by_allreduce
-                      else mine.wire_bits(bk))
-    return out, bits
+    return {name: p.grad.detach().reshape(-1) for name, p in shadow.named_parameters()}
+
+
+def oracle_step(oracles, grads, tag):
+    """Every rank's gradients, fed to the single-process simulator of each parameter."""
+    out = {}
+    for name, g in grads.items():
+        everyone = hvd.allgather(g.reshape(1, -1), name=f"oracle.{tag}.{name}")
+        out[name] = oracles[name].step(list(everyone))
+    return out
+
+
+def wire_bits(oracle, spec, step):
+    """Bits this rank hands to Horovod: summable values by allreduce (no header), bf16 and
+    everything else as a packed buffer by allgather."""
+    p, codec = oracle.last[rank], oracle.last_codec
+    if codec.summable and p.values.dtype != torch.bfloat16:
+        return 8 * p.values.numel() * p.values.element_size()
+    return oracle.bits[step][rank]
 
 
 @pytest.mark.parametrize("binding", ["plain", "eager"])
@@ -62,18 +68,20 @@ def test_gradients_match_oracle(spec, binding):
         dopt = hct.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                         compression=hct.compression(spec, seed=7))
         comp = dopt.compression
+    oracles = {name: Workers(spec, size, seed=7, name=name)
+               for name, _ in model.named_parameters()}
     for step in range(3):
         _, x, y = model_and_data(step)
-        expected, bits = oracle_grads(model, x, y, spec, step, seed=7)
+        expected = oracle_step(oracles, local_grads(model, x, y), f"{spec}.{binding}.{step}")
         dopt.zero_grad()  # set_to_none=True: state must not hang on grad tensors
         loss_fn(model, x, y).backward()
         dopt.synchronize()
         tol = TOL.get(spec, 1e-5)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad.double(), expected[name], rtol=tol, atol=tol,
+            torch.testing.assert_close(p.grad.reshape(-1), expected[name], rtol=tol, atol=tol,
                                        msg=f"{spec} step {step} {name}")
         rows = {r.name: r.bits for r in comp.telemetry.rows if r.step == step}
-        assert rows == bits
+        assert rows == {name: wire_bits(w, spec, step) for name, w in oracles.items()}
         with dopt.skip_synchronize():
             dopt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

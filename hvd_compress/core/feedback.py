@@ -1,0 +1,228 @@
+"""Error feedback and shift rules: what keeps accuracy under aggressive compression.
+
+Every rule is state-as-data: ``init(bk, x) -> state`` makes a NamedTuple of flat tensors,
+``encode(compress, bk, g, state) -> (payload, state)`` runs on each worker and produces
+the payload to send, and ``decode(bk, mean, state) -> (update, state)`` turns the average
+over ranks of the decompressed payloads into the gradient estimate to apply. Each rank
+keeps its own copy of the aggregate part of the state; because every rank decodes the same
+bits in the same order, the copies stay identical.
+
+``compress(vector) -> (payload, dense)`` is handed in by the pipeline: it applies the
+compressor (at the level a policy chose) and also returns the dense tensor the payload
+stands for, which the rules need for their residuals and running estimates.
+
+Which compressor classes a rule accepts is part of its guarantee: EF14 and the EF21
+family need contractive (or absolute, for EF14) compressors, DIANA unbiased ones.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..errors import HvdCompressError
+from .algorithm import Algorithm
+from .registry import register
+
+
+class Feedback(Algorithm):
+    kind = "feedback"
+    accepts: tuple = ()
+
+    def check(self, compressor):
+        """Refuse compressors whose class this rule's guarantee does not cover."""
+        if compressor.bias not in self.accepts + ("exact",):
+            raise HvdCompressError(
+                f"{self.name} needs a {' or '.join(self.accepts)} compressor, but "
+                f"{compressor.spec()} is {compressor.bias}. {self.hint}")
+
+    hint = ""
+
+    def init(self, bk, x, compressor):
+        """Fresh state for the flat tensor x (compressor: the one this rule wraps)."""
+        raise NotImplementedError
+
+    def encode(self, compress, bk, g, state):
+        raise NotImplementedError
+
+    def decode(self, bk, mean, state):
+        raise NotImplementedError
+
+
+def _zeros(bk, x):
+    return bk.zeros(bk.size(x), bk.dtype(x), x)
+
+
+def _check_eta(owner, eta):
+    if not 0.0 < float(eta) <= 1.0:
+        raise HvdCompressError(f"{owner}: eta={eta!r} must lie in (0, 1]")
+
+
+class EF14State(NamedTuple):
+    residual: object      # e_i: what was not sent yet
+
+
+@register("feedback", "ef14")
+class EF14(Feedback):
+    """EF14, classic error feedback (Seide et al. 2014; Stich et al. 2018; Karimireddy et
+    al. 2019): send C(e + g), keep the rest, e <- (e + g) - C(e + g).
+
+    Nothing is lost: over steps every coordinate is eventually sent. The update applied is
+    the average of what the ranks sent. Works with any contractive compressor and with hard
+    threshold (Sahu et al. 2021). Memory: one tensor per parameter.
+    """
+    accepts = ("contractive", "absolute")
+    hint = "Use an unscaled compressor (e.g. randk without scaled=true), or diana."
+
+    def __init__(self):
+        pass
+
+    def init(self, bk, x, compressor):
+        return EF14State(_zeros(bk, x))
+
+    def encode(self, compress, bk, g, state):
+        p = state.residual + g
+        payload, sent = compress(p)
+        return payload, EF14State(p - sent)
+
+    def decode(self, bk, mean, state):
+        return mean, state
+
+
+class EF21State(NamedTuple):
+    local: object         # g_i: this rank's running estimate of its gradient
+    aggregate: object     # g = mean_i g_i, identical on every rank
+
+
+@register("feedback", "ef21")
+class EF21(Feedback):
+    """EF21 (Richtarik, Sokolov, Fatkhullin, NeurIPS 2021): each rank keeps an estimate g_i
+    of its gradient and sends only the compressed correction c_i = C(grad - g_i); every
+    rank updates g <- g + mean_i c_i and applies g.
+
+    Needs full (or large-batch) gradients to converge; with small batches prefer
+    ef21sgdm. Memory: two tensors per parameter.
+    """
+    accepts = ("contractive",)
+    hint = "Use an unscaled compressor (e.g. topk, or randk without scaled=true), or diana."
+
+    def __init__(self):
+        pass
+
+    def init(self, bk, x, compressor):
+        return EF21State(_zeros(bk, x), _zeros(bk, x))
+
+    def _correct(self, compress, target, local):
+        payload, sent = compress(target - local)
+        return payload, local + sent
+
+    def encode(self, compress, bk, g, state):
+        payload, local = self._correct(compress, g, state.local)
+        return payload, state._replace(local=local)
+
+    def decode(self, bk, mean, state):
+        agg = state.aggregate + mean
+        return agg, state._replace(aggregate=agg)
+
+
+class EF21SGDMState(NamedTuple):
+    momentum: object      # v_i = (1 - eta) v_i + eta grad (never sent)
+    local: object
+    aggregate: object
+    count: int
+
+
+@register("feedback", "ef21sgdm")
+class EF21SGDM(EF21):
+    """EF21-SGDM (Fatkhullin, Tyurin, Richtarik, "Momentum Provably Improves Error
+    Feedback!", NeurIPS 2023): EF21 applied to a local momentum v_i <- (1-eta) v_i + eta
+    grad_i, which removes EF21's need for large batches.
+
+    Args:
+      eta: momentum weight in (0, 1]; eta = 1 is EF21 on stochastic gradients. Smaller eta
+        averages more noise away; 0.1 is a robust default, 0.01 for very noisy gradients.
+        The first step takes v_i = grad_i.
+
+    Since v_i already averages gradients, lower the optimizer's own momentum (or use plain
+    SGD) when enabling it. Memory: three tensors per parameter.
+    """
+
+    def __init__(self, eta=0.1):
+        _check_eta(self.name, eta)
+        self.eta = eta
+
+    def init(self, bk, x, compressor):
+        return EF21SGDMState(_zeros(bk, x), _zeros(bk, x), _zeros(bk, x), 0)
+
+    def _momentum(self, v, g, count):
+        return g if count == 0 else v * (1.0 - self.eta) + g * self.eta
+
+    def encode(self, compress, bk, g, state):
+        v = self._momentum(state.momentum, g, state.count)
+        payload, local = self._correct(compress, v, state.local)
+        return payload, state._replace(momentum=v, local=local, count=state.count + 1)
+
+
+class EF21SGD2MState(NamedTuple):
+    momentum: object
+    momentum2: object     # u_i = (1 - eta) u_i + eta v_i
+    local: object
+    aggregate: object
+    count: int
+
+
+@register("feedback", "ef21sgd2m")
+class EF21SGD2M(EF21SGDM):
+    """EF21-SGD2M, the double-momentum variant of EF21-SGDM (same paper): a second moving
+    average u_i of v_i is what g_i tracks. Improves the compression-dependent term of the
+    rate; same knob eta. Memory: four tensors per parameter."""
+
+    def init(self, bk, x, compressor):
+        z = _zeros(bk, x)
+        return EF21SGD2MState(z, z, z, z, 0)
+
+    def encode(self, compress, bk, g, state):
+        v = self._momentum(state.momentum, g, state.count)
+        u = self._momentum(state.momentum2, v, state.count)
+        payload, local = self._correct(compress, u, state.local)
+        return payload, state._replace(momentum=v, momentum2=u, local=local,
+                                       count=state.count + 1)
+
+
+class DIANAState(NamedTuple):
+    shift: object         # h_i: this rank's learned shift
+    aggregate: object     # h = mean_i h_i, identical on every rank
+    alpha: float
+
+
+@register("feedback", "diana")
+class DIANA(Feedback):
+    """DIANA (Mishchenko, Gorbunov, Takac, Richtarik 2019): compress the difference to a
+    learned shift, m_i = C(grad - h_i); apply h + mean_i m_i, and move the shifts
+    h_i <- h_i + alpha m_i toward the local gradients. With unbiased compressors the
+    variance vanishes as the shifts converge, even with heterogeneous data.
+
+    Args:
+      alpha: shift step in (0, 1]; default 1 / (1 + omega) of the compressor, the largest
+        the theory allows.
+    """
+    accepts = ("unbiased",)
+    hint = "Use an unbiased compressor (randk with scaled=true, qsgd, terngrad, natural)."
+
+    def __init__(self, alpha=None):
+        if alpha is not None:
+            _check_eta("diana alpha", alpha)
+        self.alpha = alpha
+
+    def init(self, bk, x, compressor):
+        alpha = self.alpha
+        if alpha is None:
+            alpha = 1.0 / (1.0 + compressor.omega(bk.size(x))) if compressor.bias == "unbiased" \
+                else 1.0
+        return DIANAState(_zeros(bk, x), _zeros(bk, x), alpha)
+
+    def encode(self, compress, bk, g, state):
+        payload, sent = compress(g - state.shift)
+        return payload, state._replace(shift=state.shift + sent * state.alpha)
+
+    def decode(self, bk, mean, state):
+        update = state.aggregate + mean
+        return update, state._replace(aggregate=state.aggregate + mean * state.alpha)

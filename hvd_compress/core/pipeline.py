@@ -1,0 +1,129 @@
+"""A pipeline is what a frontend runs per tensor: optional feedback around a compressor.
+
+    pipe = resolve_pipeline("topk:0.01+ef21sgdm:eta=0.1")
+    state = pipe.init(bk, flat)
+    payload, codec, state = pipe.encode(bk, flat, state, key)    # on each rank
+    ... every rank's payload travels; mean = codec.aggregate(payloads) / n ...
+    update, state = pipe.decode(bk, mean, state)                 # on each rank
+
+``codec`` is the compressor that produced this step's payload: the pipeline's own, or
+``none`` during the first ``dense_steps`` steps (a dense warm-up that initialises the
+feedback state exactly).
+"""
+from __future__ import annotations
+
+from ..errors import HvdCompressError
+from .casts import Identity
+from .compressor import Compressor
+from .feedback import Feedback
+from .rng import Key
+from .spec import build, parse, resolve_compressor
+
+
+class Pipeline:
+    """A compressor, optionally wrapped by a feedback rule.
+
+    Args:
+      compressor: spec or object.
+      feedback: a feedback rule (or its spec) or None.
+      dense_steps: how many first steps send the uncompressed tensor.
+    """
+
+    def __init__(self, compressor, feedback=None, dense_steps: int = 0):
+        self.compressor = resolve_compressor(compressor)
+        if isinstance(feedback, str):
+            feedback = resolve_pipeline(f"none+{feedback}").feedback
+        if feedback is not None:
+            feedback.check(self.compressor)
+        self.feedback = feedback
+        if int(dense_steps) != dense_steps or dense_steps < 0:
+            raise HvdCompressError(f"dense_steps={dense_steps!r} must be an integer >= 0")
+        self.dense_steps = int(dense_steps)
+        self._dense = Identity()
+
+    def spec(self) -> str:
+        s = self.compressor.spec()
+        if self.feedback is not None:
+            s += "+" + self.feedback.spec()
+        if self.dense_steps:
+            s += f"+warmup:{self.dense_steps}"
+        return s
+
+    def __repr__(self):
+        return f"<Pipeline {self.spec()!r}>"
+
+    def __eq__(self, other):
+        return isinstance(other, Pipeline) and self.spec() == other.spec()
+
+    @property
+    def stateful(self) -> bool:
+        return self.feedback is not None
+
+    def codec(self, step) -> Compressor:
+        """The compressor whose payloads travel at ``step``."""
+        return self._dense if isinstance(step, int) and step < self.dense_steps \
+            else self.compressor
+
+    def init(self, bk, flat):
+        return None if self.feedback is None else self.feedback.init(bk, flat, self.compressor)
+
+    def encode(self, bk, flat, state, key: Key):
+        """(payload, codec, state) for this rank's flat tensor at step ``key.step``."""
+        codec = self.codec(key.step)
+        if self.feedback is None:
+            return codec.compress(flat, key), codec, state
+
+        def compress(v):
+            p = codec.compress(v, key)
+            return p, bk.astype(codec.decode_flat(bk, p), bk.dtype(v))
+
+        payload, state = self.feedback.encode(compress, bk, flat, state)
+        return payload, codec, state
+
+    def decode(self, bk, mean, state):
+        """(update, state) from the average over ranks of the decompressed payloads."""
+        if self.feedback is None:
+            return mean, state
+        return self.feedback.decode(bk, mean, state)
+
+
+def resolve_pipeline(obj) -> Pipeline:
+    """A Pipeline from a spec string, a compressor or a pipeline.
+
+    ``"topk:0.01+ef21sgdm:eta=0.1+warmup:100"``: compressor first, then at most one
+    feedback rule, then an optional ``warmup:STEPS`` of dense steps.
+    """
+    if isinstance(obj, Pipeline):
+        return obj
+    if isinstance(obj, Feedback):
+        raise HvdCompressError(f"{obj.spec()} is a feedback rule; put a compressor first, "
+                               f"e.g. 'topk:0.01+{obj.spec()}'")
+    if isinstance(obj, Compressor):
+        return Pipeline(obj)
+    if not isinstance(obj, str):
+        raise HvdCompressError(
+            f"expected a spec string, a Compressor or a Pipeline, got {type(obj).__name__}")
+    stages = parse(obj)
+    name, args, kwargs = stages[0]
+    compressor = build(name, args, kwargs, ("compressor",), obj)
+    feedback, dense_steps = None, 0
+    for name, args, kwargs in stages[1:]:
+        if name == "warmup":
+            if len(args) != 1 or kwargs:
+                raise HvdCompressError(f"spec {obj!r}: warmup takes one value, the step count")
+            dense_steps = args[0]
+            continue
+        if feedback is not None:
+            raise HvdCompressError(f"spec {obj!r}: at most one feedback rule per pipeline")
+        feedback = build(name, args, kwargs, ("feedback",), obj)
+    return Pipeline(compressor, feedback, dense_steps)
+
+
+def resolve(obj):
+    """A compressor for a one-stage spec, a Pipeline when feedback or warm-up is given;
+    objects are returned as they are."""
+    if isinstance(obj, (Compressor, Pipeline)):
+        return obj
+    if isinstance(obj, str) and len(parse(obj)) == 1:
+        return resolve_compressor(obj)
+    return resolve_pipeline(obj)

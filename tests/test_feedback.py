@@ -1,0 +1,118 @@
+"""Feedback rules: exact invariants, class checks, and the same trajectory on every backend."""
+import numpy as np
+import pytest
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError, Key
+from hvd_compress.core.ops import backend_for, backend_named
+from hvd_compress.core.pipeline import resolve_pipeline
+from hvd_compress.core.simulate import Workers
+
+RULES = ["topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm:eta=0.3",
+         "topk:0.1+ef21sgd2m:eta=0.3", "randk:0.2,scaled=true+diana", "qsgd+diana:alpha=0.2",
+         "threshold:lam=0.8+ef14", "sign+ef14", "topk:0.1+ef21+warmup:2"]
+
+
+def grads(n, d, step, seed=0):
+    return [np.random.RandomState(seed + 1000 * r + step).standard_normal(d).astype(np.float32)
+            for r in range(n)]
+
+
+def test_ef14_conserves_everything(xp):
+    """sent + new residual == old residual + gradient, exactly, at every step."""
+    pipe = resolve_pipeline("topk:0.05+ef14")
+    bk = backend_named(xp.name)
+    g0 = xp.asarray(grads(1, 400, 0)[0])
+    state = pipe.init(bk, g0)
+    for step in range(5):
+        g = xp.asarray(grads(1, 400, step)[0])
+        payload, codec, new = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        sent = xp.numpy(codec.decode_flat(bk, payload))
+        np.testing.assert_array_equal(sent + xp.numpy(new.residual),
+                                      xp.numpy(state.residual) + xp.numpy(g))
+        assert int(payload.count) == 20
+        state = new
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1+ef21", "topk:0.1+ef21sgdm", "topk:0.1+ef21sgd2m",
+                                  "randk:0.2,scaled=true+diana:alpha=1.0"])
+def test_aggregate_is_the_mean_of_the_local_estimates(spec):
+    w = Workers(spec, n=4)
+    for step in range(6):
+        w.step(grads(4, 300, step))
+        local = np.mean([s.local if hasattr(s, "local") else s.shift for s in w.states], 0)
+        for s in w.states:
+            np.testing.assert_allclose(s.aggregate, local, rtol=1e-5, atol=1e-6)
+
+
+def test_ef21sgdm_with_eta_one_is_ef21():
+    a, b = Workers("topk:0.1+ef21", 3), Workers("topk:0.1+ef21sgdm:eta=1.0", 3)
+    for step in range(5):
+        g = grads(3, 200, step)
+        np.testing.assert_array_equal(a.step(g), b.step(g))
+
+
+def test_diana_shifts_learn_the_local_gradients():
+    """Fixed, heterogeneous gradients: the shifts converge to them and the update to the
+    mean, although each step sends a fifth of the entries."""
+    fixed = grads(4, 100, 0)
+    w = Workers("randk:0.2,scaled=true+diana", 4, seed=1)
+    for _ in range(300):
+        update = w.step(fixed)
+    for s, g in zip(w.states, fixed):
+        assert np.linalg.norm(s.shift - g) < 1e-3 * np.linalg.norm(g)
+    np.testing.assert_allclose(update, np.mean(fixed, 0), atol=1e-3)
+
+
+def test_warmup_sends_dense_then_compresses():
+    w = Workers("topk:k=5+ef21+warmup:2", 2)
+    first = w.step(grads(2, 100, 0))
+    np.testing.assert_allclose(first, np.mean(grads(2, 100, 0), 0), rtol=1e-6)  # exact init
+    w.step(grads(2, 100, 1))
+    w.step(grads(2, 100, 2))
+    bits = [b[0] for b in w.bits]
+    assert bits[0] == bits[1] == 64 + 100 * 32 and bits[2] == 64 + 5 * 64
+
+
+@pytest.mark.parametrize("spec", RULES)
+def test_backends_follow_the_same_trajectory(spec):
+    import tensorflow as tf
+    import torch
+    runs = {}
+    for name, conv in (("numpy", np.asarray), ("torch", torch.from_numpy),
+                       ("tensorflow", tf.constant)):
+        w = Workers(spec, 3, seed=2)
+        updates = []
+        for step in range(4):
+            u = w.step([conv(g) for g in grads(3, 500, step)])
+            updates.append(backend_for(u).to_numpy(u))
+        runs[name] = np.stack(updates)
+    tol = 1e-6 if "qsgd" in spec else 0
+    np.testing.assert_allclose(runs["torch"], runs["numpy"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(runs["tensorflow"], runs["numpy"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("topk:0.1+diana", "diana needs a unbiased compressor, but topk:ratio=0.1 is contractive"),
+    ("randk:0.1,scaled=true+ef21", "ef21 needs a contractive compressor"),
+    ("threshold:lam=1+ef21", "is absolute"),
+    ("qsgd+ef14", "ef14 needs a contractive or absolute compressor"),
+    ("topk+ef21+ef14", "at most one feedback rule"),
+    ("topk+ef21sgdm:eta=0", "eta=0 must lie in (0, 1]"),
+    ("topk+ef21sgdm:eta=1.5", "eta=1.5 must lie in (0, 1]"),
+    ("topk+warmup:-1", "dense_steps=-1"),
+    ("topk+topk", "unknown algorithm 'topk'"),
+    ("ef21", "unknown algorithm 'ef21'"),
+])
+def test_wrong_combinations_are_refused(spec, message):
+    with pytest.raises(HvdCompressError) as e:
+        hc.resolve(spec)
+    assert message in str(e.value)
+
+
+def test_pipeline_specs_round_trip():
+    for spec in RULES:
+        pipe = hc.resolve(spec)
+        assert hc.resolve(pipe.spec()) == pipe
+    assert hc.resolve("topk:0.05+ef21sgdm:eta=0.1").spec() == "topk:ratio=0.05+ef21sgdm"
+    assert isinstance(hc.resolve("topk:0.01"), hc.Compressor)
