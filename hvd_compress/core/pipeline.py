@@ -16,26 +16,28 @@ from ..errors import HvdCompressError
 from .casts import Identity
 from .compressor import Compressor
 from .feedback import Feedback
+from .registry import lookup
 from .rng import Key
 from .spec import build, parse, resolve_compressor
 
 
 class Pipeline:
-    """A compressor, optionally wrapped by a feedback rule.
+    """A compressor, optionally wrapped by a feedback rule and driven by a level policy.
 
     Args:
       compressor: spec or object.
-      feedback: a feedback rule (or its spec) or None.
+      feedback: a feedback rule or None.
+      policy: a policy choosing the compression level each step (``dynamic``) or None.
       dense_steps: how many first steps send the uncompressed tensor.
     """
 
-    def __init__(self, compressor, feedback=None, dense_steps: int = 0):
+    def __init__(self, compressor, feedback=None, policy=None, dense_steps: int = 0):
         self.compressor = resolve_compressor(compressor)
-        if isinstance(feedback, str):
-            feedback = resolve_pipeline(f"none+{feedback}").feedback
         if feedback is not None:
             feedback.check(self.compressor)
-        self.feedback = feedback
+        if policy is not None:
+            policy.check(self.compressor)
+        self.feedback, self.policy = feedback, policy
         if int(dense_steps) != dense_steps or dense_steps < 0:
             raise HvdCompressError(f"dense_steps={dense_steps!r} must be an integer >= 0")
         self.dense_steps = int(dense_steps)
@@ -43,8 +45,9 @@ class Pipeline:
 
     def spec(self) -> str:
         s = self.compressor.spec()
-        if self.feedback is not None:
-            s += "+" + self.feedback.spec()
+        for stage in (self.feedback, self.policy):
+            if stage is not None:
+                s += "+" + stage.spec()
         if self.dense_steps:
             s += f"+warmup:{self.dense_steps}"
         return s
@@ -70,15 +73,20 @@ class Pipeline:
     def encode(self, bk, flat, state, key: Key):
         """(payload, codec, state) for this rank's flat tensor at step ``key.step``."""
         codec = self.codec(key.step)
-        if self.feedback is None:
-            return codec.compress(flat, key), codec, state
+        used = [codec]
 
         def compress(v):
-            p = codec.compress(v, key)
-            return p, bk.astype(codec.decode_flat(bk, p), bk.dtype(v))
+            c = codec
+            if self.policy is not None and codec is self.compressor:
+                c = used[0] = self.policy.codec(self.policy.choose_k(bk, v))
+            p = c.compress(v, key)
+            return p, bk.astype(c.decode_flat(bk, p), bk.dtype(v))
 
-        payload, state = self.feedback.encode(compress, bk, flat, state)
-        return payload, codec, state
+        if self.feedback is None:
+            payload, _ = compress(flat)
+        else:
+            payload, state = self.feedback.encode(compress, bk, flat, state)
+        return payload, used[0], state
 
     def decode(self, bk, mean, state):
         """(update, state) from the average over ranks of the decompressed payloads."""
@@ -90,8 +98,8 @@ class Pipeline:
 def resolve_pipeline(obj) -> Pipeline:
     """A Pipeline from a spec string, a compressor or a pipeline.
 
-    ``"topk:0.01+ef21sgdm:eta=0.1+warmup:100"``: compressor first, then at most one
-    feedback rule, then an optional ``warmup:STEPS`` of dense steps.
+    ``"topk:0.01+ef21sgdm:eta=0.1+dynamic:cost=affine+warmup:100"``: compressor first,
+    then at most one feedback rule, at most one policy, and ``warmup:STEPS`` dense steps.
     """
     if isinstance(obj, Pipeline):
         return obj
@@ -106,17 +114,19 @@ def resolve_pipeline(obj) -> Pipeline:
     stages = parse(obj)
     name, args, kwargs = stages[0]
     compressor = build(name, args, kwargs, ("compressor",), obj)
-    feedback, dense_steps = None, 0
+    found = {"feedback": None, "policy": None}
+    dense_steps = 0
     for name, args, kwargs in stages[1:]:
         if name == "warmup":
             if len(args) != 1 or kwargs:
                 raise HvdCompressError(f"spec {obj!r}: warmup takes one value, the step count")
             dense_steps = args[0]
             continue
-        if feedback is not None:
-            raise HvdCompressError(f"spec {obj!r}: at most one feedback rule per pipeline")
-        feedback = build(name, args, kwargs, ("feedback",), obj)
-    return Pipeline(compressor, feedback, dense_steps)
+        kind, _ = lookup(name, ("feedback", "policy"))
+        if found[kind] is not None:
+            raise HvdCompressError(f"spec {obj!r}: at most one {kind} per pipeline")
+        found[kind] = build(name, args, kwargs, (kind,), obj)
+    return Pipeline(compressor, found["feedback"], found["policy"], dense_steps)
 
 
 def resolve(obj):

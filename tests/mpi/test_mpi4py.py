@@ -14,7 +14,8 @@ rank, size = comm.Get_rank(), comm.Get_size()
 SPECS = hc.available("compressor") + [
     "randk:0.1,shared=true", "randk:0.2,scaled=true", "threshold:lam=1.0", "topk:k=1",
     "topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm", "topk:0.1+ef21sgd2m",
-    "natural+diana", "threshold:lam=1.5+ef14", "topk:0.1+ef21sgdm+warmup:1"]
+    "natural+diana", "threshold:lam=1.5+ef14", "topk:0.1+ef21sgdm+warmup:1",
+    "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048"]
 
 
 def local(d, step):

@@ -1,0 +1,124 @@
+"""The dynamic compression level: at every step, choose the level that buys the most
+objective improvement per communicated bit (Khirirat, Magnusson, Aytekin, Johansson,
+"A Flexible Framework for Communication-Efficient Machine Learning", AAAI 2021).
+
+For top-k the descent lemma with step 1/L guarantees an improvement of S_k / (2L), where
+S_k is the energy (sum of squares) of the k largest entries of the vector sent. The rule
+picks ``k* = argmax_k S_k / C(k)`` for a cost model C. S_k comes from one partial
+selection and a prefix sum: the selection starts at a few times the previous k* and grows
+only if the optimum sits at its edge, so there is never a full sort per step.
+
+Cost models (``cost=``):
+
+* ``linear``    C(k) = b k. Efficiency S_k / k is non-increasing, so k* = k_min: greedy
+                coordinate descent. Shown for completeness; real links have overheads.
+* ``affine``    C(k) = c0 + b k: a per-message overhead c0 (latency times bandwidth,
+                headers). Efficiency is unimodal in k.
+* ``packet``    C(k) = c0 + ceil(k / m) (packet bits) with m = floor((P - H) / b) entries
+                per packet of P bits with H header bits: k* fills whole packets.
+* ``allgather`` alpha-beta time of a ring allgather over n ranks:
+                (n - 1) (alpha + beta k b), in seconds; calibrate alpha and beta from a
+                measured collective (``hvd_compress.core.policy.calibrate``).
+
+``b`` is the wire cost of one (index, value) pair, 64 bits for int32 indices with fp32
+values. Each rank chooses its own k (payload sizes then differ across ranks, and the
+frontends gather them with variable sizes).
+"""
+from __future__ import annotations
+
+from ..errors import HvdCompressError
+from .algorithm import Algorithm
+from .registry import register
+from .sparsifiers import TopK
+
+_COSTS = ("linear", "affine", "packet", "allgather")
+
+
+@register("policy", "dynamic")
+class Dynamic(Algorithm):
+    """Per-step top-k level maximising S_k / C(k).
+
+    Args:
+      cost: linear | affine | packet | allgather.
+      c0: per-message overhead in bits (affine, packet). 1000 bits is a small header;
+        latency x bandwidth is the honest value on a real link.
+      b: bits per sent entry (default 64: int32 index + fp32 value).
+      packet: packet size P in bits (packet cost); header: header bits H per packet.
+      alpha, beta, n: latency (s), seconds per bit and rank count (allgather cost).
+      kmin, kmax: bounds on k (kmax 0 means the tensor size).
+    """
+
+    def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
+                 alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0):
+        if cost not in _COSTS:
+            raise HvdCompressError(f"dynamic: cost={cost!r} must be one of {', '.join(_COSTS)}")
+        if kmin < 1 or (kmax and kmax < kmin):
+            raise HvdCompressError(f"dynamic: need 1 <= kmin <= kmax, got kmin={kmin}, "
+                                   f"kmax={kmax}")
+        if cost == "packet" and packet - header < b:
+            raise HvdCompressError(f"dynamic: packet={packet} minus header={header} bits "
+                                   f"cannot hold one {b}-bit entry")
+        self.cost, self.c0, self.b = cost, c0, b
+        self.packet, self.header = packet, header
+        self.alpha, self.beta, self.n = alpha, beta, n
+        self.kmin, self.kmax = kmin, kmax
+
+    def check(self, compressor):
+        if not isinstance(compressor, TopK):
+            raise HvdCompressError(
+                f"dynamic chooses k for topk; {compressor.spec()} is not top-k")
+
+    def costs(self, ks):
+        """C(k) for a numpy array of k values."""
+        import numpy as np
+        ks = np.asarray(ks, np.float64)
+        if self.cost == "linear":
+            return self.b * ks
+        if self.cost == "affine":
+            return self.c0 + self.b * ks
+        if self.cost == "packet":
+            per = (self.packet - self.header) // self.b
+            return self.c0 + self.packet * np.ceil(ks / per)
+        return (self.n - 1) * (self.alpha + self.beta * self.b * ks)
+
+    def choose_k(self, bk, v, hint: int = 0) -> int:
+        """k* for the flat vector v (hint: the previous choice, to size the selection)."""
+        import numpy as np
+        d = bk.size(v)
+        kmax = min(d, self.kmax or d)
+        kmin = min(self.kmin, kmax)
+        a = bk.abs(v)
+        m = min(kmax, max(4 * max(hint, kmin), 256))
+        while True:
+            top = bk.to_numpy(bk.topk_values(a, m)).astype(np.float64)
+            s = np.cumsum(top * top)
+            ks = np.arange(1, m + 1)
+            eff = s / self.costs(ks)
+            eff[:kmin - 1] = -np.inf
+            best = int(np.argmax(eff)) + 1
+            # the efficiency is unimodal (affine, packet over whole packets): an optimum
+            # short of the selection's edge is the global one
+            if best < m - (self._packet_entries() or 1) or m == kmax:
+                return best
+            m = min(kmax, 4 * m)
+
+    def _packet_entries(self):
+        return (self.packet - self.header) // self.b if self.cost == "packet" else 0
+
+    def codec(self, k: int) -> TopK:
+        """A top-k codec for this step's k; payload sizes differ across ranks."""
+        c = TopK(k=k)
+        c.fixed_size = False
+        return c
+
+
+def calibrate(sizes_bits, seconds):
+    """(alpha, beta) of ``t = alpha + beta * bits`` by least squares over measured
+    collective times, for ``Dynamic(cost="allgather", alpha=..., beta=...)``."""
+    import numpy as np
+    x = np.asarray(sizes_bits, np.float64)
+    t = np.asarray(seconds, np.float64)
+    A = np.stack([np.ones_like(x), x], 1)
+    (alpha, beta), *_ = np.linalg.lstsq(A, t, rcond=None)
+    return float(max(alpha, 0.0)), float(max(beta, 0.0))
+

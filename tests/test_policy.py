@@ -1,0 +1,97 @@
+"""The dynamic level of seed 000: k* = argmax S_k / C(k), checked against brute force."""
+import numpy as np
+import pytest
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError
+from hvd_compress.core.ops import backend_named
+from hvd_compress.core.policy import Dynamic, calibrate
+from hvd_compress.core.simulate import Workers
+
+bk = backend_named("numpy")
+
+
+def decaying(d, scale, seed=0):
+    rs = np.random.RandomState(seed)
+    return (rs.standard_normal(d) * np.exp(-np.arange(d) / scale)).astype(np.float32)[
+        rs.permutation(d)]
+
+
+def brute_force(policy, v):
+    s = np.cumsum(np.sort(v.astype(np.float64) ** 2)[::-1])
+    ks = np.arange(1, v.size + 1)
+    eff = s / policy.costs(ks)
+    eff[:policy.kmin - 1] = -np.inf
+    return int(np.argmax(eff)) + 1
+
+
+@pytest.mark.parametrize("spec", ["dynamic:cost=affine,c0=1000", "dynamic:cost=affine,c0=200000",
+                                  "dynamic:cost=packet,packet=1024,header=160",
+                                  "dynamic:cost=allgather,alpha=1e-4,beta=1e-8,n=8",
+                                  "dynamic:cost=affine,c0=100,kmin=40"])
+@pytest.mark.parametrize("scale", [30, 3000])
+def test_choice_equals_brute_force(spec, scale):
+    p = hc.resolve("topk+" + spec).policy
+    v = decaying(20_000, scale)
+    assert p.choose_k(bk, v) == brute_force(p, v)
+
+
+def test_linear_cost_picks_one_coordinate():
+    p = Dynamic(cost="linear")
+    assert all(p.choose_k(bk, decaying(500, 50, s)) == 1 for s in range(5))
+
+
+def test_linear_cost_is_greedy_coordinate_descent():
+    """Under linear cost the rule reduces to Gauss-Southwell coordinate descent."""
+    rs = np.random.RandomState(0)
+    A = rs.standard_normal((40, 20))
+    H = A.T @ A / 40
+    L = np.linalg.eigvalsh(H).max()
+    b = rs.standard_normal(20)
+    x_dyn, x_cd = np.zeros(20), np.zeros(20)
+    w = Workers("topk+dynamic:cost=linear", 1)
+    for _ in range(30):
+        x_dyn = x_dyn - w.step([(H @ x_dyn - b).astype(np.float32)]) / L
+        g = H @ x_cd - b
+        j = np.argmax(np.abs(g))
+        x_cd[j] -= g[j] / L
+    np.testing.assert_allclose(x_dyn, x_cd, rtol=1e-4, atol=1e-6)
+
+
+def test_packet_cost_fills_whole_packets():
+    p = Dynamic(cost="packet", packet=1024, header=160)
+    per = (1024 - 160) // 64
+    for s in range(5):
+        k = p.choose_k(bk, decaying(5000, 400, s))
+        assert k % per == 0 or k == 5000
+
+
+def test_affine_overhead_moves_k_up():
+    v = decaying(10_000, 500)
+    ks = [Dynamic(cost="affine", c0=c0).choose_k(bk, v) for c0 in (0, 1e3, 1e5, 1e7)]
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] > 100
+
+
+def test_calibrate_recovers_alpha_beta():
+    bits = np.array([1e3, 1e4, 1e5, 1e6])
+    assert calibrate(bits, 2e-5 + 3e-9 * bits) == pytest.approx((2e-5, 3e-9))
+
+
+def test_each_rank_picks_its_own_k():
+    w = Workers("topk+ef14+dynamic:c0=3000", 2)
+    w.step([decaying(4000, 20, 1), decaying(4000, 2000, 2)])
+    k0, k1 = (p.count for p in w.last)
+    assert k0 < k1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("qsgd+dynamic", "dynamic chooses k for topk"),
+    ("topk+dynamic:cost=cubic", "cost='cubic' must be one of"),
+    ("topk+dynamic:kmin=0", "need 1 <= kmin <= kmax"),
+    ("topk+dynamic:cost=packet,packet=100,header=80", "cannot hold one 64-bit entry"),
+    ("topk+dynamic+dynamic", "at most one policy"),
+])
+def test_bad_policies(spec, message):
+    with pytest.raises(HvdCompressError) as e:
+        hc.resolve(spec)
+    assert message in str(e.value)
