@@ -97,7 +97,7 @@ def test_backends_follow_the_same_trajectory(spec):
     ("randk:0.1,scaled=true+ef21", "ef21 needs a contractive compressor"),
     ("threshold:lam=1+ef21", "is absolute"),
     ("qsgd+ef14", "ef14 needs a contractive or absolute compressor"),
-    ("topk+ef21+ef14", "at most one feedback rule"),
+    ("topk+ef21+ef14", "at most one feedback per pipeline"),
     ("topk+ef21sgdm:eta=0", "eta=0 must lie in (0, 1]"),
     ("topk+ef21sgdm:eta=1.5", "eta=1.5 must lie in (0, 1]"),
     ("topk+warmup:-1", "dense_steps=-1"),
@@ -116,3 +116,16 @@ def test_pipeline_specs_round_trip():
         assert hc.resolve(pipe.spec()) == pipe
     assert hc.resolve("topk:0.05+ef21sgdm:eta=0.1").spec() == "topk:ratio=0.05+ef21sgdm"
     assert isinstance(hc.resolve("topk:0.01"), hc.Compressor)
+
+
+def test_perturbation_noise_has_the_stated_radius_and_is_private(xp):
+    from hvd_compress.core.ops import backend_named
+    pipe = hc.resolve("none+perturb:radius=0.5")
+    bk = backend_named(xp.name)
+    zero = xp.asarray(np.zeros(4000, np.float32))
+    draws = [xp.numpy(pipe.encode(bk, zero, None, Key(0, r, "w", 0))[0].values)
+             for r in range(3)]
+    for x in draws:
+        assert np.linalg.norm(x) == pytest.approx(0.5, rel=0.05)
+        assert abs(np.mean(x)) < 4 * 0.5 / 4000
+    assert not np.allclose(draws[0], draws[1])  # independent across ranks

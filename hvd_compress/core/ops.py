@@ -66,6 +66,8 @@ class Backend:
     def abs(self, x): raise NotImplementedError
     def sign(self, x): raise NotImplementedError
     def floor(self, x): raise NotImplementedError
+    def log(self, x): raise NotImplementedError
+    def cos(self, x): raise NotImplementedError
     def where(self, cond, a, b): raise NotImplementedError
     def sum(self, x): raise NotImplementedError
     def sum_rows(self, x): raise NotImplementedError
@@ -112,6 +114,8 @@ class NumpyBackend(Backend):
     def abs(self, x): return np.abs(x)
     def sign(self, x): return np.sign(x)
     def floor(self, x): return np.floor(x)
+    def log(self, x): return np.log(x)
+    def cos(self, x): return np.cos(x)
     def where(self, cond, a, b): return np.where(cond, a, b)
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
@@ -171,6 +175,8 @@ class TorchBackend(Backend):
     def abs(self, x): return x.abs()
     def sign(self, x): return x.sign()
     def floor(self, x): return x.floor()
+    def log(self, x): return x.log()
+    def cos(self, x): return x.cos()
     def where(self, cond, a, b): return self.t.where(cond, a, b)
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
@@ -233,6 +239,8 @@ class TensorflowBackend(Backend):
     def abs(self, x): return self.tf.abs(x)
     def sign(self, x): return self.tf.sign(x)
     def floor(self, x): return self.tf.floor(x)
+    def log(self, x): return self.tf.math.log(x)
+    def cos(self, x): return self.tf.math.cos(x)
     def where(self, cond, a, b): return self.tf.where(cond, a, b)
     def sum(self, x): return self.tf.reduce_sum(x)
     def sum_rows(self, x): return self.tf.reduce_sum(x, axis=1)

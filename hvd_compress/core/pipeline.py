@@ -29,10 +29,13 @@ class Pipeline:
       feedback: a feedback rule or None.
       policy: a policy choosing the compression level each step (``dynamic``) or None.
       dense_steps: how many first steps send the uncompressed tensor.
+      perturbation: noise added to every gradient before feedback (``perturb``) or None.
     """
 
-    def __init__(self, compressor, feedback=None, policy=None, dense_steps: int = 0):
+    def __init__(self, compressor, feedback=None, policy=None, dense_steps: int = 0,
+                 perturbation=None):
         self.compressor = resolve_compressor(compressor)
+        self.perturbation = perturbation
         if feedback is not None:
             feedback.check(self.compressor)
         if policy is not None:
@@ -45,7 +48,7 @@ class Pipeline:
 
     def spec(self) -> str:
         s = self.compressor.spec()
-        for stage in (self.feedback, self.policy):
+        for stage in (self.feedback, self.policy, self.perturbation):
             if stage is not None:
                 s += "+" + stage.spec()
         if self.dense_steps:
@@ -82,6 +85,8 @@ class Pipeline:
             p = c.compress(v, key)
             return p, bk.astype(c.decode_flat(bk, p), bk.dtype(v))
 
+        if self.perturbation is not None:
+            flat = self.perturbation.apply(bk, flat, key)
         if self.feedback is None:
             payload, _ = compress(flat)
         else:
@@ -99,7 +104,7 @@ def resolve_pipeline(obj) -> Pipeline:
     """A Pipeline from a spec string, a compressor or a pipeline.
 
     ``"topk:0.01+ef21sgdm:eta=0.1+dynamic:cost=affine+warmup:100"``: compressor first,
-    then at most one feedback rule, at most one policy, and ``warmup:STEPS`` dense steps.
+    then at most one feedback rule, one policy, one ``perturb`` and ``warmup:STEPS``.
     """
     if isinstance(obj, Pipeline):
         return obj
@@ -114,7 +119,7 @@ def resolve_pipeline(obj) -> Pipeline:
     stages = parse(obj)
     name, args, kwargs = stages[0]
     compressor = build(name, args, kwargs, ("compressor",), obj)
-    found = {"feedback": None, "policy": None}
+    found = {"feedback": None, "policy": None, "perturbation": None}
     dense_steps = 0
     for name, args, kwargs in stages[1:]:
         if name == "warmup":
@@ -122,11 +127,12 @@ def resolve_pipeline(obj) -> Pipeline:
                 raise HvdCompressError(f"spec {obj!r}: warmup takes one value, the step count")
             dense_steps = args[0]
             continue
-        kind, _ = lookup(name, ("feedback", "policy"))
+        kind, _ = lookup(name, ("feedback", "policy", "perturbation"))
         if found[kind] is not None:
             raise HvdCompressError(f"spec {obj!r}: at most one {kind} per pipeline")
         found[kind] = build(name, args, kwargs, (kind,), obj)
-    return Pipeline(compressor, found["feedback"], found["policy"], dense_steps)
+    return Pipeline(compressor, found["feedback"], found["policy"], dense_steps,
+                    found["perturbation"])
 
 
 def resolve(obj):

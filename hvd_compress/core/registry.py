@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import HvdCompressError
 
-KINDS = ("compressor", "feedback", "policy")
+KINDS = ("compressor", "feedback", "policy", "perturbation")
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
 
 

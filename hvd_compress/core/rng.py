@@ -85,3 +85,11 @@ def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
     every backend for the same key."""
     bits = bk.rshift(random_bits(bk, n, key, like, salt), 8)
     return bk.astype(bits, dtype) * (1.0 / (1 << 24))
+
+
+def normal(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
+    """n standard normals (Box-Muller on two streams of the same key)."""
+    u1 = uniform(bk, n, key, like, salt=2 * salt + 1, dtype="float64")
+    u2 = uniform(bk, n, key, like, salt=2 * salt + 2, dtype="float64")
+    r = (-2.0 * bk.log(1.0 - u1)) ** 0.5       # 1 - u1 lies in (0, 1]
+    return bk.astype(r * bk.cos(u2 * (2.0 * 3.141592653589793)), dtype)
