@@ -26,7 +26,7 @@ def test_ef14_conserves_everything(xp):
     state = pipe.init(bk, g0)
     for step in range(5):
         g = xp.asarray(grads(1, 400, step)[0])
-        payload, codec, new = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        payload, codec, new, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
         sent = xp.numpy(codec.decode_flat(bk, payload))
         np.testing.assert_array_equal(sent + xp.numpy(new.residual),
                                       xp.numpy(state.residual) + xp.numpy(g))
@@ -129,3 +129,29 @@ def test_perturbation_noise_has_the_stated_radius_and_is_private(xp):
         assert np.linalg.norm(x) == pytest.approx(0.5, rel=0.05)
         assert abs(np.mean(x)) < 4 * 0.5 / 4000
     assert not np.allclose(draws[0], draws[1])  # independent across ranks
+
+
+def test_measured_error_is_the_relative_compression_error():
+    from hvd_compress.core.exchange import Exchange
+    ex = Exchange("topk:k=10", measure_error=True)
+    x = grads(1, 100, 0)[0]
+    ex.begin(backend_named("numpy"), "w", x, rank=0)
+    kept = np.sort(np.abs(x))[-10:]
+    want = 1 - np.sum(kept.astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2)
+    assert ex.telemetry.rows[0].error == pytest.approx(want, rel=1e-5)
+
+
+def test_telemetry_to_tensorboard_and_csv(tmp_path):
+    from hvd_compress.core.exchange import Exchange
+    ex = Exchange("topk:k=10+ef14", measure_error=True)
+    for step in range(2):
+        for name in ("a", "b"):
+            ex.begin(backend_named("numpy"), name, grads(1, 100, step)[0], rank=0)
+    seen = []
+    ex.telemetry.to_tensorboard(lambda tag, v, s: seen.append((tag, v, s)))
+    assert ("hvd_compress/bits", 2 * (64 + 10 * 64), 1) in seen
+    assert ("hvd_compress/a/k", 10, 0) in seen
+    assert sum(1 for t, _, _ in seen if t.endswith("/error")) == 4
+    ex.telemetry.to_csv(tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["step", "name", "bits"] and len(lines) == 5

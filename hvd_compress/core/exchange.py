@@ -40,12 +40,15 @@ class Exchange:
       seed: mixed into every stochastic draw with (rank, name, step).
       allreduce_dtypes: payload value dtypes the frontend's allreduce can sum; summable
         payloads of other dtypes are gathered instead.
+      measure_error: also record each step's relative compression error
+        ||C(v) - v||^2 / ||v||^2 (costs two passes and a host sync per tensor).
     """
 
     def __init__(self, pipeline, seed: int = 0,
-                 allreduce_dtypes=("float16", "float32", "float64")):
+                 allreduce_dtypes=("float16", "float32", "float64"), measure_error=False):
         self.pipeline = resolve_pipeline(pipeline)
         self.seed = int(seed)
+        self.measure_error = bool(measure_error)
         self.allreduce_dtypes = tuple(allreduce_dtypes)
         self.telemetry = Telemetry()
         self.states: dict[str, object] = {}
@@ -63,7 +66,8 @@ class Exchange:
         state = self.states.get(name)
         if state is None:
             state = self.pipeline.init(bk, flat)
-        payload, codec, state = self.pipeline.encode(bk, flat, state, Key(self.seed, rank, name, step))
+        payload, codec, state, error = self.pipeline.encode(
+            bk, flat, state, Key(self.seed, rank, name, step), measure=self.measure_error)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -76,7 +80,8 @@ class Exchange:
         d = bk.size(flat)
         self.telemetry.record(Record(
             step=step, name=name, bits=8 * int(nbytes), count=int(payload.count), numel=d,
-            dense_bits=8 * d * ITEMSIZE[bk.dtype(tensor)], seconds=time.perf_counter() - t0))
+            dense_bits=8 * d * ITEMSIZE[bk.dtype(tensor)], seconds=time.perf_counter() - t0,
+            error=error))
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor))
 

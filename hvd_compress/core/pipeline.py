@@ -2,7 +2,7 @@
 
     pipe = resolve_pipeline("topk:0.01+ef21sgdm:eta=0.1")
     state = pipe.init(bk, flat)
-    payload, codec, state = pipe.encode(bk, flat, state, key)    # on each rank
+    payload, codec, state, _ = pipe.encode(bk, flat, state, key)  # on each rank
     ... every rank's payload travels; mean = codec.aggregate(payloads) / n ...
     update, state = pipe.decode(bk, mean, state)                 # on each rank
 
@@ -12,6 +12,8 @@ feedback state exactly).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..errors import HvdCompressError
 from .casts import Identity
 from .compressor import Compressor
@@ -19,6 +21,13 @@ from .feedback import Feedback
 from .registry import lookup
 from .rng import Key
 from .spec import build, parse, resolve_compressor
+
+
+class Encoded(NamedTuple):
+    payload: object
+    codec: object     # the compressor that produced the payload (decodes every rank's)
+    state: object
+    error: object     # ||C(v) - v||^2 / ||v||^2 of the vector v compressed, if measured
 
 
 class Pipeline:
@@ -73,31 +82,49 @@ class Pipeline:
     def init(self, bk, flat):
         return None if self.feedback is None else self.feedback.init(bk, flat, self.compressor)
 
-    def encode(self, bk, flat, state, key: Key):
-        """(payload, codec, state) for this rank's flat tensor at step ``key.step``."""
+    def encode(self, bk, flat, state, key: Key, measure: bool = False) -> Encoded:
+        """This rank's payload for its flat tensor at step ``key.step``.
+
+        ``measure`` also returns the relative compression error of the vector compressed
+        (two extra passes over it)."""
         codec = self.codec(key.step)
-        used = [codec]
+        used, error = [codec], [None]
+
+        def choose(v):
+            if self.policy is not None and codec is self.compressor:
+                used[0] = self.policy.codec(self.policy.choose_k(bk, v))
+            return used[0]
 
         def compress(v):
-            c = codec
-            if self.policy is not None and codec is self.compressor:
-                c = used[0] = self.policy.codec(self.policy.choose_k(bk, v))
+            c = choose(v)
             p = c.compress(v, key)
-            return p, bk.astype(c.decode_flat(bk, p), bk.dtype(v))
+            dense = bk.astype(c.decode_flat(bk, p), bk.dtype(v))
+            if measure:
+                error[0] = _relative_error(bk, v, dense)
+            return p, dense
 
         if self.perturbation is not None:
             flat = self.perturbation.apply(bk, flat, key)
-        if self.feedback is None:
-            payload, _ = compress(flat)
-        else:
+        if self.feedback is not None:
             payload, state = self.feedback.encode(compress, bk, flat, state)
-        return payload, used[0], state
+        elif measure:
+            payload, _ = compress(flat)
+        else:  # nothing needs the dense view: skip decoding
+            payload = choose(flat).compress(flat, key)
+        return Encoded(payload, used[0], state, error[0])
 
     def decode(self, bk, mean, state):
         """(update, state) from the average over ranks of the decompressed payloads."""
         if self.feedback is None:
             return mean, state
         return self.feedback.decode(bk, mean, state)
+
+
+def _relative_error(bk, v, dense):
+    diff = dense - v
+    num = float(bk.sum(diff * diff))
+    den = float(bk.sum(v * v))
+    return num / den if den > 0 else 0.0
 
 
 def resolve_pipeline(obj) -> Pipeline:

@@ -38,7 +38,7 @@ class Workers:
         step = self.step_count
         payloads, codec = [], None
         for r, g in enumerate(grads):
-            p, codec, self.states[r] = self.pipe.encode(
+            p, codec, self.states[r], _ = self.pipe.encode(
                 bk, g, self.states[r], Key(self.seed, r, self.name, step))
             payloads.append(p)
         self.bits.append([int(p.wire_bits(bk)) for p in payloads])

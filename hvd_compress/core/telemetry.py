@@ -1,9 +1,10 @@
 """Exact per-step, per-tensor accounting of what compression sent.
 
 Every frontend records one :class:`Record` per tensor per step: the bits its payload took
-on the wire (header included), the entries it encoded, the tensor's size, and the seconds
-spent compressing. Totals and ratios against dense fp32 come from these records, and they
-can be written as CSV for plotting.
+on the wire (header included), the entries it encoded, the tensor's size, the seconds
+spent compressing and, when asked for, the relative compression error. Totals and ratios
+against the dense tensor come from these records; they can be written as CSV or as
+TensorBoard scalars.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Record(NamedTuple):
     numel: int         # entries of the dense tensor
     dense_bits: int    # bits the uncompressed tensor would take
     seconds: float     # time spent compressing (host wall clock)
+    error: object = None  # ||C(v) - v||^2 / ||v||^2 when measured, else None
 
 
 class Telemetry:
@@ -64,3 +66,19 @@ class Telemetry:
             w = csv.writer(f)
             w.writerow(Record._fields)
             w.writerows(self.rows)
+
+    def to_tensorboard(self, writer, prefix: str = "hvd_compress"):
+        """Write per-step totals and per-tensor bits, k and error as scalars.
+
+        ``writer`` is a torch ``SummaryWriter`` (anything with ``add_scalar(tag, value,
+        step)``) or a callable ``(tag, value, step)``, e.g. ``lambda t, v, s:
+        tf.summary.scalar(t, v, step=s)`` inside a TF writer's ``as_default()``.
+        """
+        put = writer if callable(writer) else writer.add_scalar
+        for step, bits in sorted(self.by_step().items()):
+            put(f"{prefix}/bits", bits, step)
+        for r in self.rows:
+            put(f"{prefix}/{r.name}/bits", r.bits, r.step)
+            put(f"{prefix}/{r.name}/k", r.count, r.step)
+            if r.error is not None:
+                put(f"{prefix}/{r.name}/error", r.error, r.step)

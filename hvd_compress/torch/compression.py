@@ -32,12 +32,21 @@ class _Handled:
         self.finish = finish
 
 
+class _Grouped:
+    """ctx of one gradient of a grouped collective: ``finish(output)`` decodes it."""
+    __slots__ = ("finish",)
+
+    def __init__(self, finish):
+        self.finish = finish
+
+
 class Compression:
     """Horovod-compatible compression backed by a hvd_compress pipeline.
 
     Args:
       spec: ``"topk:0.01"``, ``"topk:0.01+ef21sgdm:eta=0.1"``, a compressor or a Pipeline.
       seed: seed of every stochastic draw (mixed with rank, parameter name and step).
+      measure_error: also log each step's relative compression error per parameter.
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -47,9 +56,10 @@ class Compression:
     counters are part of what training learned.
     """
 
-    def __init__(self, spec, seed: int = 0):
+    def __init__(self, spec, seed: int = 0, measure_error: bool = False):
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered
-        self.exchange = Exchange(spec, seed, allreduce_dtypes=("float16", "float32", "float64"))
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=("float16", "float32", "float64"),
+                                 measure_error=measure_error)
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
@@ -76,23 +86,18 @@ class Compression:
         if not hasattr(optimizer, "_parameter_names"):
             raise HvdCompressError(
                 f"{type(optimizer).__name__} is not a Horovod DistributedOptimizer")
-        if getattr(optimizer, "_groups", None) is not None:
-            raise HvdCompressError(
-                f"{self.pipeline.spec()}: DistributedOptimizer(groups=...) is not supported "
-                "yet; each parameter already travels in its own named collective")
         original = optimizer._allreduce_grad_async
 
         def _allreduce_grad_async(p):
-            if p.grad is None:
-                # Horovod's convention: a rank without this gradient contributes zeros
-                p.grad = p.data.new(p.size()).zero_()
-            if p.grad.is_sparse and not optimizer.sparse_as_dense:
+            if p.grad is not None and p.grad.is_sparse and not optimizer.sparse_as_dense:
                 return original(p)  # Horovod's own sparse allgather path
-            tensor = p.grad.to_dense() if p.grad.is_sparse else p.grad
-            name = optimizer._parameter_names.get(p)
-            return self._launch(optimizer, name, tensor), _Handled()
+            return self._launch(optimizer, *_named_grad(optimizer, p)), _Handled()
+
+        def _grouped_allreduce_grad_async(ps):
+            return self._launch_group(optimizer, [_named_grad(optimizer, p) for p in ps])
 
         optimizer._allreduce_grad_async = _allreduce_grad_async
+        optimizer._grouped_allreduce_grad_async = _grouped_allreduce_grad_async
         self._optimizer = optimizer
         return optimizer
 
@@ -115,55 +120,101 @@ class Compression:
         return p.values, p
 
     def decompress(self, tensor, ctx):
+        if ctx is None:  # Horovod's own sparse path: already aggregated
+            return tensor
+        if isinstance(ctx, _Grouped):
+            return ctx.finish(tensor)
         if isinstance(ctx, _Handled):
             return tensor if ctx.finish is None else ctx.finish()
         return self.pipeline.compressor.decompress(ctx._replace(values=tensor))
 
     # -- the named path ----------------------------------------------------------------
-    def _launch(self, opt, name, tensor):
-        """Compress ``tensor`` and start its collective; return a callable that finishes it."""
-        import horovod.torch as hvd
-        from horovod.torch.mpi_ops import Adasum, Average, Sum
+    def _begin(self, opt, name, tensor):
+        """(outgoing, finish(output) -> update) for one gradient."""
+        from horovod.torch.mpi_ops import Adasum, Sum
 
         if opt.op == Adasum:
             raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
                                    f"(parameter {name})")
         bk, ps = self._bk, opt.process_set
-        n = ps.size()
+        n, summed = ps.size(), opt.op == Sum
         out = self.exchange.begin(bk, name, tensor, ps.rank())
-        summed = opt.op == Sum
+        finish = self.exchange.finish_allreduced if out.by_allreduce \
+            else self.exchange.finish_gathered
+        return out, lambda output: finish(bk, output, out, n, summed)
+
+    @staticmethod
+    def _scale_factors(opt):
+        from horovod.torch.mpi_ops import Average
+        if opt.op == Average:
+            return 1.0 / opt.gradient_predivide_factor, opt.gradient_predivide_factor
+        return 1.0, 1.0
+
+    def _launch(self, opt, name, tensor):
+        """Compress ``tensor`` and start its collective; return a callable that finishes it."""
+        import horovod.torch as hvd
+
+        out, finish = self._begin(opt, name, tensor)
         if out.by_allreduce:
-            if opt.op == Average:
-                pre, post = 1.0 / opt.gradient_predivide_factor, opt.gradient_predivide_factor
-            else:
-                pre = post = 1.0
+            pre, post = self._scale_factors(opt)
             handle = hvd.allreduce_async_(out.wire, name=_PREFIX + name, op=opt.op,
                                           prescale_factor=pre, postscale_factor=post,
-                                          process_set=ps)
-            return lambda: self.exchange.finish_allreduced(bk, hvd.synchronize(handle), out,
-                                                           n, summed)
-        handle = hvd.allgather_async(out.wire, name=_PREFIX + name, process_set=ps)
-        return lambda: self.exchange.finish_gathered(bk, hvd.synchronize(handle), out, n, summed)
+                                          process_set=opt.process_set)
+        else:
+            handle = hvd.allgather_async(out.wire, name=_PREFIX + name,
+                                         process_set=opt.process_set)
+        return lambda: finish(hvd.synchronize(handle))
+
+    def _launch_group(self, opt, named):
+        """One grouped collective for ``groups=``: Horovod negotiates and fuses them once."""
+        import horovod.torch as hvd
+
+        begun = [self._begin(opt, name, t) for name, t in named]
+        kinds = {out.by_allreduce for out, _ in begun}
+        if len(kinds) > 1:
+            raise HvdCompressError(
+                f"group {[n for n, _ in named]} mixes gradients that {self.pipeline.spec()} "
+                "sends by allreduce and by allgather (different dtypes); group them apart")
+        wires = [out.wire for out, _ in begun]
+        name = _PREFIX + "group." + named[0][0]
+        if kinds == {True}:
+            pre, post = self._scale_factors(opt)
+            handle = hvd.grouped_allreduce_async_(wires, name=name, op=opt.op,
+                                                  prescale_factor=pre, postscale_factor=post,
+                                                  process_set=opt.process_set)
+        else:
+            handle = hvd.grouped_allgather_async(wires, name=name, process_set=opt.process_set)
+        return handle, [_Grouped(finish) for _, finish in begun]
 
 
-def compression(spec_or_object, seed: int = 0) -> Compression:
+def _named_grad(opt, p):
+    """(name, dense gradient) of parameter p, as Horovod would send it."""
+    if p.grad is None:
+        # Horovod's convention: a rank without this gradient contributes zeros
+        p.grad = p.data.new(p.size()).zero_()
+    tensor = p.grad.to_dense() if p.grad.is_sparse else p.grad
+    return opt._parameter_names.get(p), tensor
+
+
+def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
       spec_or_object: a spec string (``"topk:0.01+ef21sgdm"``, ``"fp16"``, ``"qsgd:s=7"``),
         a compressor or pipeline object, or an existing :class:`Compression` (returned as is).
       seed: seed of the stochastic compressors' private random stream.
+      measure_error: also log the relative compression error (costs two passes per tensor).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
-    return Compression(spec_or_object, seed=seed)
+    return Compression(spec_or_object, seed=seed, measure_error=measure_error)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):
     """``horovod.torch.DistributedOptimizer`` with a hvd_compress compression bound eagerly.
 
     Takes Horovod's arguments (``backward_passes_per_step``, ``op``,
-    ``gradient_predivide_factor``, ``sparse_as_dense``, ``process_set``); ``compression``
+    ``gradient_predivide_factor``, ``groups``, ``sparse_as_dense``, ``process_set``); ``compression``
     may be a spec string, a compressor, a pipeline or a :class:`Compression`. The bound
     compression is available as ``optimizer.compression``.
     """

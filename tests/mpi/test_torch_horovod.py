@@ -1,5 +1,6 @@
 """PyTorch + Horovod: compression= on hvd.DistributedOptimizer, against an oracle."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import hvd_compress.torch as hct
 from hvd_compress import HvdCompressError
 from hvd_compress.core.simulate import Workers
 
+os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # for the process-set test
 hvd.init()
 torch.set_num_threads(1)
 rank, size = hvd.rank(), hvd.size()
@@ -124,3 +126,127 @@ def test_one_compression_per_optimizer():
     with pytest.raises(HvdCompressError, match="already bound to another optimizer"):
         hct.DistributedOptimizer(torch.optim.SGD(m2.parameters(), lr=0.1),
                                  named_parameters=m2.named_parameters(), compression=comp)
+
+
+def run_and_compare(spec, tag, steps=2, passes=1, scale=1.0, **hvd_kwargs):
+    """Train with Horovod's options; compare every gradient with the simulator."""
+    model, _, _ = model_and_data(0)
+    dopt = hct.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                    named_parameters=model.named_parameters(),
+                                    compression=hct.compression(spec, seed=7),
+                                    backward_passes_per_step=passes, **hvd_kwargs)
+    ps = hvd_kwargs.get("process_set", hvd.global_process_set)
+    n = ps.size()
+    oracles = {name: Workers(spec, n, seed=7, name=name) for name, _ in model.named_parameters()}
+    for step in range(steps):
+        local = {name: 0 for name, _ in model.named_parameters()}
+        dopt.zero_grad()
+        for micro in range(passes):
+            _, x, y = model_and_data(10 * step + micro)
+            for name, g in local_grads(model, x, y).items():
+                local[name] = local[name] + g
+            loss_fn(model, x, y).backward()
+        dopt.synchronize()
+        for name, p in model.named_parameters():
+            everyone = hvd.allgather(local[name].reshape(1, -1), name=f"{tag}.{step}.{name}",
+                                     process_set=ps)
+            want = oracles[name].step(list(everyone)) * scale
+            tol = TOL.get(spec, 1e-5)
+            torch.testing.assert_close(p.grad.reshape(-1), want, rtol=tol, atol=tol)
+        with dopt.skip_synchronize():
+            dopt.step()
+
+
+@pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "fp16", "qsgd"])
+def test_op_sum(spec):
+    run_and_compare(spec, f"sum.{spec}", op=hvd.Sum, scale=size)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.2+ef14", "none"])
+def test_gradient_predivide_factor(spec):
+    run_and_compare(spec, f"predivide.{spec}", gradient_predivide_factor=2.0)
+
+
+def test_backward_passes_per_step():
+    run_and_compare("topk:0.2+ef21", "bpps", passes=3)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "fp16", "randk:0.3,shared=true"])
+def test_groups_fuse_collectives(spec):
+    run_and_compare(spec, f"groups.{spec}", groups=2)
+
+
+def test_process_set():
+    members = list(range(size - 1)) if size > 2 else [0]  # not the global set
+    ps = hvd.add_process_set(members)
+    if rank in members:
+        run_and_compare("topk:0.2+ef21sgdm", "ps", process_set=ps)
+    hvd.remove_process_set(ps)
+
+
+def test_parameter_without_gradient_on_some_ranks():
+    """Rank 0 never uses layer b: it contributes zeros, as with Horovod's allreduce."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    named = [("a.weight", a.weight), ("a.bias", a.bias), ("b.weight", b.weight),
+             ("b.bias", b.bias)]
+    dopt = hct.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1),
+                                    named_parameters=named, compression="topk:0.5+ef14")
+    x = torch.ones(2, 4) * (rank + 1)
+    sa, sb = copy.deepcopy(a), copy.deepcopy(b)
+    (sa(x) if rank == 0 else sb(sa(x))).sum().backward()
+    shadow = dict(zip([n for n, _ in named], [sa.weight, sa.bias, sb.weight, sb.bias]))
+    (a(x) if rank == 0 else b(a(x))).sum().backward()
+    dopt.synchronize()
+    for name, p in named:
+        g = shadow[name].grad
+        g = torch.zeros_like(p) if g is None else g
+        everyone = hvd.allgather(g.reshape(1, -1), name=f"nograd.{name}")
+        want = Workers("topk:0.5+ef14", size, name=name).step(list(everyone))
+        torch.testing.assert_close(p.grad.reshape(-1), want)
+
+
+def test_sparse_gradients_keep_horovods_path():
+    """Embedding(sparse=True) gradients take Horovod's own sparse allgather, uncompressed."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    dopt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=1.0),
+                                    named_parameters=emb.named_parameters(),
+                                    compression=hct.compression("topk:0.5+ef14"))
+    emb(torch.tensor([rank % 10])).sum().backward()
+    dopt.synchronize()
+    want = torch.zeros(10, 3)
+    for r in range(size):
+        want[r % 10] += 1.0 / size
+    torch.testing.assert_close(emb.weight.grad.to_dense(), want)
+    with dopt.skip_synchronize():
+        dopt.step()
+
+
+def test_a9a_topk_ef21sgdm_matches_dense_accuracy():
+    """Top-k 1% with EF21-SGDM within 1% accuracy of dense, same steps (real data)."""
+    from hvd_compress.datasets import load_libsvm
+    X, y = load_libsvm("a9a")
+    perm = np.random.RandomState(0).permutation(len(y))
+    test, train = perm[:4000], perm[4000:]
+    shard = train[rank::size]
+    acc = {}
+    for spec in ("none", "topk:0.01+ef21sgdm:eta=0.2"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(123, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 1))
+        dopt = hct.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.2),
+                                        named_parameters=model.named_parameters(),
+                                        compression=spec)
+        order = np.random.RandomState(1 + rank).permutation(len(shard))
+        for i in range(0, len(order) - 32, 32):
+            b = shard[order[i:i + 32]]
+            dopt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(torch.from_numpy(X[b])).squeeze(1), torch.from_numpy(y[b]))
+            loss.backward()
+            dopt.step()
+        with torch.no_grad():
+            pred = model(torch.from_numpy(X[test])).squeeze(1) > 0
+            acc[spec] = (pred.float() == torch.from_numpy(y[test])).float().mean().item()
+    assert acc["topk:0.01+ef21sgdm:eta=0.2"] >= acc["none"] - 0.01, acc
