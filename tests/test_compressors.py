@@ -286,3 +286,30 @@ def test_round_trip_property(d, spec, seed):
     buf = pack(bk, p)
     assert buf.size * 8 == p.wire_bits(bk)
     np.testing.assert_array_equal(c.decompress(unpack(bk, buf, p)), c.decompress(p))
+
+
+# -- delta + varint indices ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["topk:0.01,indices=varint", "randk:0.3,indices=varint",
+                                  "threshold:lam=2.0,indices=varint",
+                                  "topk:k=1,indices=varint", "topk:1.0,indices=varint"])
+def test_varint_indices_round_trip(xp, spec):
+    x = data(20_000, seed=5)
+    c = hc.resolve(spec)
+    p = c.compress(xp.asarray(x), Key(0, 0, "w", 0))
+    plain = hc.resolve(spec.replace(",indices=varint", "")).compress(xp.asarray(x),
+                                                                        Key(0, 0, "w", 0))
+    bk = backend_for(p.values)
+    q = unpack(bk, pack(bk, p), p)
+    np.testing.assert_array_equal(xp.numpy(q.indices), xp.numpy(plain.indices))
+    np.testing.assert_array_equal(dense(c, q), dense(c, plain))
+    assert 8 * int(bk.size(pack(bk, p))) == p.wire_bits(bk)
+    assert not c.fixed_size
+
+
+def test_varint_indices_cost_about_a_byte_at_one_percent():
+    x = data(1_000_000, seed=6)
+    bk = backend_named("numpy")
+    p = hc.resolve("topk:0.01,indices=varint").compress(x)
+    index_bits = p.wire_bits(bk) - 64 - 64 - 32 * p.count
+    assert index_bits / p.count < 11.0  # about 10.3 (gaps of ~100 need 1-2 bytes); int32: 32

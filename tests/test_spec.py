@@ -35,7 +35,7 @@ def test_canonical_spec_strings():
     ("topk:ratio=0", "ratio=0 must lie in (0, 1]"),
     ("topk:k=0", "k=0 must be a positive integer"),
     ("topk:kk=3", "topk has no parameter 'kk'"),
-    ("topk:0.1,0.2,3,4", "at most 3 positional arguments"),
+    ("topk:0.1,0.2,3,4,5", "at most 4 positional arguments"),
     ("topk:ratio=0.1,0.2", "positional argument '0.2' after keyword"),
     ("topk:ratio=0.1,ratio=0.2", "argument 'ratio' given twice"),
     ("qsgd:s=0", "s=0 must be an integer >= 1"),

@@ -3,14 +3,16 @@
 A payload holds up to four segments, all 1-D tensors on the gradient's device:
 
 * ``scales``  -- a few float32 scalars (norms, per-bucket scales);
-* ``indices`` -- int64 positions of the kept entries (int32 or int64 on the wire);
+* ``indices`` -- int64 positions of the kept entries (int32, int64, or delta + varint
+  bytes on the wire, see :mod:`hvd_compress.core.varint`);
 * ``values``  -- the kept values, in the gradient dtype or a cast of it;
 * ``codes``   -- bit-packed integer codes (signs, quantization levels) as uint8.
 
 On the wire a payload is one contiguous uint8 buffer: an 8-byte header (entry count as
 uint32, index width, value dtype) followed by the segments ordered by item size, largest
-first, so every segment is naturally aligned and no padding is needed. ``wire_bits`` is
-exactly ``8 * len(buffer)``: what a collective moves, header included.
+first, so every segment is naturally aligned and no padding is needed. Varint indices add
+an 8-byte length after the header. ``wire_bits`` is exactly ``8 * len(buffer)``: what a
+collective moves, header included.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import NamedTuple, Optional
 
 from ..errors import HvdCompressError
 from .ops import ITEMSIZE
+from .varint import decode_sorted
 
 HEADER_BYTES = 8
 _DTYPE_CODE = {None: 0, "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5}
@@ -34,7 +37,8 @@ class Payload(NamedTuple):
         ``None`` where a compressor does not use one.
       code_bits: bits per code in ``codes`` (0 if unused); codes travel as that many
         bit planes of ``ceil(count / 8)`` bytes each (see :mod:`hvd_compress.core.bits`).
-      index_dtype: "int32" or "int64", the width indices take on the wire.
+      index_dtype: "int32", "int64" or "varint": how indices travel.
+      index_code: the varint bytes of ``indices`` when ``index_dtype == "varint"``.
     """
     shape: tuple
     dtype: str
@@ -45,11 +49,18 @@ class Payload(NamedTuple):
     scales: object = None
     code_bits: int = 0
     index_dtype: str = "int32"
+    index_code: object = None
+
+    @property
+    def varint(self) -> bool:
+        return self.index_dtype == "varint"
 
     def segments(self, bk):
         """(name, tensor, wire dtype) in wire order: largest item size first."""
         segs = []
-        if self.indices is not None:
+        if self.varint:
+            segs.append(("indices", self.index_code, "uint8"))
+        elif self.indices is not None:
             segs.append(("indices", self.indices, self.index_dtype))
         if self.values is not None:
             segs.append(("values", self.values, bk.dtype(self.values)))
@@ -62,13 +73,17 @@ class Payload(NamedTuple):
 
     def wire_bytes(self, bk) -> object:
         """Bytes this payload occupies on the wire, header included."""
-        total = HEADER_BYTES
+        total = _header_bytes(self)
         for _, t, dt in self.segments(bk):
             total = total + bk.size(t) * _itemsize(dt)
         return total
 
     def wire_bits(self, bk) -> object:
         return 8 * self.wire_bytes(bk)
+
+
+def _header_bytes(p: Payload) -> int:
+    return HEADER_BYTES + (8 if p.varint else 0)
 
 
 def _itemsize(dtype: str) -> int:
@@ -87,10 +102,15 @@ def pack(bk, p: Payload):
     value_code = _DTYPE_CODE[None if p.values is None else _value_dtype_name(bk, p.values)]
     count = bk.astype(bk.reshape(bk.constant([0], "int64", like) + p.count, (1,)), "int32") \
         if not isinstance(p.count, int) else bk.constant([p.count], "int32", like)
-    flags = bk.constant([ITEMSIZE[p.index_dtype], value_code, 0, 0], "uint8", like)
+    width = 0 if p.varint else ITEMSIZE[p.index_dtype]
+    flags = bk.constant([width, value_code, 0, 0], "uint8", like)
     parts = [bk.bitcast(count, "uint8"), flags]
+    if p.varint:
+        parts.append(bk.bitcast(bk.reshape(bk.astype(bk.constant([0], "int64", like) +
+                                                     bk.size(p.index_code), "int64"), (1,)),
+                                "uint8"))
     for name, t, dt in p.segments(bk):
-        if name == "indices":
+        if name == "indices" and not p.varint:
             t = bk.astype(t, p.index_dtype)
         parts.append(bk.bitcast(bk.flatten(t), "uint8"))
     return bk.concat(parts)
@@ -106,19 +126,25 @@ def unpack(bk, buf, template: Payload, count=None):
     if count is None:
         count = _read_count(bk, buf)
     sizes = template_sizes(template, count)
+    if template.varint:
+        sizes["indices"] = _read_int(bk, buf[HEADER_BYTES:HEADER_BYTES + 8], "int64")
     fields = {}
-    offset = HEADER_BYTES
+    offset = _header_bytes(template)
     for name, _, dt in template.segments(bk):
         n = sizes[name]
         nbytes = n * _itemsize(dt)
         raw = buf[offset:offset + nbytes]
         t = bk.bitcast(raw, dt)
-        if name == "indices":
+        if name == "indices" and template.varint:
+            fields["index_code"] = t
+            t = decode_sorted(bk, t, count)
+        elif name == "indices":
             t = bk.astype(t, "int64")
         fields[name] = t
         offset = offset + nbytes
     return template._replace(count=count, **{k: fields.get(k) for k in
-                                             ("values", "indices", "codes", "scales")})
+                                             ("values", "indices", "codes", "scales",
+                                              "index_code")})
 
 
 def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool):
@@ -137,21 +163,23 @@ def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool):
     offset = 0
     for _ in range(n):
         count = _read_count(bk, gathered[offset:offset + 4])
-        p = template._replace(count=count)
-        nbytes = _wire_bytes_for(bk, template, count)
-        payloads.append(unpack(bk, gathered[offset:offset + nbytes], p, count))
+        sizes = template_sizes(template, count)
+        if template.varint:
+            sizes["indices"] = _read_int(bk, gathered[offset + HEADER_BYTES:
+                                                      offset + HEADER_BYTES + 8], "int64")
+        nbytes = _header_bytes(template) + sum(sizes[name] * _itemsize(dt)
+                                               for name, _, dt in template.segments(bk))
+        payloads.append(unpack(bk, gathered[offset:offset + nbytes], template, count))
         offset += nbytes
     return payloads
 
 
-def _wire_bytes_for(bk, template: Payload, count) -> int:
-    sizes = template_sizes(template, count)
-    return HEADER_BYTES + sum(sizes[name] * _itemsize(dt) for name, _, dt in template.segments(bk))
-
-
 def _read_count(bk, buf):
-    c = bk.bitcast(buf[:4], "int32")
-    c = bk.reshape(c, ())
+    return _read_int(bk, buf[:4], "int32")
+
+
+def _read_int(bk, buf, dtype):
+    c = bk.reshape(bk.bitcast(buf, dtype), ())
     return int(c) if bk.eager() else c
 
 

@@ -105,10 +105,11 @@ class Dynamic(Algorithm):
     def _packet_entries(self):
         return (self.packet - self.header) // self.b if self.cost == "packet" else 0
 
-    def codec(self, k: int) -> TopK:
-        """A top-k codec for this step's k; payload sizes differ across ranks."""
-        c = TopK(k=k)
-        c.fixed_size = False
+    def codec(self, k: int, like: TopK) -> TopK:
+        """A top-k codec for this step's k (in ``like``'s wire formats); payload sizes
+        differ across ranks."""
+        c = TopK(k=k, values=like.values, indices=like.indices)
+        c.size_fixed = False
         return c
 
 

@@ -15,7 +15,8 @@ SPECS = hc.available("compressor") + [
     "randk:0.1,shared=true", "randk:0.2,scaled=true", "threshold:lam=1.0", "topk:k=1",
     "topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm", "topk:0.1+ef21sgd2m",
     "natural+diana", "threshold:lam=1.5+ef14", "topk:0.1+ef21sgdm+warmup:1",
-    "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048"]
+    "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048",
+    "topk:0.05,indices=varint+ef21sgdm", "threshold:lam=1.0,indices=varint"]
 
 
 def local(d, step):

@@ -19,7 +19,7 @@ rank, size = hvd.rank(), hvd.size()
 SPECS = hc.available("compressor") + [
     "randk:0.2,shared=true", "topk:k=3", "topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.5",
     "topk:0.2+ef21sgd2m", "randk:0.3,scaled=true+diana", "topk:0.1+ef21+warmup:1",
-    "topk+ef14+dynamic:c0=2000"]
+    "topk+ef14+dynamic:c0=2000", "topk:0.1,indices=varint,values=float16+ef14"]
 TOL = {"fp16": 2e-3, "bf16": 2e-2}
 
 
