@@ -6,7 +6,7 @@ NP     ?= 2
 ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 MPIRUN := mpirun $(ROOT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 -np $(NP)
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench experiments
 
 setup:
 	@bash scripts/setup.sh
@@ -19,3 +19,6 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/compressors.py
+
+experiments: setup
+	$(PY) experiments/seeds.py --out docs/img

@@ -9,7 +9,7 @@ bit counts). Writes one PNG per claim and prints a Markdown table of the results
 1. Dynamic top-k (Khirirat et al., AAAI 2021) against fixed k, under linear, affine and
    packet costs: cost to reach a fixed suboptimality.
 2. EF21-SGD against EF21-SGDM at batch size 1 (Fatkhullin et al., NeurIPS 2023).
-3. DIANA with independent against shared rand-k masks (He et al., NeurIPS 2023).
+3. DIANA and ADIANA with independent against shared rand-k masks (He et al., NeurIPS 2023).
 4. Hard threshold against top-k at equal total bits, with EF14 (Sahu et al., NeurIPS 2021).
 5. Escape from a strict saddle with and without perturbation (Avdiukhin et al., 2021).
 """
@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import hvd_compress as hc  # noqa: E402
-from hvd_compress.core.simulate import Workers  # noqa: E402
+from hvd_compress.core.simulate import Workers, adiana  # noqa: E402
 from hvd_compress.datasets import load_libsvm  # noqa: E402
 
 
@@ -61,6 +61,10 @@ class Logistic:
             H = (self.A.T * (p * (1 - p))) @ self.A / len(p) + self.lam * np.eye(len(x))
             x -= np.linalg.solve(H, self.grad(x))
         return self.loss(x)
+
+
+def _fmt(v):
+    return "not reached in 4000 steps" if v is None else f"{v:,}"
 
 
 def shards(m, n):
@@ -196,9 +200,24 @@ def exp_diana(out, rows):
             sent[shared] = floats
             ax.semilogy(np.arange(1, len(gaps) + 1) * k, gaps,
                         ls="--" if shared else "-", label=f"n={n} {'shared' if shared else 'independent'}")
+            # ADIANA: two messages of k floats per step
+            grads = lambda i, x: As[i].T @ (As[i] @ x - bs[i]) / 20 + 0.1 * x  # noqa: E731
+            hit = []
+
+            def stop(step, y, bits, hit=hit):
+                if not hit and (f(y) - fstar) / (f(np.zeros(d)) - fstar) <= tol:
+                    hit.append(2 * k * (step + 1))
+            adiana(grads, np.zeros(d), L, np.linalg.eigvalsh(H).min(),
+                   f"randk:k={k},scaled=true,shared={str(shared).lower()}", n, 4000, seed=1,
+                   callback=stop)
+            sent[("adiana", shared)] = hit[0] if hit else None
         rows.append(("DIANA, scaled rand-k, omega = sqrt(n)", f"n = {n}, k = {k} of {d}",
                      f"floats per worker to 1e-6: independent {sent[False]:,}, shared "
                      f"{sent[True]:,}: saving {sent[True] / sent[False]:.1f}x"))
+        ai, ash = sent[("adiana", False)], sent[("adiana", True)]
+        rows.append(("ADIANA, scaled rand-k, omega = sqrt(n)", f"n = {n}, k = {k} of {d}",
+                     f"floats per worker to 1e-6: independent {_fmt(ai)}, shared {_fmt(ash)}"
+                     + (f": saving {ash / ai:.1f}x" if ai and ash else "")))
     ax.set_xlabel("floats sent per worker")
     ax.set_ylabel("relative suboptimality")
     ax.legend(fontsize=7)

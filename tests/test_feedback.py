@@ -155,3 +155,18 @@ def test_telemetry_to_tensorboard_and_csv(tmp_path):
     ex.telemetry.to_csv(tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0].split(",")[:3] == ["step", "name", "bits"] and len(lines) == 5
+
+
+def test_adiana_converges_on_a_strongly_convex_problem():
+    from hvd_compress.core.simulate import adiana
+    rs = np.random.RandomState(0)
+    n, d = 8, 30
+    As = [rs.standard_normal((15, d)) for _ in range(n)]
+    bs = [rs.standard_normal(15) for _ in range(n)]
+    H = sum(a.T @ a for a in As) / (15 * n) + 0.05 * np.eye(d)
+    c = sum(a.T @ b for a, b in zip(As, bs)) / (15 * n)
+    xstar = np.linalg.solve(H, c)
+    ev = np.linalg.eigvalsh(H)
+    grads = lambda i, x: As[i].T @ (As[i] @ x - bs[i]) / 15 + 0.05 * x  # noqa: E731
+    y = adiana(grads, np.zeros(d), ev.max(), ev.min(), "randk:k=10,scaled=true", n, 1500)
+    assert np.linalg.norm(y - xstar) < 1e-4 * np.linalg.norm(xstar)
