@@ -58,8 +58,14 @@ vpy=$venv/bin/python
 pyver=$("$vpy" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 # 3. Python dependencies (pip does nothing when they are present).
-have() { "$vpy" -m pip show "$1" 2>/dev/null | grep -q "^Version: $2\$"; }
-if ! have torch "$TORCH_VERSION+cpu" && ! have torch "$TORCH_VERSION"; then
+# have DIST VERSION: is that distribution installed at that version (any +local suffix)?
+have() {
+  "$vpy" - "$1" "$2" <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+sys.exit(m.version(sys.argv[1]).split("+")[0] != sys.argv[2])
+PY
+}
+if ! have torch "$TORCH_VERSION"; then
   step "installing torch $TORCH_VERSION"
   run_logged pip-torch "$vpy" -m pip install "torch==$TORCH_VERSION"
 fi
@@ -67,9 +73,13 @@ if ! have tensorflow "$TF_VERSION" || ! have tf_keras "$TF_VERSION"; then
   step "installing TensorFlow $TF_VERSION and tf_keras"
   run_logged pip-tf "$vpy" -m pip install "tensorflow==$TF_VERSION" "tf_keras==$TF_VERSION"
 fi
-step "installing test and build requirements"
-run_logged pip-deps "$vpy" -m pip install -q "numpy" "packaging" "mpi4py>=4.1" "pytest" \
-  "pytest-timeout" "hypothesis" "cloudpickle" "psutil" "pyyaml" "cffi" "matplotlib" "wheel" "setuptools"
+deps=(numpy packaging "mpi4py>=4.1" pytest pytest-timeout hypothesis cloudpickle psutil pyyaml
+      cffi matplotlib wheel setuptools)
+if ! "$vpy" -c "import mpi4py, pytest, hypothesis, matplotlib, cloudpickle, psutil, yaml" \
+     >/dev/null 2>&1; then
+  step "installing test and build requirements"
+  run_logged pip-deps "$vpy" -m pip install -q "${deps[@]}"
+fi
 
 # 4. Horovod, from the wheel cache or built from the patched sdist.
 key="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-tf$TF_VERSION-py$pyver"
