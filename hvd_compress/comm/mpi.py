@@ -52,43 +52,48 @@ class SparseAllreduce:
     def load_state_dict(self, state: dict):
         self.exchange.load_state_dict(state)
 
-    def allgather_bytes(self, buf, fixed_size: bool):
-        """Gather every rank's uint8 buffer; returns their concatenation (same backend)."""
-        from mpi4py import MPI
-
-        bk = backend_for(buf)
-        send, restore = self._host_view(bk, buf)
-        n = self.comm.Get_size()
-        if fixed_size:
-            recv = np.empty(n * send.shape[0], np.uint8)
-            self.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
-        else:
-            sizes = np.empty(n, np.int64)
-            self.comm.Allgather([np.array([send.shape[0]], np.int64), MPI.INT64_T],
-                                [sizes, MPI.INT64_T])
-            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            recv = np.empty(int(sizes.sum()), np.uint8)
-            self.comm.Allgatherv([send, MPI.BYTE], [recv, sizes, displs, MPI.BYTE])
-        return restore(recv)
-
-    def _host_view(self, bk, buf):
-        """(buffer MPI can read, function mapping a numpy result back to buf's kind)."""
-        if bk.name == "numpy":
-            return np.ascontiguousarray(buf), lambda r: r
-        if bk.name == "torch":
-            import torch
-            if buf.device.type == "cpu":
-                return buf.contiguous().numpy(), torch.from_numpy
-            if self.cuda_aware:
-                return buf.contiguous(), lambda r: torch.from_numpy(r).to(buf.device)
-            return buf.cpu().numpy(), lambda r: torch.from_numpy(r).to(buf.device)
-        return bk.to_numpy(buf), lambda r: bk.from_numpy(r, buf)
-
     def allreduce(self, tensor, name: str = ""):
         """The compressed average (or sum) of ``tensor`` over all ranks; each call for a
         given ``name`` is one step of that tensor's pipeline."""
         bk = backend_for(tensor)
         out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank())
-        gathered = self.allgather_bytes(out.wire, out.codec.fixed_size)
+        gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)
+
+
+def allgather_bytes(comm, buf, fixed_size: bool, cuda_aware: bool = False):
+    """Gather every rank's uint8 buffer over ``comm``; their concatenation, same backend.
+
+    ``fixed_size``: every rank sends the same length (one Allgather); otherwise the
+    lengths are gathered first and the buffers with one Allgatherv.
+    """
+    from mpi4py import MPI
+
+    bk = backend_for(buf)
+    send, restore = _host_view(bk, buf, cuda_aware)
+    n = comm.Get_size()
+    if fixed_size:
+        recv = np.empty(n * send.shape[0], np.uint8)
+        comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
+    else:
+        sizes = np.empty(n, np.int64)
+        comm.Allgather([np.array([send.shape[0]], np.int64), MPI.INT64_T], [sizes, MPI.INT64_T])
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        recv = np.empty(int(sizes.sum()), np.uint8)
+        comm.Allgatherv([send, MPI.BYTE], [recv, sizes, displs, MPI.BYTE])
+    return restore(recv)
+
+
+def _host_view(bk, buf, cuda_aware):
+    """(buffer MPI can read, function mapping a numpy result back to buf's kind)."""
+    if bk.name == "numpy":
+        return np.ascontiguousarray(buf), lambda r: r
+    if bk.name == "torch":
+        import torch
+        if buf.device.type == "cpu":
+            return buf.contiguous().numpy(), torch.from_numpy
+        if cuda_aware:
+            return buf.contiguous(), lambda r: torch.from_numpy(r).to(buf.device)
+        return buf.cpu().numpy(), lambda r: torch.from_numpy(r).to(buf.device)
+    return bk.to_numpy(buf), lambda r: bk.from_numpy(r, buf)

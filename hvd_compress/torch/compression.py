@@ -47,6 +47,9 @@ class Compression:
       spec: ``"topk:0.01"``, ``"topk:0.01+ef21sgdm:eta=0.1"``, a compressor or a Pipeline.
       seed: seed of every stochastic draw (mixed with rank, parameter name and step).
       measure_error: also log each step's relative compression error per parameter.
+      comm: an mpi4py communicator to move payloads with instead of Horovod's collectives
+        (its ranks must be the optimizer's process set). Exchanges then run when Horovod
+        synchronises, in sorted parameter-name order, so they pair up on every rank.
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -56,10 +59,14 @@ class Compression:
     counters are part of what training learned.
     """
 
-    def __init__(self, spec, seed: int = 0, measure_error: bool = False):
-        # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered
-        self.exchange = Exchange(spec, seed, allreduce_dtypes=("float16", "float32", "float64"),
-                                 measure_error=measure_error)
+    def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None):
+        # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
+        # over mpi4py everything is gathered
+        dtypes = () if comm is not None else ("float16", "float32", "float64")
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error)
+        self.comm = comm
+        self._pending: dict[str, object] = {}   # name -> outgoing, awaiting the mpi4py flush
+        self._arrived: dict[str, object] = {}   # name -> gathered bytes
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
@@ -137,8 +144,12 @@ class Compression:
             raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
                                    f"(parameter {name})")
         bk, ps = self._bk, opt.process_set
-        n, summed = ps.size(), opt.op == Sum
-        out = self.exchange.begin(bk, name, tensor, ps.rank())
+        if self.comm is not None:
+            n, rank = self.comm.Get_size(), self.comm.Get_rank()
+        else:
+            n, rank = ps.size(), ps.rank()
+        summed = opt.op == Sum
+        out = self.exchange.begin(bk, name, tensor, rank)
         finish = self.exchange.finish_allreduced if out.by_allreduce \
             else self.exchange.finish_gathered
         return out, lambda output: finish(bk, output, out, n, summed)
@@ -155,6 +166,9 @@ class Compression:
         import horovod.torch as hvd
 
         out, finish = self._begin(opt, name, tensor)
+        if self.comm is not None:
+            self._pending[name] = out
+            return lambda: finish(self._gathered(name))
         if out.by_allreduce:
             pre, post = self._scale_factors(opt)
             handle = hvd.allreduce_async_(out.wire, name=_PREFIX + name, op=opt.op,
@@ -165,9 +179,24 @@ class Compression:
                                          process_set=opt.process_set)
         return lambda: finish(hvd.synchronize(handle))
 
+    def _gathered(self, name):
+        """This rank's view of every rank's payload for ``name`` (mpi4py transport): the
+        first call moves every pending payload, in sorted name order on every rank."""
+        from ..comm.mpi import allgather_bytes
+
+        if name not in self._arrived:
+            for key in sorted(self._pending):
+                out = self._pending[key]
+                self._arrived[key] = allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
+            self._pending.clear()
+        return self._arrived.pop(name)
+
     def _launch_group(self, opt, named):
         """One grouped collective for ``groups=``: Horovod negotiates and fuses them once."""
         import horovod.torch as hvd
+
+        if self.comm is not None:
+            raise HvdCompressError("groups= needs Horovod's collectives; drop comm= or groups=")
 
         begun = [self._begin(opt, name, t) for name, t in named]
         kinds = {out.by_allreduce for out, _ in begun}
@@ -196,7 +225,8 @@ def _named_grad(opt, p):
     return opt._parameter_names.get(p), tensor
 
 
-def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> Compression:
+def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
+                comm=None) -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
@@ -204,10 +234,11 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> C
         a compressor or pipeline object, or an existing :class:`Compression` (returned as is).
       seed: seed of the stochastic compressors' private random stream.
       measure_error: also log the relative compression error (costs two passes per tensor).
+      comm: an mpi4py communicator to carry the payloads instead of Horovod.
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
-    return Compression(spec_or_object, seed=seed, measure_error=measure_error)
+    return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):

@@ -128,12 +128,12 @@ def test_one_compression_per_optimizer():
                                  named_parameters=m2.named_parameters(), compression=comp)
 
 
-def run_and_compare(spec, tag, steps=2, passes=1, scale=1.0, **hvd_kwargs):
+def run_and_compare(spec, tag, steps=2, passes=1, scale=1.0, comm=None, **hvd_kwargs):
     """Train with Horovod's options; compare every gradient with the simulator."""
     model, _, _ = model_and_data(0)
     dopt = hct.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
                                     named_parameters=model.named_parameters(),
-                                    compression=hct.compression(spec, seed=7),
+                                    compression=hct.compression(spec, seed=7, comm=comm),
                                     backward_passes_per_step=passes, **hvd_kwargs)
     ps = hvd_kwargs.get("process_set", hvd.global_process_set)
     n = ps.size()
@@ -174,6 +174,12 @@ def test_backward_passes_per_step():
 @pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "fp16", "randk:0.3,shared=true"])
 def test_groups_fuse_collectives(spec):
     run_and_compare(spec, f"groups.{spec}", groups=2)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "threshold:lam=0.05+ef14", "fp16"])
+def test_mpi4py_carries_the_payloads_under_horovod(spec):
+    from mpi4py import MPI
+    run_and_compare(spec, f"mpi4py.{spec}", comm=MPI.COMM_WORLD)
 
 
 def test_process_set():
