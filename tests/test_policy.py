@@ -85,7 +85,7 @@ def test_each_rank_picks_its_own_k():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("qsgd+dynamic", "dynamic chooses k for topk"),
+    ("sign+dynamic", "dynamic chooses k for topk and s for qsgd"),
     ("topk+dynamic:cost=cubic", "cost='cubic' must be one of"),
     ("topk+dynamic:kmin=0", "need 1 <= kmin <= kmax"),
     ("topk+dynamic:cost=packet,packet=100,header=80", "cannot hold one 64-bit entry"),
@@ -95,3 +95,31 @@ def test_bad_policies(spec, message):
     with pytest.raises(HvdCompressError) as e:
         hc.resolve(spec)
     assert message in str(e.value)
+
+
+def test_qsgd_level_maximises_improvement_per_bit():
+    """s* against brute force: the exact variance from Monte Carlo-free formula, per bit."""
+    import math
+    from hvd_compress.core.quantizers import QSGD
+    v = decaying(3000, 300)
+    for spec in ("dynamic:cost=affine,c0=1000", "dynamic:cost=affine,c0=1e6",
+                 "dynamic:cost=linear"):
+        p = hc.resolve("qsgd:bucket=256+" + spec).policy
+        q = QSGD(bucket=256)
+        best = None
+        for s in (1, 3, 7, 15, 31, 63, 127, 255):
+            draws = [QSGD(s, 256).decompress(QSGD(s, 256).compress(v, hc.Key(0, 0, "v", t)))
+                     for t in range(300)]
+            second = np.mean([np.sum(x.astype(np.float64) ** 2) for x in draws])
+            width = 1 + max(1, math.ceil(math.log2(s + 1)))
+            bits = 64 + 32 * math.ceil(3000 / 256) + 8 * width * 375
+            eff = 1 / (second * p.bits_cost(bits))
+            best = max(best or (eff, s), (eff, s))
+        assert p.choose_s(bk, v, q) == best[1], spec
+
+
+def test_qsgd_level_rises_with_the_per_message_overhead():
+    v = decaying(3000, 300)
+    s = [hc.resolve(f"qsgd+dynamic:cost=affine,c0={c0}").policy.choose_s(
+        bk, v, hc.resolve("qsgd")) for c0 in (0, 1e5, 1e7)]
+    assert s == sorted(s) and s[-1] > s[0]

@@ -9,7 +9,7 @@ A payload holds up to four segments, all 1-D tensors on the gradient's device:
 * ``codes``   -- bit-packed integer codes (signs, quantization levels) as uint8.
 
 On the wire a payload is one contiguous uint8 buffer: an 8-byte header (entry count as
-uint32, index width, value dtype) followed by the segments ordered by item size, largest
+uint32, index width, value dtype, code width, level) followed by the segments ordered by item size, largest
 first, so every segment is naturally aligned and no padding is needed. Varint indices add
 an 8-byte length after the header. ``wire_bits`` is exactly ``8 * len(buffer)``: what a
 collective moves, header included.
@@ -39,6 +39,8 @@ class Payload(NamedTuple):
         bit planes of ``ceil(count / 8)`` bytes each (see :mod:`hvd_compress.core.bits`).
       index_dtype: "int32", "int64" or "varint": how indices travel.
       index_code: the varint bytes of ``indices`` when ``index_dtype == "varint"``.
+      level: a compressor's level when it can change per step and per rank (QSGD's s under
+        the dynamic policy), 0 otherwise; travels in the header with ``code_bits``.
     """
     shape: tuple
     dtype: str
@@ -50,6 +52,7 @@ class Payload(NamedTuple):
     code_bits: int = 0
     index_dtype: str = "int32"
     index_code: object = None
+    level: int = 0
 
     @property
     def varint(self) -> bool:
@@ -103,7 +106,7 @@ def pack(bk, p: Payload):
     count = bk.astype(bk.reshape(bk.constant([0], "int64", like) + p.count, (1,)), "int32") \
         if not isinstance(p.count, int) else bk.constant([p.count], "int32", like)
     width = 0 if p.varint else ITEMSIZE[p.index_dtype]
-    flags = bk.constant([width, value_code, 0, 0], "uint8", like)
+    flags = bk.constant([width, value_code, p.code_bits, p.level], "uint8", like)
     parts = [bk.bitcast(count, "uint8"), flags]
     if p.varint:
         parts.append(bk.bitcast(bk.reshape(bk.astype(bk.constant([0], "int64", like) +
@@ -125,6 +128,9 @@ def unpack(bk, buf, template: Payload, count=None):
     """
     if count is None:
         count = _read_count(bk, buf)
+    if template.level:  # per-rank level: its code width and level are in the header
+        head = bk.to_numpy(buf[6:8])
+        template = template._replace(code_bits=int(head[0]), level=int(head[1]))
     sizes = template_sizes(template, count)
     if template.varint:
         sizes["indices"] = _read_int(bk, buf[HEADER_BYTES:HEADER_BYTES + 8], "int64")
@@ -163,7 +169,9 @@ def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool):
     offset = 0
     for _ in range(n):
         count = _read_count(bk, gathered[offset:offset + 4])
-        sizes = template_sizes(template, count)
+        code_bits = int(bk.to_numpy(gathered[offset + 6:offset + 7])[0]) if template.level \
+            else template.code_bits
+        sizes = template_sizes(template._replace(code_bits=code_bits), count)
         if template.varint:
             sizes["indices"] = _read_int(bk, gathered[offset + HEADER_BYTES:
                                                       offset + HEADER_BYTES + 8], "int64")

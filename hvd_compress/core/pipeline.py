@@ -92,7 +92,7 @@ class Pipeline:
 
         def choose(v):
             if self.policy is not None and codec is self.compressor:
-                used[0] = self.policy.codec(self.policy.choose_k(bk, v), self.compressor)
+                used[0] = self.policy.choose(bk, v, self.compressor)
             return used[0]
 
         def compress(v):

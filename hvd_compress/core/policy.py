@@ -2,6 +2,12 @@
 objective improvement per communicated bit (Khirirat, Magnusson, Aytekin, Johansson,
 "A Flexible Framework for Communication-Efficient Machine Learning", AAAI 2021).
 
+For QSGD the level is s: with the best step the expected improvement is proportional to
+||g||^4 / E||Q_s(g)||^2, and E||Q_s(g)||^2 = ||g||^2 + sum over buckets of
+(||g_b||^2 / s^2) sum_j f_j (1 - f_j), f_j the fractional part of s |g_j| / ||g_b||: exact,
+no sampling. The rule evaluates s in {1, 3, 7, ..., 255} (every code width from 2 to 9
+bits) and keeps the best improvement per bit of the payload.
+
 For top-k the descent lemma with step 1/L guarantees an improvement of S_k / (2L), where
 S_k is the energy (sum of squares) of the k largest entries of the vector sent. The rule
 picks ``k* = argmax_k S_k / C(k)`` for a cost model C. S_k comes from one partial
@@ -26,10 +32,15 @@ frontends gather them with variable sizes).
 """
 from __future__ import annotations
 
+import math
+
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
+from .quantizers import QSGD
 from .registry import register
 from .sparsifiers import TopK
+
+_QSGD_LEVELS = (1, 3, 7, 15, 31, 63, 127, 255)
 
 _COSTS = ("linear", "affine", "packet", "allgather")
 
@@ -64,9 +75,47 @@ class Dynamic(Algorithm):
         self.kmin, self.kmax = kmin, kmax
 
     def check(self, compressor):
-        if not isinstance(compressor, TopK):
+        if not isinstance(compressor, (TopK, QSGD)):
             raise HvdCompressError(
-                f"dynamic chooses k for topk; {compressor.spec()} is not top-k")
+                f"dynamic chooses k for topk and s for qsgd; {compressor.spec()} is neither")
+
+    def choose(self, bk, v, compressor):
+        """The codec for this step: top-k at k*, or QSGD at s*."""
+        if isinstance(compressor, QSGD):
+            c = QSGD(self.choose_s(bk, v, compressor), compressor.bucket, compressor.seed)
+            c.per_rank_level = True  # s travels in each payload's header
+            return c
+        return self.codec(self.choose_k(bk, v), compressor)
+
+    def bits_cost(self, bits):
+        """C for a payload of ``bits`` bits (QSGD): the same models, per bit."""
+        if self.cost == "linear":
+            return bits
+        if self.cost == "affine":
+            return self.c0 + bits
+        if self.cost == "packet":
+            return self.c0 + self.packet * math.ceil(bits / (self.packet - self.header))
+        return (self.n - 1) * (self.alpha + self.beta * bits)
+
+    def choose_s(self, bk, v, q: QSGD) -> int:
+        """s* = argmax ||g||^4 / (E||Q_s(g)||^2 C(s)) over s in {1, 3, 7, ..., 255}."""
+        d = bk.size(v)
+        rows, nb = q._rows(bk, bk.astype(v, "float32"), d)
+        norms2 = bk.sum_rows(rows * rows)
+        inv = bk.reshape(bk.where(norms2 > 0, norms2, norms2 + 1) ** -0.5, (-1, 1))
+        a = bk.abs(rows) * inv          # |g_j| / ||g_b||
+        total = float(bk.sum(norms2))
+        best, best_eff = 1, -1.0
+        for s in _QSGD_LEVELS:
+            r = a * s
+            f = r - bk.floor(r)
+            extra = float(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f)))) / s ** 2
+            width = 1 + max(1, math.ceil(math.log2(s + 1)))
+            bits = 64 + 32 * nb + 8 * width * ((d + 7) // 8)
+            eff = 1.0 / ((total + extra) * self.bits_cost(bits)) if total > 0 else 0.0
+            if eff > best_eff:
+                best, best_eff = s, eff
+        return best
 
     def costs(self, ks):
         """C(k) for a numpy array of k values."""

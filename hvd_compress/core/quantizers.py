@@ -48,8 +48,8 @@ class QSGD(_Stochastic):
       seed: user seed of the rounding noise.
     """
     def __init__(self, s=7, bucket=512, seed=0):
-        if int(s) != s or s < 1:
-            raise HvdCompressError(f"qsgd: s={s!r} must be an integer >= 1")
+        if int(s) != s or not 1 <= s <= 32767:
+            raise HvdCompressError(f"qsgd: s={s!r} must be an integer in [1, 32767]")
         if int(bucket) != bucket or bucket < 1:
             raise HvdCompressError(f"qsgd: bucket={bucket!r} must be an integer >= 1")
         self.s, self.bucket, self.seed = int(s), int(bucket), int(seed)
@@ -74,14 +74,22 @@ class QSGD(_Stochastic):
         level = lo + bk.astype(u < r - lo, "float32")
         codes = bk.astype(level, "int32") * 2 + bk.astype(v < 0, "int32")
         return Payload(shape=shape, dtype=dtype, count=d, scales=norms,
-                       codes=pack_codes(bk, codes, self.width), code_bits=self.width)
+                       codes=pack_codes(bk, codes, self.width), code_bits=self.width,
+                       level=self.s if self.per_rank_level else 0)
+
+    per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
+
+    @property
+    def fixed_size(self):
+        return not self.per_rank_level
 
     def decode_flat(self, bk, p):
         d = p.count
-        codes = unpack_codes(bk, p.codes, self.width, d)
+        s = p.level or self.s
+        codes = unpack_codes(bk, p.codes, p.code_bits, d)
         sign = 1.0 - 2.0 * bk.astype(codes % 2, "float32")
         rows, _ = self._rows(bk, sign * bk.astype(codes // 2, "float32"), d)
-        return bk.flatten(rows * bk.reshape(p.scales * (1.0 / self.s), (-1, 1)))[:d]
+        return bk.flatten(rows * bk.reshape(p.scales * (1.0 / s), (-1, 1)))[:d]
 
     def omega(self, d):
         b = min(self.bucket, d)

@@ -16,7 +16,8 @@ SPECS = hc.available("compressor") + [
     "topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm", "topk:0.1+ef21sgd2m",
     "natural+diana", "threshold:lam=1.5+ef14", "topk:0.1+ef21sgdm+warmup:1",
     "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048",
-    "topk:0.05,indices=varint+ef21sgdm", "threshold:lam=1.0,indices=varint"]
+    "topk:0.05,indices=varint+ef21sgdm", "threshold:lam=1.0,indices=varint",
+    "qsgd:bucket=128+dynamic:c0=30000", "qsgd+diana+dynamic:cost=linear"]
 
 
 def local(d, step):
