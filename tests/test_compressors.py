@@ -13,7 +13,8 @@ from hvd_compress.core.payload import HEADER_BYTES, pack, unpack
 from hvd_compress.core.select import topk_indices
 
 ALL = hc.available("compressor")
-STOCHASTIC = ["randk:0.1,scaled=true", "qsgd", "qsgd:s=1,bucket=16", "terngrad", "natural"]
+STOCHASTIC = ["randk:0.1,scaled=true", "qsgd", "qsgd:s=1,bucket=16", "terngrad", "natural",
+              "bernoulli:0.1"]
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
@@ -83,7 +84,12 @@ def test_backends_agree(spec):
         for field in ("indices", "values", "codes"):
             a, b = getattr(ref, field), getattr(p, field)
             assert (a is None) == (b is None)
-            if a is not None:
+            if a is None:
+                continue
+            if field == "values" and spec == "bernoulli":
+                # values are x_j / p_j with lam from a reduction: equal up to its rounding
+                np.testing.assert_allclose(bk.to_numpy(b), a, rtol=1e-6)
+            else:
                 np.testing.assert_array_equal(bk.to_numpy(b), a, err_msg=f"{spec} {field}")
         if ref.scales is not None:  # reductions may round differently in the last bit
             np.testing.assert_allclose(bk.to_numpy(p.scales), ref.scales, rtol=1e-6)
@@ -313,3 +319,14 @@ def test_varint_indices_cost_about_a_byte_at_one_percent():
     p = hc.resolve("topk:0.01,indices=varint").compress(x)
     index_bits = p.wire_bits(bk) - 64 - 64 - 32 * p.count
     assert index_bits / p.count < 11.0  # about 10.3 (gaps of ~100 need 1-2 bytes); int32: 32
+
+
+def test_bernoulli_keeps_large_entries_and_meets_the_budget():
+    bk = backend_named("numpy")
+    x = (data(4000, seed=12) * np.exp(-np.arange(4000) / 200)).astype(np.float32)
+    c = hc.resolve("bernoulli:0.05")
+    p = c.probabilities(bk, np.abs(x), 200.0)
+    assert p.sum() == pytest.approx(200.0, rel=1e-5)
+    assert np.all(p[np.argsort(-np.abs(x))[:20]] == 1.0)      # the largest always go
+    counts = [c.compress(x, Key(0, 0, "b", t)).count for t in range(300)]
+    assert np.mean(counts) == pytest.approx(200, rel=0.05)

@@ -15,7 +15,7 @@ def test_import_needs_no_framework():
 
 def test_registry_lists_every_compressor():
     assert hvd_compress.available("compressor") == [
-        "bf16", "fp16", "natural", "none", "qsgd", "randk", "sign", "terngrad", "threshold",
+        "bernoulli", "bf16", "fp16", "natural", "none", "qsgd", "randk", "sign", "terngrad", "threshold",
         "topk"]
 
 

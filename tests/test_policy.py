@@ -85,7 +85,7 @@ def test_each_rank_picks_its_own_k():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sign+dynamic", "dynamic chooses k for topk and s for qsgd"),
+    ("sign+dynamic", "dynamic chooses k for topk, the budget for bernoulli and s for qsgd"),
     ("topk+dynamic:cost=cubic", "cost='cubic' must be one of"),
     ("topk+dynamic:kmin=0", "need 1 <= kmin <= kmax"),
     ("topk+dynamic:cost=packet,packet=100,header=80", "cannot hold one 64-bit entry"),
@@ -123,3 +123,22 @@ def test_qsgd_level_rises_with_the_per_message_overhead():
     s = [hc.resolve(f"qsgd+dynamic:cost=affine,c0={c0}").policy.choose_s(
         bk, v, hc.resolve("qsgd")) for c0 in (0, 1e5, 1e7)]
     assert s == sorted(s) and s[-1] > s[0]
+
+
+def test_bernoulli_budget_against_brute_force():
+    from hvd_compress.core.sparsifiers import Bernoulli
+    v = decaying(4096, 100)
+    for spec in ("dynamic:cost=affine,c0=1000", "dynamic:cost=affine,c0=1e6"):
+        p = hc.resolve("bernoulli+" + spec).policy
+        c = Bernoulli()
+        a = np.abs(v)
+        effs = {}
+        for j in range(13):
+            B = 4096 / 2 ** j
+            q = c.probabilities(bk, a, B)
+            second = np.sum(np.where(q > 0, a.astype(np.float64) ** 2 / np.where(q > 0, q, 1), 0))
+            effs[B] = np.sum(a.astype(np.float64) ** 2) ** 2 / second / p.costs([B])[0]
+        assert p.choose_budget(bk, v, c) == max(effs, key=effs.get)
+    small = hc.resolve("bernoulli+dynamic:c0=10").policy.choose_budget(bk, v, Bernoulli())
+    large = hc.resolve("bernoulli+dynamic:c0=1e7").policy.choose_budget(bk, v, Bernoulli())
+    assert small < large

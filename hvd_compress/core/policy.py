@@ -8,6 +8,11 @@ For QSGD the level is s: with the best step the expected improvement is proporti
 no sampling. The rule evaluates s in {1, 3, 7, ..., 255} (every code width from 2 to 9
 bits) and keeps the best improvement per bit of the payload.
 
+For unbiased magnitude-aware sparsification (``bernoulli``, p_j = min(1, |g_j| / lam))
+the level is the expected budget B = sum_j p_j: the improvement is proportional to
+||g||^4 / sum_j (g_j^2 / p_j) and the expected cost is C(B); the rule evaluates B on a
+geometric grid d, d/2, d/4, ... down to one entry.
+
 For top-k the descent lemma with step 1/L guarantees an improvement of S_k / (2L), where
 S_k is the energy (sum of squares) of the k largest entries of the vector sent. The rule
 picks ``k* = argmax_k S_k / C(k)`` for a cost model C. S_k comes from one partial
@@ -38,7 +43,7 @@ from ..errors import HvdCompressError
 from .algorithm import Algorithm
 from .quantizers import QSGD
 from .registry import register
-from .sparsifiers import TopK
+from .sparsifiers import Bernoulli, TopK
 
 _QSGD_LEVELS = (1, 3, 7, 15, 31, 63, 127, 255)
 
@@ -75,9 +80,10 @@ class Dynamic(Algorithm):
         self.kmin, self.kmax = kmin, kmax
 
     def check(self, compressor):
-        if not isinstance(compressor, (TopK, QSGD)):
+        if not isinstance(compressor, (TopK, QSGD, Bernoulli)):
             raise HvdCompressError(
-                f"dynamic chooses k for topk and s for qsgd; {compressor.spec()} is neither")
+                f"dynamic chooses k for topk, the budget for bernoulli and s for qsgd; "
+                f"{compressor.spec()} is none of them")
 
     def choose(self, bk, v, compressor):
         """The codec for this step: top-k at k*, or QSGD at s*."""
@@ -85,7 +91,28 @@ class Dynamic(Algorithm):
             c = QSGD(self.choose_s(bk, v, compressor), compressor.bucket, compressor.seed)
             c.per_rank_level = True  # s travels in each payload's header
             return c
+        if isinstance(compressor, Bernoulli):
+            budget = self.choose_budget(bk, v, compressor)
+            return Bernoulli(budget / bk.size(v), compressor.seed, compressor.values,
+                             compressor.indices)
         return self.codec(self.choose_k(bk, v), compressor)
+
+    def choose_budget(self, bk, v, c: Bernoulli) -> float:
+        """B* = argmax ||g||^4 / (sum_j g_j^2 / p_j) / C(B) over B = d, d/2, ..., 1."""
+        d = bk.size(v)
+        a = bk.abs(bk.astype(v, "float32"))
+        g2 = a * a
+        norm4 = float(bk.sum(g2)) ** 2
+        best, best_eff = float(d), -1.0
+        budget = float(d)
+        while budget >= 1.0:
+            p = c.probabilities(bk, a, budget)
+            second = float(bk.sum(bk.where(p > 0, g2 / bk.where(p > 0, p, p + 1.0), p)))
+            eff = norm4 / second / float(self.costs([budget])[0]) if second > 0 else 0.0
+            if eff > best_eff:
+                best, best_eff = budget, eff
+            budget /= 2.0
+        return max(1.0, min(best, float(d)))
 
     def bits_cost(self, bits):
         """C for a payload of ``bits`` bits (QSGD): the same models, per bit."""
