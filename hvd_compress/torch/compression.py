@@ -50,6 +50,9 @@ class Compression:
       comm: an mpi4py communicator to move payloads with instead of Horovod's collectives
         (its ranks must be the optimizer's process set). Exchanges then run when Horovod
         synchronises, in sorted parameter-name order, so they pair up on every rank.
+      whole_model: compress all gradients as one vector (one budget across tensors, one
+        message per step: the per-message overhead is paid once). The exchange runs when
+        Horovod synchronises, so it no longer overlaps the backward pass.
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -59,7 +62,8 @@ class Compression:
     counters are part of what training learned.
     """
 
-    def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None):
+    def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None,
+                 whole_model: bool = False):
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
         # over mpi4py everything is gathered
         dtypes = () if comm is not None else ("float16", "float32", "float64")
@@ -67,6 +71,9 @@ class Compression:
         self.comm = comm
         self._pending: dict[str, object] = {}   # name -> outgoing, awaiting the mpi4py flush
         self._arrived: dict[str, object] = {}   # name -> gathered bytes
+        self.whole_model = bool(whole_model)
+        self._model_grads: dict[str, object] = {}    # name -> gradient, whole-model mode
+        self._model_updates: dict[str, object] = {}  # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
@@ -163,21 +170,51 @@ class Compression:
 
     def _launch(self, opt, name, tensor):
         """Compress ``tensor`` and start its collective; return a callable that finishes it."""
-        import horovod.torch as hvd
-
+        if self.whole_model:
+            self._model_grads[name] = tensor
+            return lambda: self._model_update(opt, name)
         out, finish = self._begin(opt, name, tensor)
         if self.comm is not None:
             self._pending[name] = out
             return lambda: finish(self._gathered(name))
+        wait = self._start(opt, out, _PREFIX + name)
+        return lambda: finish(wait())
+
+    def _start(self, opt, out, coll_name):
+        """Launch ``out``'s Horovod collective; returns a function waiting for its output."""
+        import horovod.torch as hvd
+
         if out.by_allreduce:
             pre, post = self._scale_factors(opt)
-            handle = hvd.allreduce_async_(out.wire, name=_PREFIX + name, op=opt.op,
+            handle = hvd.allreduce_async_(out.wire, name=coll_name, op=opt.op,
                                           prescale_factor=pre, postscale_factor=post,
                                           process_set=opt.process_set)
         else:
-            handle = hvd.allgather_async(out.wire, name=_PREFIX + name,
-                                         process_set=opt.process_set)
-        return lambda: finish(hvd.synchronize(handle))
+            handle = hvd.allgather_async(out.wire, name=coll_name, process_set=opt.process_set)
+        return lambda: hvd.synchronize(handle)
+
+    def _model_update(self, opt, name):
+        """Whole-model mode: the first call of a step compresses and exchanges every
+        gradient as one vector (sorted by name); each call returns its parameter's slice."""
+        import torch
+
+        if name not in self._model_updates:
+            names = sorted(self._model_grads)
+            grads = [self._model_grads[n] for n in names]
+            if len({g.dtype for g in grads}) > 1:
+                raise HvdCompressError("whole_model=True needs gradients of one dtype, got "
+                                       f"{sorted({str(g.dtype) for g in grads})}")
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            out, finish = self._begin(opt, "model", flat)
+            if self.comm is not None:
+                from ..comm.mpi import allgather_bytes
+                update = finish(allgather_bytes(self.comm, out.wire, out.codec.fixed_size))
+            else:
+                update = finish(self._start(opt, out, _PREFIX + "model")())
+            for n, part, g in zip(names, update.split([g.numel() for g in grads]), grads):
+                self._model_updates[n] = part.reshape(g.shape)
+            self._model_grads.clear()
+        return self._model_updates.pop(name)
 
     def _gathered(self, name):
         """This rank's view of every rank's payload for ``name`` (mpi4py transport): the
@@ -195,8 +232,9 @@ class Compression:
         """One grouped collective for ``groups=``: Horovod negotiates and fuses them once."""
         import horovod.torch as hvd
 
-        if self.comm is not None:
-            raise HvdCompressError("groups= needs Horovod's collectives; drop comm= or groups=")
+        if self.comm is not None or self.whole_model:
+            raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
+                                   "or comm= / whole_model=")
 
         begun = [self._begin(opt, name, t) for name, t in named]
         kinds = {out.by_allreduce for out, _ in begun}
@@ -226,7 +264,7 @@ def _named_grad(opt, p):
 
 
 def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
-                comm=None) -> Compression:
+                comm=None, whole_model: bool = False) -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
@@ -235,10 +273,12 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
       seed: seed of the stochastic compressors' private random stream.
       measure_error: also log the relative compression error (costs two passes per tensor).
       comm: an mpi4py communicator to carry the payloads instead of Horovod.
+      whole_model: one budget and one message across all gradients (see Compression).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
-    return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm)
+    return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm,
+                       whole_model=whole_model)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):

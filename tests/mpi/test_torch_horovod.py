@@ -182,6 +182,37 @@ def test_mpi4py_carries_the_payloads_under_horovod(spec):
     run_and_compare(spec, f"mpi4py.{spec}", comm=MPI.COMM_WORLD)
 
 
+@pytest.mark.parametrize("transport", ["horovod", "mpi4py"])
+@pytest.mark.parametrize("spec", ["topk:0.05+ef21sgdm", "topk+ef14+dynamic:c0=3000", "fp16"])
+def test_whole_model_mode_is_one_vector(spec, transport):
+    """One budget across all tensors: the update equals the simulator run on the
+    concatenation of every gradient (sorted by parameter name)."""
+    from mpi4py import MPI
+    model, _, _ = model_and_data(0)
+    comp = hct.compression(spec, seed=7, whole_model=True,
+                           comm=MPI.COMM_WORLD if transport == "mpi4py" else None)
+    dopt = hct.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                    named_parameters=model.named_parameters(), compression=comp)
+    oracle = Workers(spec, size, seed=7, name="model")
+    names = sorted(n for n, _ in model.named_parameters())
+    for step in range(2):
+        _, x, y = model_and_data(step)
+        local = local_grads(model, x, y)
+        flat = torch.cat([local[n] for n in names])
+        everyone = hvd.allgather(flat.reshape(1, -1), name=f"whole.{spec}.{transport}.{step}")
+        want = oracle.step(list(everyone)).split([local[n].numel() for n in names])
+        dopt.zero_grad()
+        loss_fn(model, x, y).backward()
+        dopt.synchronize()
+        params = dict(model.named_parameters())
+        for n, w in zip(names, want):
+            tol = TOL.get(spec, 1e-5)
+            torch.testing.assert_close(params[n].grad.reshape(-1), w, rtol=tol, atol=tol)
+        assert {r.name for r in comp.telemetry.rows} == {"model"}
+        with dopt.skip_synchronize():
+            dopt.step()
+
+
 def test_process_set():
     members = list(range(size - 1)) if size > 2 else [0]  # not the global set
     ps = hvd.add_process_set(members)
