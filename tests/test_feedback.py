@@ -26,7 +26,7 @@ def test_ef14_conserves_everything(xp):
     state = pipe.init(bk, g0)
     for step in range(5):
         g = xp.asarray(grads(1, 400, step)[0])
-        payload, codec, new, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        payload, codec, new, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
         sent = xp.numpy(codec.decode_flat(bk, payload))
         np.testing.assert_array_equal(sent + xp.numpy(new.residual),
                                       xp.numpy(state.residual) + xp.numpy(g))

@@ -142,3 +142,15 @@ def test_bernoulli_budget_against_brute_force():
     small = hc.resolve("bernoulli+dynamic:c0=10").policy.choose_budget(bk, v, Bernoulli())
     large = hc.resolve("bernoulli+dynamic:c0=1e7").policy.choose_budget(bk, v, Bernoulli())
     assert small < large
+
+
+def test_agreeing_ranks_share_one_k_from_the_previous_step():
+    w = Workers("topk:k=7+ef14+dynamic:c0=3000,agree=true", 2)
+    g = [decaying(4000, 20, 1), decaying(4000, 2000, 2)]
+    w.step(g)
+    assert [p.count for p in w.last] == [7, 7]            # first step: the compressor's k
+    proposals = [Dynamic(c0=3000).choose_k(bk, x) for x in g]
+    w.step(g)
+    k = [p.count for p in w.last]
+    assert k[0] == k[1] == max(1, round(sum(proposals) / 2))
+    assert w.last_codec.fixed_size                        # equal sizes: the fast path

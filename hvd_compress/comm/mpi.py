@@ -58,6 +58,8 @@ class SparseAllreduce:
         bk = backend_for(tensor)
         out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank())
         gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)
+        if out.proposal is not None:
+            self.exchange.agree(name, average_number(self.comm, out.proposal))
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)
 
@@ -97,3 +99,11 @@ def _host_view(bk, buf, cuda_aware):
             return buf.contiguous(), lambda r: torch.from_numpy(r).to(buf.device)
         return buf.cpu().numpy(), lambda r: torch.from_numpy(r).to(buf.device)
     return bk.to_numpy(buf), lambda r: bk.from_numpy(r, buf)
+
+
+def average_number(comm, x: float) -> float:
+    """The average of one number over ``comm`` (a buffer Allreduce, no pickling)."""
+    from mpi4py import MPI
+    buf = np.array([float(x)])
+    comm.Allreduce(MPI.IN_PLACE, buf)
+    return float(buf[0]) / comm.Get_size()

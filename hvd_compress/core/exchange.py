@@ -30,6 +30,7 @@ class Outgoing(NamedTuple):
     codec: object         # the compressor that produced it
     shape: tuple
     dtype: str
+    proposal: object      # dynamic:agree=true: this rank's k for the next step, to average
 
 
 class Exchange:
@@ -53,6 +54,7 @@ class Exchange:
         self.telemetry = Telemetry()
         self.states: dict[str, object] = {}
         self.steps: dict[str, int] = {}
+        self.levels: dict[str, int] = {}  # agreed k per tensor (dynamic:agree=true)
 
     def begin(self, bk, name: str, tensor, rank) -> Outgoing:
         """Compress ``tensor`` (this rank's gradient called ``name``) for the wire."""
@@ -66,8 +68,9 @@ class Exchange:
         state = self.states.get(name)
         if state is None:
             state = self.pipeline.init(bk, flat)
-        payload, codec, state, error = self.pipeline.encode(
-            bk, flat, state, Key(self.seed, rank, name, step), measure=self.measure_error)
+        payload, codec, state, error, proposal = self.pipeline.encode(
+            bk, flat, state, Key(self.seed, rank, name, step), measure=self.measure_error,
+            level=self.levels.get(name))
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -83,7 +86,11 @@ class Exchange:
             dense_bits=8 * d * ITEMSIZE[bk.dtype(tensor)], seconds=time.perf_counter() - t0,
             error=error))
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor))
+                        bk.dtype(tensor), proposal)
+
+    def agree(self, name: str, mean_proposal: float):
+        """Record the average over ranks of this step's proposals: next step's k."""
+        self.levels[name] = max(1, int(round(float(mean_proposal))))
 
     def finish_allreduced(self, bk, out, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allreduce of ``outgoing.wire`` (a sum if ``summed``, else the
@@ -112,6 +119,7 @@ class Exchange:
     def state_dict(self) -> dict:
         """Everything needed to resume exactly; tensors stay tensors (torch.save-able)."""
         return {"spec": self.pipeline.spec(), "seed": self.seed, "steps": dict(self.steps),
+                "levels": dict(self.levels),
                 "states": {k: (None if s is None else s._asdict())
                            for k, s in self.states.items()}}
 
@@ -122,6 +130,7 @@ class Exchange:
                 f"this run uses {self.pipeline.spec()!r}")
         self.seed = int(sd["seed"])
         self.steps = dict(sd["steps"])
+        self.levels = dict(sd.get("levels", {}))
         self.states = {}
         for name, fields in sd["states"].items():
             if fields is None:

@@ -28,6 +28,7 @@ class Encoded(NamedTuple):
     codec: object     # the compressor that produced the payload (decodes every rank's)
     state: object
     error: object     # ||C(v) - v||^2 / ||v||^2 of the vector v compressed, if measured
+    proposal: object = None  # with dynamic:agree=true, this rank's k for the next step
 
 
 class Pipeline:
@@ -82,17 +83,31 @@ class Pipeline:
     def init(self, bk, flat):
         return None if self.feedback is None else self.feedback.init(bk, flat, self.compressor)
 
-    def encode(self, bk, flat, state, key: Key, measure: bool = False) -> Encoded:
+    @property
+    def agrees(self) -> bool:
+        """Whether ranks agree on the level (dynamic:agree=true): see :meth:`encode`."""
+        return self.policy is not None and self.policy.agree
+
+    def encode(self, bk, flat, state, key: Key, measure: bool = False,
+               level=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
         ``measure`` also returns the relative compression error of the vector compressed
-        (two extra passes over it)."""
+        (two extra passes over it). When ranks agree on k (``dynamic:agree=true``),
+        ``level`` is the k they agreed on from the previous step's proposals (None on the
+        first step: the compressor's own k), and the result carries this rank's proposal
+        for the next step; the frontend averages the proposals."""
         codec = self.codec(key.step)
-        used, error = [codec], [None]
+        used, error, proposal = [codec], [None], [None]
 
         def choose(v):
             if self.policy is not None and codec is self.compressor:
-                used[0] = self.policy.choose(bk, v, self.compressor)
+                if self.policy.agree:
+                    proposal[0] = self.policy.choose_k(bk, v)
+                    if level is not None:
+                        used[0] = self.policy.codec(int(level), self.compressor, fixed=True)
+                else:
+                    used[0] = self.policy.choose(bk, v, self.compressor)
             return used[0]
 
         def compress(v):
@@ -111,7 +126,7 @@ class Pipeline:
             payload, _ = compress(flat)
         else:  # nothing needs the dense view: skip decoding
             payload = choose(flat).compress(flat, key)
-        return Encoded(payload, used[0], state, error[0])
+        return Encoded(payload, used[0], state, error[0], proposal[0])
 
     def decode(self, bk, mean, state):
         """(update, state) from the average over ranks of the decompressed payloads."""

@@ -62,10 +62,14 @@ class Dynamic(Algorithm):
       packet: packet size P in bits (packet cost); header: header bits H per packet.
       alpha, beta, n: latency (s), seconds per bit and rank count (allgather cost).
       kmin, kmax: bounds on k (kmax 0 means the tensor size).
+      agree: all ranks use one k (top-k only): each step every rank proposes its k*, a
+        one-number average over ranks runs beside the payload, and the next step uses the
+        rounded mean. Payloads are then equal in size (the allgather's fast path) at the
+        price of a one-step lag; without it each rank picks its own k every step.
     """
 
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
-                 alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0):
+                 alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
         if cost not in _COSTS:
             raise HvdCompressError(f"dynamic: cost={cost!r} must be one of {', '.join(_COSTS)}")
         if kmin < 1 or (kmax and kmax < kmin):
@@ -77,13 +81,15 @@ class Dynamic(Algorithm):
         self.cost, self.c0, self.b = cost, c0, b
         self.packet, self.header = packet, header
         self.alpha, self.beta, self.n = alpha, beta, n
-        self.kmin, self.kmax = kmin, kmax
+        self.kmin, self.kmax, self.agree = kmin, kmax, bool(agree)
 
     def check(self, compressor):
         if not isinstance(compressor, (TopK, QSGD, Bernoulli)):
             raise HvdCompressError(
                 f"dynamic chooses k for topk, the budget for bernoulli and s for qsgd; "
                 f"{compressor.spec()} is none of them")
+        if self.agree and not isinstance(compressor, TopK):
+            raise HvdCompressError(f"dynamic:agree=true is for topk, not {compressor.spec()}")
 
     def choose(self, bk, v, compressor):
         """The codec for this step: top-k at k*, or QSGD at s*."""
@@ -181,11 +187,11 @@ class Dynamic(Algorithm):
     def _packet_entries(self):
         return (self.packet - self.header) // self.b if self.cost == "packet" else 0
 
-    def codec(self, k: int, like: TopK) -> TopK:
+    def codec(self, k: int, like: TopK, fixed: bool = False) -> TopK:
         """A top-k codec for this step's k (in ``like``'s wire formats); payload sizes
-        differ across ranks."""
+        differ across ranks unless ``fixed`` (an agreed k)."""
         c = TopK(k=k, values=like.values, indices=like.indices)
-        c.size_fixed = False
+        c.size_fixed = fixed
         return c
 
 

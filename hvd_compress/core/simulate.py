@@ -26,6 +26,7 @@ class Workers:
         self.pipe = resolve_pipeline(pipeline)
         self.n, self.seed, self.name = n, seed, name
         self.states = None
+        self.level = None  # the agreed k (dynamic:agree=true)
         self.step_count = 0
         self.bits = []  # per step: bits each worker sent (list of n ints)
         self.last = []  # the payloads of the latest step, one per worker
@@ -36,11 +37,14 @@ class Workers:
         if self.states is None:
             self.states = [self.pipe.init(bk, g) for g in grads]
         step = self.step_count
-        payloads, codec = [], None
+        payloads, codec, proposals = [], None, []
         for r, g in enumerate(grads):
-            p, codec, self.states[r], _ = self.pipe.encode(
-                bk, g, self.states[r], Key(self.seed, r, self.name, step))
+            p, codec, self.states[r], _, proposal = self.pipe.encode(
+                bk, g, self.states[r], Key(self.seed, r, self.name, step), level=self.level)
             payloads.append(p)
+            proposals.append(proposal)
+        if self.pipe.agrees:  # as the frontends do: average, round, use next step
+            self.level = max(1, int(round(sum(proposals) / self.n)))
         self.bits.append([int(p.wire_bits(bk)) for p in payloads])
         self.last, self.last_codec = payloads, codec
         mean = codec.aggregate(bk, payloads) * (1.0 / self.n)

@@ -174,11 +174,35 @@ class Compression:
             self._model_grads[name] = tensor
             return lambda: self._model_update(opt, name)
         out, finish = self._begin(opt, name, tensor)
+        agreed = self._agree(opt, out)
         if self.comm is not None:
             self._pending[name] = out
-            return lambda: finish(self._gathered(name))
+            return lambda: agreed(finish(self._gathered(name)))
         wait = self._start(opt, out, _PREFIX + name)
-        return lambda: finish(wait())
+        return lambda: agreed(finish(wait()))
+
+    def _agree(self, opt, out):
+        """With dynamic:agree=true, average this rank's proposed k over the ranks beside
+        the payload; the returned function records it for the next step and passes the
+        update through."""
+        if out.proposal is None:
+            return lambda update: update
+        if self.comm is not None:
+            from ..comm.mpi import average_number
+            mean = average_number(self.comm, out.proposal)
+            wait = lambda: mean  # noqa: E731
+        else:
+            import horovod.torch as hvd
+            import torch
+            handle = hvd.allreduce_async(torch.tensor([float(out.proposal)]), op=hvd.Average,
+                                         name=f"{_PREFIX}k.{out.name}",
+                                         process_set=opt.process_set)
+            wait = lambda: hvd.synchronize(handle).item()  # noqa: E731
+
+        def record(update):
+            self.exchange.agree(out.name, wait())
+            return update
+        return record
 
     def _start(self, opt, out, coll_name):
         """Launch ``out``'s Horovod collective; returns a function waiting for its output."""
@@ -206,11 +230,13 @@ class Compression:
                                        f"{sorted({str(g.dtype) for g in grads})}")
             flat = torch.cat([g.reshape(-1) for g in grads])
             out, finish = self._begin(opt, "model", flat)
+            agreed = self._agree(opt, out)
             if self.comm is not None:
                 from ..comm.mpi import allgather_bytes
                 update = finish(allgather_bytes(self.comm, out.wire, out.codec.fixed_size))
             else:
                 update = finish(self._start(opt, out, _PREFIX + "model")())
+            update = agreed(update)
             for n, part, g in zip(names, update.split([g.numel() for g in grads]), grads):
                 self._model_updates[n] = part.reshape(g.shape)
             self._model_grads.clear()
@@ -251,7 +277,11 @@ class Compression:
                                                   process_set=opt.process_set)
         else:
             handle = hvd.grouped_allgather_async(wires, name=name, process_set=opt.process_set)
-        return handle, [_Grouped(finish) for _, finish in begun]
+        return handle, [_Grouped(_then(finish, self._agree(opt, out))) for out, finish in begun]
+
+
+def _then(first, second):
+    return lambda output: second(first(output))
 
 
 def _named_grad(opt, p):

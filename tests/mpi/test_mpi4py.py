@@ -18,7 +18,7 @@ SPECS = hc.available("compressor") + [
     "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048",
     "topk:0.05,indices=varint+ef21sgdm", "threshold:lam=1.0,indices=varint",
     "qsgd:bucket=128+dynamic:c0=30000", "qsgd+diana+dynamic:cost=linear", "bernoulli:0.1",
-    "bernoulli+diana+dynamic:c0=5000"]
+    "bernoulli+diana+dynamic:c0=5000", "topk+ef14+dynamic:c0=2000,agree=true"]
 
 
 def local(d, step):

@@ -19,7 +19,8 @@ rank, size = hvd.rank(), hvd.size()
 SPECS = hc.available("compressor") + [
     "randk:0.2,shared=true", "topk:k=3", "topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.5",
     "topk:0.2+ef21sgd2m", "randk:0.3,scaled=true+diana", "topk:0.1+ef21+warmup:1",
-    "topk+ef14+dynamic:c0=2000", "topk:0.1,indices=varint,values=float16+ef14"]
+    "topk+ef14+dynamic:c0=2000", "topk:0.1,indices=varint,values=float16+ef14",
+    "topk+ef21sgdm+dynamic:c0=2000,agree=true"]
 TOL = {"fp16": 2e-3, "bf16": 2e-2}
 
 
@@ -171,7 +172,8 @@ def test_backward_passes_per_step():
     run_and_compare("topk:0.2+ef21", "bpps", passes=3)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "fp16", "randk:0.3,shared=true"])
+@pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "fp16", "randk:0.3,shared=true",
+                                  "topk+ef14+dynamic:c0=2000,agree=true"])
 def test_groups_fuse_collectives(spec):
     run_and_compare(spec, f"groups.{spec}", groups=2)
 
