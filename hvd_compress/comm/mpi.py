@@ -107,3 +107,38 @@ def average_number(comm, x: float) -> float:
     buf = np.array([float(x)])
     comm.Allreduce(MPI.IN_PLACE, buf)
     return float(buf[0]) / comm.Get_size()
+
+
+def measure_allgather(comm, sizes_bytes=(1 << 10, 1 << 14, 1 << 17, 1 << 20), repeats=5):
+    """Time an Allgather of each per-rank size on ``comm``; every rank gets the same
+    (bits per rank, seconds) pairs (rank 0's median timings, broadcast)."""
+    from mpi4py import MPI
+
+    n = comm.Get_size()
+    out = []
+    for size in sizes_bytes:
+        send = np.zeros(size, np.uint8)
+        recv = np.empty(n * size, np.uint8)
+        times = []
+        for _ in range(repeats):
+            comm.Barrier()
+            t0 = MPI.Wtime()
+            comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
+            times.append(MPI.Wtime() - t0)
+        out.append((8 * size, float(np.median(times))))
+    flat = np.array(out, np.float64)
+    comm.Bcast(flat, root=0)
+    return [(int(b), float(t)) for b, t in flat]
+
+
+def calibrated_policy(comm, **kwargs):
+    """A ``dynamic`` policy whose allgather cost was measured on ``comm``: the fitted
+    t = a + b * bits over measured Allgathers gives alpha = a / (n - 1) and
+    beta = b / (n - 1) for the ring model (n - 1)(alpha + beta * bits)."""
+    from ..core.policy import Dynamic, calibrate
+
+    n = comm.Get_size()
+    bits, seconds = zip(*measure_allgather(comm))
+    a, b = calibrate(bits, seconds)
+    m = max(n - 1, 1)
+    return Dynamic(cost="allgather", alpha=a / m, beta=b / m, n=n, **kwargs)

@@ -63,3 +63,17 @@ def test_checkpoint_resumes_exactly():
     b.load_state_dict(a.state_dict())
     np.testing.assert_array_equal(a.allreduce(local(500, 2), name="w"),
                                   b.allreduce(local(500, 2), name="w"))
+
+
+def test_policy_calibrated_from_a_measured_allgather():
+    from hvd_compress.comm.mpi import calibrated_policy, measure_allgather
+    timings = measure_allgather(comm, sizes_bytes=(1 << 10, 1 << 16, 1 << 20), repeats=3)
+    assert [b for b, _ in timings] == [8 << 10, 8 << 16, 8 << 20]
+    assert timings[-1][1] > timings[0][1] > 0          # more bytes take longer
+    policy = calibrated_policy(comm, kmin=1)
+    assert policy.beta > 0 and policy.alpha >= 0 and policy.n == size
+    pipe = hc.core.Pipeline(hc.resolve("topk"), hc.resolve("topk+ef14").feedback, policy)
+    red = SparseAllreduce(pipe, comm)
+    out = red.allreduce(local(5000, 0), name="c")
+    want = Workers(pipe, size, name="c").step(list(everyone(local(5000, 0))))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
