@@ -64,7 +64,6 @@ class Backend:
 
     # -- elementwise and reductions ----------------------------------------------------
     def abs(self, x): raise NotImplementedError
-    def sign(self, x): raise NotImplementedError
     def floor(self, x): raise NotImplementedError
     def log(self, x): raise NotImplementedError
     def cos(self, x): raise NotImplementedError
@@ -73,14 +72,10 @@ class Backend:
     def sum_rows(self, x): raise NotImplementedError
     def max(self, x): raise NotImplementedError
 
-    def norm(self, x):
-        return self.sum(x * x) ** 0.5
-
     # -- selection -------------------------------------------------------------------
     def nonzero(self, mask): raise NotImplementedError
     def gather(self, x, idx): raise NotImplementedError
     def topk_values(self, x, k: int): raise NotImplementedError
-    def sort(self, x): raise NotImplementedError
     def cumsum(self, x): raise NotImplementedError
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
     def count(self, mask) -> int: raise NotImplementedError
@@ -112,7 +107,6 @@ class NumpyBackend(Backend):
     def constant(self, values, dtype, like): return np.asarray(values, _NP_DTYPES[dtype])
     def concat(self, xs): return np.concatenate(xs)
     def abs(self, x): return np.abs(x)
-    def sign(self, x): return np.sign(x)
     def floor(self, x): return np.floor(x)
     def log(self, x): return np.log(x)
     def cos(self, x): return np.cos(x)
@@ -124,7 +118,6 @@ class NumpyBackend(Backend):
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k):
         return -np.sort(-np.partition(x, len(x) - k)[len(x) - k:])
-    def sort(self, x): return np.sort(x)
     def cumsum(self, x): return np.cumsum(x)
     def scatter_add(self, n, idx, values):
         out = np.zeros(n, values.dtype)
@@ -173,7 +166,6 @@ class TorchBackend(Backend):
         return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
     def concat(self, xs): return self.t.cat(xs)
     def abs(self, x): return x.abs()
-    def sign(self, x): return x.sign()
     def floor(self, x): return x.floor()
     def log(self, x): return x.log()
     def cos(self, x): return x.cos()
@@ -184,7 +176,6 @@ class TorchBackend(Backend):
     def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
-    def sort(self, x): return self.t.sort(x).values
     def cumsum(self, x): return self.t.cumsum(x, 0)
     def scatter_add(self, n, idx, values):
         out = self.t.zeros(n, dtype=values.dtype, device=values.device)
@@ -237,7 +228,6 @@ class TensorflowBackend(Backend):
     def constant(self, values, dtype, like): return self.tf.constant(values, self._dt[dtype])
     def concat(self, xs): return self.tf.concat(xs, 0)
     def abs(self, x): return self.tf.abs(x)
-    def sign(self, x): return self.tf.sign(x)
     def floor(self, x): return self.tf.floor(x)
     def log(self, x): return self.tf.math.log(x)
     def cos(self, x): return self.tf.math.cos(x)
@@ -248,7 +238,6 @@ class TensorflowBackend(Backend):
     def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
     def gather(self, x, idx): return self.tf.gather(x, idx)
     def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values
-    def sort(self, x): return self.tf.sort(x)
     def cumsum(self, x): return self.tf.cumsum(x)
     def scatter_add(self, n, idx, values):
         return self.tf.math.unsorted_segment_sum(values, idx, n)

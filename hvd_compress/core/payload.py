@@ -16,7 +16,7 @@ collective moves, header included.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from ..errors import HvdCompressError
 from .ops import ITEMSIZE

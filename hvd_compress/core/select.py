@@ -52,7 +52,7 @@ def topk_indices(bk, score, k: int):
     v = kth_largest(bk, sub, k)
     above = sub > v
     ties = sub == v
-    n_above = bk.count(above)
+    n_above = bk.sum(bk.astype(above, "int64"))  # stays on the device: no sync here
     tie_rank = bk.cumsum(bk.astype(ties, "int64"))
     keep = above | (ties & (tie_rank <= k - n_above))
     pos = bk.nonzero(keep)
