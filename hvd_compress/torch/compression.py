@@ -125,11 +125,14 @@ class Compression:
             # Horovod allreduces what we return; later calls bypass this entirely
             return tensor.new_zeros(1), _Handled(finish)
         codec = self.pipeline.compressor
-        if self.pipeline.stateful or not codec.summable or codec.stochastic:
+        plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
+            not codec.stochastic
+        if not plain_cast:
             raise HvdCompressError(
-                f"{self.pipeline.spec()} needs each tensor's name and an allgather; pass this "
-                "object as compression= to hvd.DistributedOptimizer (or use "
-                "hvd_compress.torch.DistributedOptimizer), not to a bare allreduce")
+                f"{self.pipeline.spec()} needs each tensor's name and an allgather: use "
+                "hvd_compress.torch.DistributedOptimizer (required with groups=), or pass "
+                "this object as compression= to hvd.DistributedOptimizer; a bare allreduce "
+                "cannot carry it")
         p = codec.compress(tensor, Key(self.exchange.seed, None, "", 0))
         return p.values, p
 

@@ -107,9 +107,10 @@ def test_sparse_bytes_shrink_with_k():
     assert bits[0.01] < bits[0.1] < bits[1.0]
 
 
-def test_bare_allreduce_of_a_sparse_compressor_is_refused():
+@pytest.mark.parametrize("spec", ["topk:0.5", "fp16+perturb:radius=0.1", "none+warmup:1"])
+def test_bare_allreduce_refuses_what_it_cannot_carry(spec):
     with pytest.raises(HvdCompressError, match="needs each tensor's name"):
-        hvd.allreduce(torch.ones(4), compression=hct.compression("topk:0.5"))
+        hvd.allreduce(torch.ones(4), compression=hct.compression(spec))
 
 
 def test_fp16_through_bare_allreduce():
