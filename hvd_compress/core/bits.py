@@ -17,26 +17,30 @@ def plane_bytes(n: int) -> int:
 def pack_codes(bk, codes, width: int):
     """Pack non-negative integer codes (< 2**width) into a uint8 tensor of bit planes."""
     pad = (-bk.size(codes)) % 8  # a tensor when the length is dynamic (inside a graph)
-    c = bk.astype(codes, "int32")
+    c = bk.astype(codes, "int32" if width > 8 else "uint8")
     if not isinstance(pad, int) or pad:
-        c = bk.concat([c, bk.zeros(pad, "int32", c)])
+        c = bk.concat([c, bk.zeros(pad, bk.dtype(c), c)])
     rows = bk.reshape(c, (-1, 8))
-    weights = bk.constant(_WEIGHTS, "int32", c)
+    cols = [rows[:, i] for i in range(8)]
     planes = []
     for j in range(width):
-        bit = (rows // (1 << j)) % 2 if j else rows % 2
-        planes.append(bk.astype(bk.sum_rows(bit * weights), "uint8"))
+        byte = None
+        for i, col in enumerate(cols):  # bit j of code i lands at bit i of the byte
+            bit = bk.band(bk.rshift(col, j), 1)
+            bit = bk.lshift(bit, i) if i else bit
+            byte = bit if byte is None else bk.bor(byte, bit)
+        planes.append(bk.astype(byte, "uint8"))
     return planes[0] if width == 1 else bk.concat(planes)
 
 
 def unpack_codes(bk, packed, width: int, n):
-    """Inverse of :func:`pack_codes`: n int32 codes."""
+    """Inverse of :func:`pack_codes`: n integer codes (uint8 up to 8 bits, else int32)."""
     nb = plane_bytes(n)
-    weights = bk.constant(_WEIGHTS, "int32", packed)
+    dtype = "uint8" if width <= 8 else "int32"
+    shifts = bk.constant(list(range(8)), dtype, packed)
     codes = None
     for j in range(width):
-        plane = bk.astype(packed[j * nb:(j + 1) * nb], "int32")
-        bits = (bk.reshape(plane, (-1, 1)) // weights) % 2
-        bits = bk.reshape(bits, (-1,))[:n]
-        codes = bits if codes is None else codes + bits * (1 << j)
+        plane = bk.reshape(bk.astype(packed[j * nb:(j + 1) * nb], dtype), (-1, 1))
+        bits = bk.reshape(bk.band(bk.rshift(plane, shifts), 1), (-1,))[:n]
+        codes = bits if codes is None else bk.bor(codes, bk.lshift(bits, j))
     return codes

@@ -58,7 +58,7 @@ class Backend:
 
     # -- construction ----------------------------------------------------------------
     def zeros(self, n: int, dtype: str, like): raise NotImplementedError
-    def arange(self, n: int, like): raise NotImplementedError
+    def arange(self, n: int, like, dtype: str = "int64"): raise NotImplementedError
     def constant(self, values, dtype: str, like): raise NotImplementedError
     def concat(self, xs): raise NotImplementedError
 
@@ -82,7 +82,10 @@ class Backend:
 
     # -- integer bit ops (int64, values kept in [0, 2**32)) ----------------------------
     def xor(self, a, b): raise NotImplementedError
-    def rshift(self, a, s: int): raise NotImplementedError
+    def band(self, a, b): raise NotImplementedError
+    def bor(self, a, b): raise NotImplementedError
+    def rshift(self, a, s): raise NotImplementedError   # s: an int or a tensor of shifts
+    def lshift(self, a, s: int): raise NotImplementedError
 
     def to_numpy(self, x) -> np.ndarray: raise NotImplementedError
     def from_numpy(self, a, like): raise NotImplementedError
@@ -103,7 +106,7 @@ class NumpyBackend(Backend):
         return x.astype(_NP_DTYPES[dtype], copy=False)
     def bitcast(self, x, dtype): return np.ascontiguousarray(x).view(_NP_DTYPES[dtype])
     def zeros(self, n, dtype, like): return np.zeros(n, _NP_DTYPES[dtype])
-    def arange(self, n, like): return np.arange(n, dtype=np.int64)
+    def arange(self, n, like, dtype="int64"): return np.arange(n, dtype=_NP_DTYPES[dtype])
     def constant(self, values, dtype, like): return np.asarray(values, _NP_DTYPES[dtype])
     def concat(self, xs): return np.concatenate(xs)
     def abs(self, x): return np.abs(x)
@@ -125,7 +128,10 @@ class NumpyBackend(Backend):
         return out
     def count(self, mask): return int(np.count_nonzero(mask))
     def xor(self, a, b): return np.bitwise_xor(a, b)
-    def rshift(self, a, s): return np.right_shift(a, s)
+    def band(self, a, b): return np.bitwise_and(a, np.asarray(b, a.dtype))
+    def bor(self, a, b): return np.bitwise_or(a, b)
+    def rshift(self, a, s): return np.right_shift(a, np.asarray(s, a.dtype))
+    def lshift(self, a, s): return np.left_shift(a, np.asarray(s, a.dtype))
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
 
@@ -161,7 +167,8 @@ class TorchBackend(Backend):
             x = x.clone()
         return x.view(self._dt[dtype])
     def zeros(self, n, dtype, like): return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)
-    def arange(self, n, like): return self.t.arange(n, dtype=self.t.int64, device=like.device)
+    def arange(self, n, like, dtype="int64"):
+        return self.t.arange(n, dtype=self._dt[dtype], device=like.device)
     def constant(self, values, dtype, like):
         return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
     def concat(self, xs): return self.t.cat(xs)
@@ -182,7 +189,10 @@ class TorchBackend(Backend):
         return out.index_add_(0, idx, values)
     def count(self, mask): return int(self.t.count_nonzero(mask))
     def xor(self, a, b): return self.t.bitwise_xor(a, b)
+    def band(self, a, b): return self.t.bitwise_and(a, b)
+    def bor(self, a, b): return self.t.bitwise_or(a, b)
     def rshift(self, a, s): return self.t.bitwise_right_shift(a, s)
+    def lshift(self, a, s): return self.t.bitwise_left_shift(a, s)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:
             return x.view(self.t.int16).cpu().numpy().view(np.uint16)
@@ -224,7 +234,7 @@ class TensorflowBackend(Backend):
             return tf.reshape(tf.bitcast(x, self._dt[dtype]), (-1,))
         return tf.bitcast(tf.reshape(x, (-1, dst // src)), self._dt[dtype])
     def zeros(self, n, dtype, like): return self.tf.zeros((n,), self._dt[dtype])
-    def arange(self, n, like): return self.tf.range(n, dtype=self.tf.int64)
+    def arange(self, n, like, dtype="int64"): return self.tf.range(n, dtype=self._dt[dtype])
     def constant(self, values, dtype, like): return self.tf.constant(values, self._dt[dtype])
     def concat(self, xs): return self.tf.concat(xs, 0)
     def abs(self, x): return self.tf.abs(x)
@@ -244,7 +254,10 @@ class TensorflowBackend(Backend):
     def count(self, mask):
         return self.tf.math.count_nonzero(mask, dtype=self.tf.int64)
     def xor(self, a, b): return self.tf.bitwise.bitwise_xor(a, b)
-    def rshift(self, a, s): return self.tf.bitwise.right_shift(a, self.tf.constant(s, a.dtype))
+    def band(self, a, b): return self.tf.bitwise.bitwise_and(a, self.tf.cast(b, a.dtype))
+    def bor(self, a, b): return self.tf.bitwise.bitwise_or(a, b)
+    def rshift(self, a, s): return self.tf.bitwise.right_shift(a, self.tf.cast(s, a.dtype))
+    def lshift(self, a, s): return self.tf.bitwise.left_shift(a, self.tf.cast(s, a.dtype))
     def to_numpy(self, x):
         if x.dtype == self.tf.bfloat16:
             return self.tf.bitcast(x, self.tf.uint16).numpy()

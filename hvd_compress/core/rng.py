@@ -2,8 +2,8 @@
 
 Stochastic compressors never touch a framework's global RNG. Each draw is a pure function
 of a :class:`Key` ``(seed, rank, name, step)`` and the entry's position, computed with
-integer ops that every backend evaluates identically (a 32-bit avalanche hash on int64
-lanes, with multipliers chosen so no product overflows). Consequences:
+integer ops that every backend evaluates identically (a 32-bit avalanche hash on int32
+lanes: two's-complement wrapping multiplies and masked logical shifts). Consequences:
 
 * the same key gives the same rand-k mask on every backend and every device;
 * independent masks per rank by default (``rank`` is part of the key), shared masks when a
@@ -15,9 +15,11 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
+from ..errors import HvdCompressError
+
 _M32 = 0xFFFFFFFF
-# Odd multipliers of a 32-bit avalanche hash, stored as their signed residues mod 2**32 so
-# that |x * c| < 2**63 for any 32-bit x: no int64 overflow on any backend.
+# Odd multipliers of a 32-bit avalanche hash, as signed int32 values (the same residues
+# mod 2**32), so int32 lanes multiply them with wrap-around on every backend.
 _C1 = 0x7FEB352D
 _C2 = 0x846CA68B - (1 << 32)
 _GOLD = 0x9E3779B1 - (1 << 32)
@@ -50,40 +52,43 @@ def _mix_py(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _signed(v: int) -> int:
+    """A 32-bit pattern as the int32 value with the same bits."""
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _lsr(bk, x, s: int):
+    """Logical right shift of int32 bit patterns (the arithmetic shift, masked)."""
+    return bk.band(bk.rshift(x, s), (1 << (32 - s)) - 1)
+
+
 def _mix(bk, x):
-    """The same avalanche as :func:`_mix_py`, on int64 tensors holding values < 2**32."""
-    x = bk.xor(x, bk.rshift(x, 16))
-    x = (x * _C1) & _M32
-    x = bk.xor(x, bk.rshift(x, 15))
-    x = (x * _C2) & _M32
-    return bk.xor(x, bk.rshift(x, 16))
+    """The same avalanche as :func:`_mix_py`, on int32 tensors of 32-bit patterns."""
+    x = bk.xor(x, _lsr(bk, x, 16))
+    x = x * _C1
+    x = bk.xor(x, _lsr(bk, x, 15))
+    x = x * _C2
+    return bk.xor(x, _lsr(bk, x, 16))
 
 
 def random_bits(bk, n: int, key: Key, like, salt: int = 0):
-    """n pseudo-random 32-bit integers (held in int64) for positions 0..n-1."""
+    """n pseudo-random 32-bit patterns (int32) for positions 0..n-1."""
+    if isinstance(n, int) and n >= (1 << 31):
+        raise HvdCompressError(f"random draws over {n} entries: at most 2**31 - 1 per tensor")
     stream = key.stream(salt)
     step = key.step
     if isinstance(step, int):
-        base = _mix_py(stream ^ _mix_py(step))
-        base_t = base
+        base = bk.constant(_signed(_mix_py(stream ^ _mix_py(step))), "int32", like)
     else:  # a step tensor inside a graph
-        s = bk.astype(step, "int64") & _M32
-        base_t = _mix(bk, bk.xor(_mix(bk, s), stream))
-    j = bk.arange(n, like)
-    x = bk.xor(j & _M32, bk.rshift(j, 32))
-    x = ((x * _GOLD) & _M32)
-    x = bk.xor(x, base_t) if not isinstance(base_t, int) else bk.xor(x, _const(bk, base_t, like))
-    return _mix(bk, x)
-
-
-def _const(bk, v, like):
-    return bk.constant(v, "int64", like)
+        s = bk.astype(step, "int32")
+        base = _mix(bk, bk.xor(_mix(bk, s), bk.constant(_signed(stream), "int32", like)))
+    return _mix(bk, bk.xor(bk.arange(n, like, "int32") * _GOLD, base))
 
 
 def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
     """n uniforms in [0, 1) with 24 random bits each (exact in float32), identical on
     every backend for the same key."""
-    bits = bk.rshift(random_bits(bk, n, key, like, salt), 8)
+    bits = _lsr(bk, random_bits(bk, n, key, like, salt), 8)
     return bk.astype(bits, dtype) * (1.0 / (1 << 24))
 
 

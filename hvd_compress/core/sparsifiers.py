@@ -152,8 +152,8 @@ class RandK(_Sparse):
     def mask(self, bk, d: int, key: Key, like):
         """The sorted positions this rank keeps for ``key`` (same on every backend)."""
         key = key._replace(seed=key.seed ^ self.seed, rank=None if self.shared else key.rank)
-        score = 0xFFFFFFFF - random_bits(bk, d, key, like)
-        return topk_indices(bk, score, self.k_for(d, key.name))
+        # the k largest of d independent uniform keys: a uniform k-subset
+        return topk_indices(bk, random_bits(bk, d, key, like), self.k_for(d, key.name))
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
