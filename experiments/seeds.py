@@ -65,6 +65,16 @@ class Logistic:
         return self.loss(x)
 
 
+def _save(fig, ax, out, name, xlabel, ylabel, **legend):
+    """Label, save as out/name and close a one-axis figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=90)
+    plt.close(fig)
+
+
 def _fmt(v):
     return "not reached in 4000 steps" if v is None else f"{v:,}"
 
@@ -159,12 +169,7 @@ def exp_momentum(out, rows):
         ax.semilogy(np.arange(len(curve)) * 20, curve, label=label)
         rows.append(("batch size 1, top-1, n=10 (mushrooms, nonconvex)", label,
                      f"mean ||grad f||^2 over the last 500 steps: {np.mean(curve[-25:]):.2e}"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("||grad f(x)||^2")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "2_ef21_sgdm.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, ax, out, "2_ef21_sgdm.png", "step", "||grad f(x)||^2")
 
 
 # -- 3. DIANA: independent vs shared masks ---------------------------------------------
@@ -220,12 +225,8 @@ def exp_diana(out, rows):
         rows.append(("ADIANA, scaled rand-k, omega = sqrt(n)", f"n = {n}, k = {k} of {d}",
                      f"floats per worker to 1e-6: independent {_fmt(ai)}, shared {_fmt(ash)}"
                      + (f": saving {ash / ai:.1f}x" if ai and ash else "")))
-    ax.set_xlabel("floats sent per worker")
-    ax.set_ylabel("relative suboptimality")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "3_diana_independent.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, ax, out, "3_diana_independent.png", "floats sent per worker",
+          "relative suboptimality", fontsize=7)
 
 
 # -- 4. hard threshold vs top-k at equal total bits ------------------------------------
@@ -260,12 +261,7 @@ def exp_threshold(out, rows):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(bt, gt, label="top-1 + EF14")
     ax.semilogy(bh, gh, label=f"hard threshold {lam:.2e} + EF14")
-    ax.set_xlabel("bits sent per worker")
-    ax.set_ylabel("f - f*")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "4_threshold_vs_topk.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, ax, out, "4_threshold_vs_topk.png", "bits sent per worker", "f - f*")
     rows.append(("hard threshold vs top-1, EF14, a9a, n=20", f"{steps} steps, equal entries "
                  f"({nnz_thr:,} vs {nnz_top:,})",
                  f"final f - f*: threshold {gh[-1]:.2e}, top-1 {gt[-1]:.2e}; "
@@ -290,12 +286,7 @@ def exp_saddle(out, rows):
         ax.plot(curve, label=label)
         rows.append(("strict saddle, start on the stable manifold", label,
                      f"f after 300 steps: {curve[-1]:.4f} (saddle 0, minimum -0.25)"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("f")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "5_saddle.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, ax, out, "5_saddle.png", "step", "f")
 
 
 # -- 6. dynamic k on a neural network ---------------------------------------------------
@@ -354,12 +345,8 @@ def exp_network(out, rows):
         ax.semilogx([c for c, _ in curve], [e for _, e in curve], label=label,
                     lw=2 if label == "dynamic" else 1)
     ax.axhline(target, color="gray", lw=0.5)
-    ax.set_xlabel("cost per worker (bits, c0 = 20,000 per message)")
-    ax.set_ylabel("training loss (4,000 samples)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "6_network_dynamic_k.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, ax, out, "6_network_dynamic_k.png",
+          "cost per worker (bits, c0 = 20,000 per message)", "training loss (4,000 samples)")
     fixed = {k: v for k, v in results.items() if k != "dynamic" and v is not None}
     best = min(fixed, key=fixed.get) if fixed else None
     dyn = results["dynamic"]

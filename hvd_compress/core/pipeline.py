@@ -71,10 +71,6 @@ class Pipeline:
     def __eq__(self, other):
         return isinstance(other, Pipeline) and self.spec() == other.spec()
 
-    @property
-    def stateful(self) -> bool:
-        return self.feedback is not None
-
     def codec(self, step) -> Compressor:
         """The compressor whose payloads travel at ``step``."""
         return self._dense if isinstance(step, int) and step < self.dense_steps \

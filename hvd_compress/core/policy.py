@@ -16,8 +16,8 @@ geometric grid d, d/2, d/4, ... down to one entry.
 For top-k the descent lemma with step 1/L guarantees an improvement of S_k / (2L), where
 S_k is the energy (sum of squares) of the k largest entries of the vector sent. The rule
 picks ``k* = argmax_k S_k / C(k)`` for a cost model C. S_k comes from one partial
-selection and a prefix sum: the selection starts at a few times the previous k* and grows
-only if the optimum sits at its edge, so there is never a full sort per step.
+selection and a prefix sum: the selection starts at 256 entries (or 4 k_min) and grows
+four-fold only while the optimum sits at its edge, so there is no full sort per step.
 
 Cost models (``cost=``):
 
@@ -163,14 +163,14 @@ class Dynamic(Algorithm):
             return self.c0 + self.packet * np.ceil(ks / per)
         return (self.n - 1) * (self.alpha + self.beta * self.b * ks)
 
-    def choose_k(self, bk, v, hint: int = 0) -> int:
-        """k* for the flat vector v (hint: the previous choice, to size the selection)."""
+    def choose_k(self, bk, v) -> int:
+        """k* for the flat vector v."""
         import numpy as np
         d = bk.size(v)
         kmax = min(d, self.kmax or d)
         kmin = min(self.kmin, kmax)
         a = bk.abs(v)
-        m = min(kmax, max(4 * max(hint, kmin), 256))
+        m = min(kmax, max(4 * kmin, 256))
         while True:
             top = bk.to_numpy(bk.topk_values(a, m)).astype(np.float64)
             s = np.cumsum(top * top)
