@@ -12,6 +12,9 @@ class Algorithm:
     """
     name = "abstract"
     kind = "abstract"
+    # False when the algorithm reads tensor values in Python (a host-side choice), which
+    # a graph (tf.function) cannot do
+    graph_safe = True
 
     def params(self) -> dict:
         """Constructor arguments, in signature order, that differ from their defaults."""

@@ -56,21 +56,23 @@ class Exchange:
         self.steps: dict[str, int] = {}
         self.levels: dict[str, int] = {}  # agreed k per tensor (dynamic:agree=true)
 
-    def begin(self, bk, name: str, tensor, rank) -> Outgoing:
-        """Compress ``tensor`` (this rank's gradient called ``name``) for the wire."""
+    def begin(self, bk, name: str, tensor, rank, step=None, dense=None) -> Outgoing:
+        """Compress ``tensor`` (this rank's gradient called ``name``) for the wire.
+
+        ``step`` is the step counter already drawn with :meth:`next_step` (drawn here when
+        None). ``dense`` forces the warm-up phase on or off where the step is a graph
+        tensor and Python cannot compare it (see :meth:`Pipeline.encode`)."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
-        step = self.steps.get(name, 0)
-        self.steps[name] = step + 1
+        if step is None:
+            step = self.next_step(name)
         t0 = time.perf_counter()
         flat = bk.flatten(tensor)
-        state = self.states.get(name)
-        if state is None:
-            state = self.pipeline.init(bk, flat)
+        state = self.load_state(bk, name, flat)
         payload, codec, state, error, proposal = self.pipeline.encode(
             bk, flat, state, Key(self.seed, rank, name, step), measure=self.measure_error,
-            level=self.levels.get(name))
+            level=self.levels.get(name), dense=dense)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -81,12 +83,31 @@ class Exchange:
             wire = pack(bk, payload)
             nbytes = bk.size(wire)
         d = bk.size(flat)
-        self.telemetry.record(Record(
-            step=step, name=name, bits=8 * int(nbytes), count=int(payload.count), numel=d,
-            dense_bits=8 * d * ITEMSIZE[bk.dtype(tensor)], seconds=time.perf_counter() - t0,
-            error=error))
+        self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
+                 time.perf_counter() - t0, error)
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), proposal)
+
+    # -- where state, step counters and telemetry live (frontends may override) ---------
+    def next_step(self, name: str):
+        """This tensor's step number (0, 1, ...), advancing the counter."""
+        step = self.steps.get(name, 0)
+        self.steps[name] = step + 1
+        return step
+
+    def load_state(self, bk, name: str, flat):
+        """The pipeline state of ``name`` before this step (fresh on its first step)."""
+        state = self.states.get(name)
+        return self.pipeline.init(bk, flat) if state is None else state
+
+    def commit_state(self, name: str, state):
+        """Called with the state after decoding; it is already in ``self.states``."""
+
+    def log(self, step, name, nbytes, count, numel, dense_bits, seconds, error):
+        self.telemetry.record(Record(
+            step=int(step), name=name, bits=8 * int(nbytes), count=int(count), numel=numel,
+            dense_bits=dense_bits, seconds=seconds,
+            error=None if error is None else float(error)))
 
     def agree(self, name: str, mean_proposal: float):
         """Record the average over ranks of this step's proposals: next step's k."""
@@ -109,8 +130,9 @@ class Exchange:
 
     def _decode(self, bk, mean, outgoing, scale):
         mean = bk.astype(mean, outgoing.dtype)
-        update, self.states[outgoing.name] = self.pipeline.decode(
-            bk, mean, self.states[outgoing.name])
+        update, state = self.pipeline.decode(bk, mean, self.states[outgoing.name])
+        self.states[outgoing.name] = state
+        self.commit_state(outgoing.name, state)
         if scale != 1:
             update = update * float(scale)
         return bk.reshape(bk.astype(update, outgoing.dtype), outgoing.shape)

@@ -152,11 +152,15 @@ class EF21SGDM(EF21):
     def init(self, bk, x, compressor):
         return EF21SGDMState(_zeros(bk, x), _zeros(bk, x), _zeros(bk, x), 0)
 
-    def _momentum(self, v, g, count):
-        return g if count == 0 else v * (1.0 - self.eta) + g * self.eta
+    def _momentum(self, bk, v, g, count):
+        if isinstance(count, int):
+            return g if count == 0 else v * (1.0 - self.eta) + g * self.eta
+        # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
+        first = bk.astype(count == 0, bk.dtype(g))
+        return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)
 
     def encode(self, compress, bk, g, state):
-        v = self._momentum(state.momentum, g, state.count)
+        v = self._momentum(bk, state.momentum, g, state.count)
         payload, local = self._correct(compress, v, state.local)
         return payload, state._replace(momentum=v, local=local, count=state.count + 1)
 
@@ -180,8 +184,8 @@ class EF21SGD2M(EF21SGDM):
         return EF21SGD2MState(z, z, z, z, 0)
 
     def encode(self, compress, bk, g, state):
-        v = self._momentum(state.momentum, g, state.count)
-        u = self._momentum(state.momentum2, v, state.count)
+        v = self._momentum(bk, state.momentum, g, state.count)
+        u = self._momentum(bk, state.momentum2, v, state.count)
         payload, local = self._correct(compress, u, state.local)
         return payload, state._replace(momentum=v, momentum2=u, local=local,
                                        count=state.count + 1)

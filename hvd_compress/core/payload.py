@@ -188,7 +188,7 @@ def _read_count(bk, buf):
 
 def _read_int(bk, buf, dtype):
     c = bk.reshape(bk.bitcast(buf, dtype), ())
-    return int(c) if bk.eager() else c
+    return int(c) if bk.eager() else bk.astype(c, "int64")
 
 
 def template_sizes(template: Payload, count):

@@ -73,11 +73,22 @@ class Pipeline:
 
     def codec(self, step) -> Compressor:
         """The compressor whose payloads travel at ``step``."""
-        return self._dense if isinstance(step, int) and step < self.dense_steps \
-            else self.compressor
+        if not self.dense_steps:
+            return self.compressor
+        if not isinstance(step, int):
+            raise HvdCompressError(
+                f"{self.spec()}: the warm-up phase of a graph-tensor step must be given "
+                "(encode(..., dense=...))")
+        return self._dense if step < self.dense_steps else self.compressor
 
     def init(self, bk, flat):
         return None if self.feedback is None else self.feedback.init(bk, flat, self.compressor)
+
+    def host_stages(self) -> list:
+        """Specs of the stages that read tensor values in Python, so cannot run inside a
+        graph (``tf.function``); see ``Algorithm.graph_safe``."""
+        return [s.spec() for s in (self.compressor, self.feedback, self.policy,
+                                    self.perturbation) if s is not None and not s.graph_safe]
 
     @property
     def agrees(self) -> bool:
@@ -85,15 +96,18 @@ class Pipeline:
         return self.policy is not None and self.policy.agree
 
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
-               level=None) -> Encoded:
+               level=None, dense=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
         ``measure`` also returns the relative compression error of the vector compressed
         (two extra passes over it). When ranks agree on k (``dynamic:agree=true``),
         ``level`` is the k they agreed on from the previous step's proposals (None on the
         first step: the compressor's own k), and the result carries this rank's proposal
-        for the next step; the frontend averages the proposals."""
-        codec = self.codec(key.step)
+        for the next step; the frontend averages the proposals. ``dense`` says whether this
+        is a warm-up step where ``key.step`` is a graph tensor (inside ``tf.function`` the
+        frontend branches on the step and traces both phases)."""
+        codec = self.codec(key.step) if dense is None else \
+            (self._dense if dense else self.compressor)
         used, error, proposal = [codec], [None], [None]
 
         def choose(v):
@@ -132,9 +146,13 @@ class Pipeline:
 
 
 def _relative_error(bk, v, dense):
-    diff = dense - v
-    num = float(bk.sum(diff * diff))
-    den = float(bk.sum(v * v))
+    diff = bk.astype(dense - v, "float64")
+    num = bk.sum(diff * diff)
+    v = bk.astype(v, "float64")
+    den = bk.sum(v * v)
+    if not bk.eager():  # a graph tensor, read when the step runs
+        return bk.where(den > 0, num / bk.where(den > 0, den, den + 1.0), num * 0.0)
+    num, den = float(num), float(den)
     return num / den if den > 0 else 0.0
 
 

@@ -68,6 +68,8 @@ class Dynamic(Algorithm):
         price of a one-step lag; without it each rank picks its own k every step.
     """
 
+    graph_safe = False  # the level is chosen on the host from the sorted magnitudes
+
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
         if cost not in _COSTS:

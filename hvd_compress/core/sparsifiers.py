@@ -223,6 +223,7 @@ class Bernoulli(_Sparse):
     bias = "unbiased"
     stochastic = True
     size_fixed = False
+    graph_safe = False  # the budget's lambda is solved on the host
 
     def __init__(self, ratio=0.01, seed=0, values=None, indices=None):
         check_ratio("bernoulli", ratio)

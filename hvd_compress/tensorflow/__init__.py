@@ -1,15 +1,21 @@
-"""TensorFlow 2 frontend: pass ``compression(spec)`` to ``hvd.DistributedGradientTape``
-or to the tf_keras ``hvd.DistributedOptimizer``.
+"""TensorFlow 2 frontend: the same compressors, feedback rules and telemetry as PyTorch.
 
     import horovod.tensorflow as hvd
     import hvd_compress.tensorflow as hc
 
-    tape = hvd.DistributedGradientTape(tape, compression=hc.compression("fp16"))
+    comp = hc.compression("topk:0.01+ef21sgdm")
+    tape = hvd.DistributedGradientTape(tape, compression=comp)     # Horovod's tape
+    tape = hc.DistributedGradientTape(tape, compression=comp)      # any variables, Keras 3
+    opt = hc.DistributedOptimizer(keras.optimizers.SGD(0.1), compression=comp)  # Keras 3
+    opt = hvd.keras.DistributedOptimizer(opt, compression=comp)    # tf_keras
 
-Works inside ``tf.function``. Today ``none`` and ``fp16`` travel through Horovod's
-allreduce; the allgather path for bf16, sparse and quantized payloads is not built yet and
-those specs raise a clear error.
+Works inside ``tf.function`` and in ``model.fit``. Sparse and quantized payloads travel as
+packed bytes through ``hvd.allgather``; ``none`` and ``fp16`` through Horovod's allreduce
+(bf16 is gathered: Horovod's TF allreduce has no bf16 kernel). Policies that choose the
+level on the host (``dynamic``, ``bernoulli``) are refused: a graph cannot run them.
 """
 from .compression import Compression, compression
+from .keras import DistributedOptimizer
+from .tape import DistributedGradientTape
 
-__all__ = ["Compression", "compression"]
+__all__ = ["Compression", "compression", "DistributedGradientTape", "DistributedOptimizer"]

@@ -1,41 +1,272 @@
-"""The object passed as ``compression=`` to Horovod's TensorFlow APIs."""
+"""The object passed as ``compression=`` to Horovod's TensorFlow APIs, and the named
+exchange behind :func:`DistributedGradientTape` and :func:`DistributedOptimizer`.
+
+Horovod's TF ``allreduce`` calls ``compress(tensor)`` without the variable's name and
+allreduces what comes back. When that call comes from Horovod's gradient reduction
+(``DistributedGradientTape`` or the tf_keras ``DistributedOptimizer``), :class:`Compression`
+finds the variable the gradient belongs to in the caller's frames, runs the whole exchange
+itself (sparse and quantized payloads travel as packed bytes through ``hvd.allgather``
+named after the variable) and hands Horovod an empty tensor, whose allreduce moves no
+payload. ``hvd_compress.tensorflow.DistributedGradientTape`` and ``DistributedOptimizer``
+route gradients to :meth:`Compression.reduce` directly, without that empty allreduce;
+they also work with Keras 3, where Horovod's own wrappers do not.
+
+Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
+keyed by variable name (see :mod:`.exchange`).
+"""
 from __future__ import annotations
 
+import sys
+
+from ..core.ops import backend_named
 from ..core.rng import Key
-from ..core.spec import resolve_compressor
 from ..errors import HvdCompressError
+from .exchange import VariableExchange
+
+_PREFIX = "hvd_compress."
+
+
+class _Handled:
+    """ctx of a gradient whose exchange already ran: ``decompress`` returns ``update``."""
+    __slots__ = ("update",)
+
+    def __init__(self, update):
+        self.update = update
+
+
+class _Allreduced:
+    """ctx of a cast payload that Horovod's allreduce carries: ``finish(output)``."""
+    __slots__ = ("finish",)
+
+    def __init__(self, finish):
+        self.finish = finish
 
 
 class Compression:
-    """Horovod-compatible TensorFlow compression backed by a hvd_compress compressor.
+    """Horovod-compatible TensorFlow compression backed by a hvd_compress pipeline.
 
-    Horovod's TF ``compress(tensor)`` receives no name and allreduces the result, so only
-    the casts Horovod's TF allreduce can sum (``none``, ``fp16``) are accepted here for now;
-    others (including ``bf16``, which Horovod's TF kernels lack) raise
-    :class:`~hvd_compress.HvdCompressError` instead of sending dense zeros.
+    Args:
+      spec: ``"topk:0.01"``, ``"topk:0.01+ef21sgdm:eta=0.1"``, a compressor or a Pipeline.
+      seed: seed of every stochastic draw (mixed with rank, variable name and step).
+      measure_error: also log each step's relative compression error per variable.
+
+    Attributes:
+      telemetry: one record per variable per executed step (bits sent, entries kept;
+        ``seconds`` is None for steps run inside ``tf.function``).
+      pipeline: the resolved pipeline.
+
+    Variables are named by ``variable.path`` (Keras 3) or ``variable.name`` without the
+    ``:0`` suffix; a name seen twice in one gradient list gets ``#2``, ``#3``, ... in list
+    order. Save :meth:`state_dict` with the model's checkpoint: step counters and feedback
+    state are part of training.
     """
 
-    def __init__(self, compressor, seed: int = 0):
-        self.compressor = resolve_compressor(compressor)
-        self.seed = int(seed)
-        if self.compressor.name not in ("none", "fp16"):
+    def __init__(self, spec, seed: int = 0, measure_error: bool = False):
+        self.exchange = VariableExchange(spec, seed, measure_error=measure_error,
+                                         allreduce_dtypes=("float16", "float32", "float64"))
+        self.pipeline = self.exchange.pipeline
+        self.telemetry = self.exchange.telemetry
+        host = self.pipeline.host_stages()
+        if host:
             raise HvdCompressError(
-                f"{self.compressor.spec()} needs the allgather path, which the TensorFlow "
-                "frontend does not provide yet; use none or fp16 with TensorFlow")
+                f"{self.pipeline.spec()}: {', '.join(host)} choose(s) the level on the host, "
+                "which TensorFlow graphs (tf.function) cannot do; use a fixed level, or the "
+                "PyTorch or mpi4py frontend")
+        codec = self.pipeline.compressor
+        self._plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
+            not codec.stochastic
+        self._bk = backend_named("tensorflow")
+        self._compiled: dict = {}
 
     def __repr__(self):
-        return f"hvd_compress.tensorflow.compression({self.compressor.spec()!r})"
+        return f"hvd_compress.tensorflow.compression({self.pipeline.spec()!r})"
 
+    def state_dict(self) -> dict:
+        return self.exchange.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.exchange.load_state_dict(state)
+
+    # -- Horovod's Compressor interface ------------------------------------------------
     def compress(self, tensor):
-        p = self.compressor.compress(tensor, Key(self.seed, None, "", 0))
-        return p.values, p
+        found = _horovod_caller(tensor)
+        if found is None:
+            if not self._plain_cast:
+                raise HvdCompressError(
+                    f"{self.pipeline.spec()} needs each gradient's variable and an allgather: "
+                    "pass it to hvd.DistributedGradientTape or the tf_keras "
+                    "hvd.DistributedOptimizer (or use hvd_compress.tensorflow's), not to a "
+                    "bare hvd.allreduce")
+            p = self.pipeline.compressor.compress(tensor, Key(self.exchange.seed, None, "", 0))
+            return p.values, p
+        name, op, process_set = found
+        if self._plain_cast:  # Horovod's allreduce carries cast values it can sum
+            import horovod.tensorflow as hvd
+            bk, n, summed = self._bk, process_set.size(), op == hvd.Sum
+            out = self.exchange.begin(bk, name, tensor, process_set.rank())
+            if out.by_allreduce:
+                return out.wire, _Allreduced(lambda red: self.exchange.finish_allreduced(
+                    bk, red, out, n, summed))
+            update = self._move(out, op, process_set)
+        else:
+            update = self._exchange(name, tensor, op, process_set)
+        return self._bk.tf.zeros([0], tensor.dtype), _Handled(update)
 
     def decompress(self, tensor, ctx):
-        return self.compressor.decompress(ctx._replace(values=tensor))
+        if isinstance(ctx, _Handled):
+            return ctx.update
+        if isinstance(ctx, _Allreduced):
+            return ctx.finish(tensor)
+        return self.pipeline.compressor.decompress(ctx._replace(values=tensor))
+
+    # -- the named path ----------------------------------------------------------------
+    def reduce(self, grads, variables, op=None, process_set=None, sparse_as_dense=False,
+               gradient_predivide_factor=1.0):
+        """Average (or sum) ``grads`` over the ranks of ``process_set`` through this
+        compression; ``variables`` name them. ``None`` gradients stay None; IndexedSlices
+        go through Horovod's own sparse allgather unless ``sparse_as_dense``. With one
+        rank the gradients come back unchanged, as in Horovod."""
+        import horovod.tensorflow as hvd
+        tf = self._bk.tf
+
+        op = hvd.Average if op is None else op
+        process_set = hvd.global_process_set if process_set is None else process_set
+        if op == hvd.Adasum:
+            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()}")
+        grads = list(grads)
+        if len(grads) != len(variables):
+            raise HvdCompressError(f"{len(grads)} gradients for {len(variables)} variables")
+        if process_set.size() <= 1 or not process_set.included():
+            return grads
+        names = unique_names(variables)
+
+        def body(gs):
+            out = []
+            for name, g in zip(names, gs):
+                if g is not None and isinstance(g, tf.IndexedSlices):
+                    if not sparse_as_dense:
+                        out.append(hvd.allreduce(g, op=op, process_set=process_set))
+                        continue
+                    g = tf.convert_to_tensor(g)
+                out.append(None if g is None else self._exchange(
+                    name, g, op, process_set, gradient_predivide_factor))
+            return out
+
+        if not tf.executing_eagerly():
+            return body(grads)
+        # eagerly, one traced function per variable list lets the collectives overlap
+        key = (tuple(names), op, process_set.process_set_id, bool(sparse_as_dense),
+               float(gradient_predivide_factor))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = tf.function(body)
+        return fn(grads)
+
+    def _exchange(self, name, tensor, op, process_set, predivide=1.0):
+        """Compress ``tensor``, move every rank's payload, return the update."""
+        import horovod.tensorflow as hvd
+        tf, bk, ex = self._bk.tf, self._bk, self.exchange
+
+        if op == hvd.Adasum:
+            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
+                                   f"(variable {name})")
+        step = ex.next_step(name)
+
+        def run(dense):
+            out = ex.begin(bk, name, tensor, process_set.rank(), step=step, dense=dense)
+            return self._move(out, op, process_set, predivide, ".dense" if dense else "")
+
+        if not self.pipeline.dense_steps:
+            return run(None)
+        return tf.cond(step < self.pipeline.dense_steps, lambda: run(True),
+                       lambda: run(False))
+
+    def _move(self, out, op, process_set, predivide=1.0, suffix=""):
+        """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named
+        after the variable) and decode the update."""
+        import horovod.tensorflow as hvd
+        bk, ex = self._bk, self.exchange
+        n, summed, coll = process_set.size(), op == hvd.Sum, _PREFIX + out.name + suffix
+        if out.by_allreduce:
+            pre, post = (1.0 / predivide, predivide) if op == hvd.Average else (1.0, 1.0)
+            reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
+                                    prescale_factor=pre, postscale_factor=post,
+                                    ignore_name_scope=True)
+            return ex.finish_allreduced(bk, reduced, out, n, summed)
+        gathered = hvd.allgather(out.wire, name=coll, process_set=process_set,
+                                 ignore_name_scope=True)
+        return ex.finish_gathered(bk, gathered, out, n, summed)
+
+    def bind(self, owner, op=None, process_set=None, sparse_as_dense=False,
+             gradient_predivide_factor=1.0):
+        """Route a Horovod tape's or tf_keras optimizer's gradient reduction to
+        :meth:`reduce` (replacing that instance's ``_allreduce_grads``)."""
+        def allreduce_grads(grads, vars=None, use_generic_names=False):
+            if vars is None:
+                raise HvdCompressError("hvd_compress needs the variables of the gradients")
+            return self.reduce(grads, vars, op=op, process_set=process_set,
+                               sparse_as_dense=sparse_as_dense,
+                               gradient_predivide_factor=gradient_predivide_factor)
+
+        owner._allreduce_grads = allreduce_grads
+        helper = getattr(owner, "_agg_helper", None)  # backward_passes_per_step > 1
+        if helper is not None:
+            for attr in ("allreduce_grads", "_allreduce_grads"):
+                if hasattr(helper, attr):
+                    setattr(helper, attr, allreduce_grads)
+        return owner
 
 
-def compression(spec_or_object, seed: int = 0) -> Compression:
-    """What to pass as ``compression=`` to Horovod's TensorFlow tape or optimizer."""
+def variable_name(var) -> str:
+    """A variable's name for state keys and collective names: Keras 3's ``path``, else
+    ``name`` without the ``:0`` suffix."""
+    path = getattr(var, "path", None)
+    name = path if isinstance(path, str) else getattr(var, "name", None)
+    if not isinstance(name, str):
+        raise HvdCompressError(f"cannot name {type(var).__name__} {var!r}")
+    return name[:-2] if name.endswith(":0") else name
+
+
+def unique_names(variables) -> list:
+    """Names of ``variables``; repeats get ``#2``, ``#3``, ... in list order."""
+    seen: dict[str, int] = {}
+    out = []
+    for v in variables:
+        name = variable_name(v)
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def _horovod_caller(tensor):
+    """(variable name, op, process set) when Horovod's gradient reduction is compressing
+    ``tensor``, from its frames; None for any other caller."""
+    op = process_set = None
+    frame = sys._getframe(2)
+    while frame is not None:
+        loc = frame.f_locals
+        if op is None and "op" in loc and "process_set" in loc:
+            op, process_set = loc["op"], loc["process_set"]
+        grads, variables = loc.get("grads"), loc.get("vars")
+        if op is not None and isinstance(grads, (list, tuple)) and \
+                isinstance(variables, (list, tuple)) and len(grads) == len(variables):
+            for i, g in enumerate(grads):
+                if g is tensor:
+                    return unique_names(variables)[i], op, process_set
+        frame = frame.f_back
+    return None
+
+
+def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> Compression:
+    """What to pass as ``compression=`` to Horovod's TensorFlow tape or tf_keras optimizer,
+    or to this package's :func:`DistributedGradientTape` and :func:`DistributedOptimizer`.
+
+    Args:
+      spec_or_object: a spec string (``"topk:0.01+ef21sgdm"``, ``"fp16"``, ``"qsgd:s=7"``),
+        a compressor or pipeline object, or an existing :class:`Compression` (returned as is).
+      seed: seed of the stochastic compressors' private random stream.
+      measure_error: also log the relative compression error (two passes per tensor).
+    """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
-    return Compression(spec_or_object, seed=seed)
+    return Compression(spec_or_object, seed=seed, measure_error=measure_error)
