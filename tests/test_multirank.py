@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-FILES = ["test_mpi4py.py", "test_torch_horovod.py", "test_tf_horovod.py"]
+FILES = ["test_mpi4py.py", "test_torch_horovod.py", "test_tf_horovod.py", "test_tf_keras.py"]
 TIME_LIMIT_S = 420
 
 

@@ -16,7 +16,9 @@ keyed by variable name (see :mod:`.exchange`).
 """
 from __future__ import annotations
 
+import re
 import sys
+import zlib
 
 from ..core.ops import backend_named
 from ..core.rng import Key
@@ -139,15 +141,16 @@ class Compression:
         if process_set.size() <= 1 or not process_set.included():
             return grads
         names = unique_names(variables)
+        shapes = [tuple(v.shape) for v in variables]
 
         def body(gs):
             out = []
-            for name, g in zip(names, gs):
+            for name, shape, g in zip(names, shapes, gs):
                 if g is not None and isinstance(g, tf.IndexedSlices):
                     if not sparse_as_dense:
                         out.append(hvd.allreduce(g, op=op, process_set=process_set))
                         continue
-                    g = tf.convert_to_tensor(g)
+                    g = tf.reshape(tf.convert_to_tensor(g), shape)  # keep the static shape
                 out.append(None if g is None else self._exchange(
                     name, g, op, process_set, gradient_predivide_factor))
             return out
@@ -186,7 +189,7 @@ class Compression:
         after the variable) and decode the update."""
         import horovod.tensorflow as hvd
         bk, ex = self._bk, self.exchange
-        n, summed, coll = process_set.size(), op == hvd.Sum, _PREFIX + out.name + suffix
+        n, summed, coll = process_set.size(), op == hvd.Sum, collective_name(out.name + suffix)
         if out.by_allreduce:
             pre, post = (1.0 / predivide, predivide) if op == hvd.Average else (1.0, 1.0)
             reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
@@ -215,6 +218,14 @@ class Compression:
                 if hasattr(helper, attr):
                     setattr(helper, attr, allreduce_grads)
         return owner
+
+
+def collective_name(name: str) -> str:
+    """A Horovod op name for ``name``: TF op names allow few characters and Horovod keeps
+    only what follows the last ``/``, so the name is flattened and a checksum of the
+    original keeps flattened names apart."""
+    flat = re.sub(r"[^A-Za-z0-9_.]", "_", name)
+    return f"{_PREFIX}{flat}.{zlib.crc32(name.encode()):08x}"
 
 
 def variable_name(var) -> str:

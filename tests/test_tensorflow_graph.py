@@ -1,0 +1,131 @@
+"""The shared core inside tf.function: the same payloads, bits and updates as eager
+TensorFlow and as PyTorch, with state in tf.Variables."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError, Key
+from hvd_compress.core.exchange import Exchange
+from hvd_compress.core.ops import backend_named
+from hvd_compress.core.payload import pack
+from hvd_compress.tensorflow.exchange import VariableExchange
+
+GRAPH_SAFE = [s for s in hc.available("compressor") if s != "bernoulli"]
+PIPELINES = ["topk:0.05+ef14", "topk:0.05+ef21", "topk:0.05+ef21sgdm:eta=0.3",
+             "topk:0.05+ef21sgd2m", "randk:0.1,scaled=true+diana", "qsgd:s=3+diana",
+             "threshold:lam=1.5+ef14", "topk:0.05,indices=varint,values=float16+ef14",
+             "topk:0.05+ef21+warmup:2", "topk:0.05+ef14+perturb:radius=0.1", "fp16", "bf16"]
+TF = backend_named("tensorflow")
+TORCH = backend_named("torch")
+
+
+def grads(step, d=2000):
+    return np.random.RandomState(step).standard_normal(d).astype(np.float32) * (1 + step)
+
+
+@pytest.mark.parametrize("spec", GRAPH_SAFE)
+def test_graph_payload_equals_eager(spec):
+    c = hc.resolve(spec)
+    x = tf.constant(grads(1))
+    compiled = tf.function(lambda x, step: pack(TF, c.compress(x, Key(5, 2, "w", step))))
+    got = compiled(x, tf.constant(9, tf.int64)).numpy()
+    want = pack(TF, c.compress(x, Key(5, 2, "w", 9))).numpy()
+    assert got.shape == want.shape
+    if spec in ("qsgd", "terngrad", "sign"):  # a norm or scale may round in its last bit
+        np.testing.assert_allclose(c.decompress(c.compress(x, Key(5, 2, "w", 9))),
+                                   _decoded(c, got, x), rtol=1e-6, atol=1e-7)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def _decoded(c, buf, x):
+    from hvd_compress.core.payload import unpack
+    template = c.compress(x, Key(5, 2, "w", 9))
+    return c.decompress(unpack(TF, tf.constant(buf), template))
+
+
+@pytest.mark.parametrize("spec", PIPELINES)
+def test_tensorflow_sends_the_bits_pytorch_sends(spec):
+    """Same spec, same gradients: the same bits per step and the same updates, with the
+    TF state in variables inside tf.function and the torch state in Python."""
+    tfx = VariableExchange(spec, seed=3)
+    thx = Exchange(spec, seed=3)
+    dense_steps = tfx.pipeline.dense_steps
+
+    @tf.function
+    def tf_step(x):
+        step = tfx.next_step("layer/kernel")
+
+        def phase(dense):
+            out = tfx.begin(TF, "layer/kernel", x, 0, step=step, dense=dense)
+            if out.by_allreduce:
+                return tfx.finish_allreduced(TF, out.wire, out, 1, False)
+            return tfx.finish_gathered(TF, out.wire, out, 1, False)
+        if not dense_steps:
+            return phase(None)
+        return tf.cond(step < dense_steps, lambda: phase(True), lambda: phase(False))
+
+    for step in range(4):
+        g = grads(step).reshape(40, 50)
+        got = tf_step(tf.constant(g)).numpy()
+        out = thx.begin(TORCH, "layer/kernel", torch.from_numpy(g), 0)
+        want = (thx.finish_allreduced if out.by_allreduce else thx.finish_gathered)(
+            TORCH, out.wire, out, 1, False).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    assert [r.bits for r in tfx.telemetry.rows] == [r.bits for r in thx.telemetry.rows]
+    assert [r.count for r in tfx.telemetry.rows] == [r.count for r in thx.telemetry.rows]
+    assert [r.step for r in tfx.telemetry.rows] == [0, 1, 2, 3]
+
+
+def test_state_variables_are_created_once_and_checkpointed():
+    ex = VariableExchange("topk:0.05+ef21sgdm", seed=1)
+
+    @tf.function
+    def step(x):
+        out = ex.begin(TF, "w", x, 0)
+        return ex.finish_gathered(TF, out.wire, out, 1, False)
+
+    for s in range(3):
+        step(tf.constant(grads(s)))
+    assert set(ex.variables) == {"w"} and int(ex.step_vars["w"].numpy()) == 3
+    sd = ex.state_dict()
+    assert sd["steps"] == {"w": 3} and sd["states"]["w"]["count"] == 3
+    resumed = VariableExchange("topk:0.05+ef21sgdm", seed=1)
+    resumed.load_state_dict(sd)
+
+    @tf.function
+    def step2(x):
+        out = resumed.begin(TF, "w", x, 0)
+        return resumed.finish_gathered(TF, out.wire, out, 1, False)
+
+    np.testing.assert_array_equal(step2(tf.constant(grads(3))).numpy(),
+                                  step(tf.constant(grads(3))).numpy())
+    with pytest.raises(HvdCompressError, match="was written with compression"):
+        VariableExchange("topk:0.05+ef14").load_state_dict(sd)
+
+
+def test_measured_error_is_recorded_when_the_step_runs():
+    ex = VariableExchange("topk:k=10", measure_error=True)
+
+    @tf.function
+    def step(x):
+        out = ex.begin(TF, "w", x, 0)
+        return ex.finish_gathered(TF, out.wire, out, 1, False)
+
+    x = grads(0)
+    step(tf.constant(x))
+    step(tf.constant(x))
+    kept = np.sort(np.abs(x))[-10:]
+    want = 1 - np.sum(kept ** 2) / np.sum(x.astype(np.float64) ** 2)
+    assert [r.step for r in ex.telemetry.rows] == [0, 1]
+    assert all(r.seconds is None for r in ex.telemetry.rows)  # not timed inside a graph
+    np.testing.assert_allclose([r.error for r in ex.telemetry.rows], [want, want], rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["topk+dynamic", "bernoulli:0.1+diana"])
+def test_host_side_stages_are_refused_by_the_tensorflow_frontend(spec):
+    import hvd_compress.tensorflow as hctf
+    with pytest.raises(HvdCompressError, match="on the host"):
+        hctf.compression(spec)
