@@ -122,10 +122,3 @@ def test_measured_error_is_recorded_when_the_step_runs():
     assert [r.step for r in ex.telemetry.rows] == [0, 1]
     assert all(r.seconds is None for r in ex.telemetry.rows)  # not timed inside a graph
     np.testing.assert_allclose([r.error for r in ex.telemetry.rows], [want, want], rtol=1e-5)
-
-
-@pytest.mark.parametrize("spec", ["topk+dynamic", "bernoulli:0.1+diana"])
-def test_host_side_stages_are_refused_by_the_tensorflow_frontend(spec):
-    import hvd_compress.tensorflow as hctf
-    with pytest.raises(HvdCompressError, match="on the host"):
-        hctf.compression(spec)

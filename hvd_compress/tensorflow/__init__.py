@@ -11,8 +11,9 @@
 
 Works inside ``tf.function`` and in ``model.fit``. Sparse and quantized payloads travel as
 packed bytes through ``hvd.allgather``; ``none`` and ``fp16`` through Horovod's allreduce
-(bf16 is gathered: Horovod's TF allreduce has no bf16 kernel). Policies that choose the
-level on the host (``dynamic``, ``bernoulli``) are refused: a graph cannot run them.
+(bf16 is gathered: Horovod's TF allreduce has no bf16 kernel). Stages that choose the
+level on the host (``dynamic``, ``bernoulli``) run eagerly in one ``tf.py_function`` per
+step, in variable-name order; only this package's tape and optimizer can schedule that.
 """
 from .compression import Compression, compression
 from .keras import DistributedOptimizer

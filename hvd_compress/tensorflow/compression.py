@@ -12,7 +12,9 @@ route gradients to :meth:`Compression.reduce` directly, without that empty allre
 they also work with Keras 3, where Horovod's own wrappers do not.
 
 Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
-keyed by variable name (see :mod:`.exchange`).
+keyed by variable name (see :mod:`.exchange`). Stages that choose the level on the host
+(``dynamic``, ``bernoulli``) are the exception: their exchanges run eagerly inside one
+``tf.py_function`` per step, with state in Python like the PyTorch frontend's.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import re
 import sys
 import zlib
 
+from ..core.exchange import Exchange
 from ..core.ops import backend_named
+from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
 from .exchange import VariableExchange
@@ -54,7 +58,7 @@ class Compression:
 
     Attributes:
       telemetry: one record per variable per executed step (bits sent, entries kept;
-        ``seconds`` is None for steps run inside ``tf.function``).
+        ``seconds`` is None where the exchange ran inside a graph, which has no host clock).
       pipeline: the resolved pipeline.
 
     Variables are named by ``variable.path`` (Keras 3) or ``variable.name`` without the
@@ -64,16 +68,14 @@ class Compression:
     """
 
     def __init__(self, spec, seed: int = 0, measure_error: bool = False):
-        self.exchange = VariableExchange(spec, seed, measure_error=measure_error,
-                                         allreduce_dtypes=("float16", "float32", "float64"))
+        pipeline = resolve_pipeline(spec)
+        # stages that choose on the host run eagerly, in one tf.py_function per step
+        self.host_stages = pipeline.host_stages()
+        kind = Exchange if self.host_stages else VariableExchange
+        self.exchange = kind(pipeline, seed, measure_error=measure_error,
+                             allreduce_dtypes=("float16", "float32", "float64"))
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
-        host = self.pipeline.host_stages()
-        if host:
-            raise HvdCompressError(
-                f"{self.pipeline.spec()}: {', '.join(host)} choose(s) the level on the host, "
-                "which TensorFlow graphs (tf.function) cannot do; use a fixed level, or the "
-                "PyTorch or mpi4py frontend")
         codec = self.pipeline.compressor
         self._plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
             not codec.stochastic
@@ -102,6 +104,11 @@ class Compression:
             p = self.pipeline.compressor.compress(tensor, Key(self.exchange.seed, None, "", 0))
             return p.values, p
         name, op, process_set = found
+        if self.host_stages:
+            raise HvdCompressError(
+                f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
+                "on the host, which Horovod's own tape and optimizer cannot schedule safely; "
+                "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
         if self._plain_cast:  # Horovod's allreduce carries cast values it can sum
             import horovod.tensorflow as hvd
             bk, n, summed = self._bk, process_set.size(), op == hvd.Sum
@@ -151,8 +158,17 @@ class Compression:
                         out.append(hvd.allreduce(g, op=op, process_set=process_set))
                         continue
                     g = tf.reshape(tf.convert_to_tensor(g), shape)  # keep the static shape
-                out.append(None if g is None else self._exchange(
-                    name, g, op, process_set, gradient_predivide_factor))
+                out.append(g)
+            dense = [i for i, g in enumerate(gs) if g is not None and
+                     not isinstance(out[i], tf.IndexedSlices)]
+            if self.host_stages:
+                updates = self._on_host([names[i] for i in dense], [out[i] for i in dense],
+                                        op, process_set, gradient_predivide_factor)
+            else:
+                updates = [self._exchange(names[i], out[i], op, process_set,
+                                          gradient_predivide_factor) for i in dense]
+            for i, u in zip(dense, updates):
+                out[i] = u
             return out
 
         if not tf.executing_eagerly():
@@ -177,12 +193,39 @@ class Compression:
 
         def run(dense):
             out = ex.begin(bk, name, tensor, process_set.rank(), step=step, dense=dense)
-            return self._move(out, op, process_set, predivide, ".dense" if dense else "")
+            update = self._move(out, op, process_set, predivide, ".dense" if dense else "")
+            if out.proposal is not None:  # dynamic:agree=true, eagerly (see _on_host)
+                mean = hvd.allreduce(tf.constant([float(out.proposal)], tf.float64),
+                                     op=hvd.Average, process_set=process_set,
+                                     name=collective_name(name + ".k"), ignore_name_scope=True)
+                ex.agree(name, float(mean[0]))
+            return update
 
-        if not self.pipeline.dense_steps:
+        if not self.pipeline.dense_steps or isinstance(step, int):
             return run(None)
         return tf.cond(step < self.pipeline.dense_steps, lambda: run(True),
                        lambda: run(False))
+
+    def _on_host(self, names, grads, op, process_set, predivide):
+        """Exchanges whose level is chosen on the host (``dynamic``, ``bernoulli``): one
+        ``tf.py_function`` runs them eagerly, one tensor after another in name order, so
+        every rank issues the same blocking collectives in the same order."""
+        tf = self._bk.tf
+        if not grads:
+            return []
+        order = sorted(range(len(names)), key=lambda i: names[i])
+
+        def run(*tensors):
+            updates = [None] * len(tensors)
+            for i in order:
+                updates[i] = self._exchange(names[i], tensors[i], op, process_set, predivide)
+            return updates
+
+        if tf.executing_eagerly():
+            return run(*grads)
+        updates = tf.py_function(run, list(grads), [g.dtype for g in grads],
+                                 name="hvd_compress_host_level")
+        return [tf.ensure_shape(u, g.shape) for u, g in zip(updates, grads)]
 
     def _move(self, out, op, process_set, predivide=1.0, suffix=""):
         """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named

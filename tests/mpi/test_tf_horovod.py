@@ -18,11 +18,12 @@ from hvd_compress.tensorflow.compression import collective_name  # noqa: E402
 
 hvd.init()
 rank, size = hvd.rank(), hvd.size()
-SPECS = [s for s in hc.available("compressor") if s != "bernoulli"] + [
+SPECS = hc.available("compressor") + [
     "randk:0.2,shared=true", "topk:k=3", "topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.5",
     "topk:0.2+ef21sgd2m", "randk:0.3,scaled=true+diana", "topk:0.1+ef21+warmup:1",
     "topk:0.1,indices=varint,values=float16+ef14", "threshold:lam=0.05+ef14",
-    "topk:0.1+ef21+perturb:radius=0.01"]
+    "topk:0.1+ef21+perturb:radius=0.01", "topk+ef14+dynamic:c0=2000", "qsgd+dynamic",
+    "topk+ef21sgdm+dynamic:c0=2000,agree=true", "bernoulli:0.2+dynamic+diana"]
 # Horovod's own tape finds each gradient's variable in its frames: one spec per route
 THROUGH_HOROVOD = ["topk:0.1+ef21sgdm:eta=0.5", "qsgd", "fp16", "bf16",
                    "topk:0.1+ef21+warmup:1", "threshold:lam=0.05+ef14"]
@@ -196,6 +197,18 @@ def test_duplicate_variable_names_keep_their_own_state():
         loss = tf.reduce_sum(a * 2.0) + tf.reduce_sum(b * 3.0)
     hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, [a, b])
     assert sorted(comp.exchange.variables) == ["Variable", "Variable#2"]
+
+
+def test_host_side_levels_need_hvd_compress_wrappers():
+    """dynamic and bernoulli run eagerly in one tf.py_function per step (blocking
+    collectives in name order); Horovod's own tape cannot order them, so it refuses."""
+    model = Model()
+    with tf.GradientTape() as tape:
+        loss = model.loss(*data(0))
+    tape = hvd.DistributedGradientTape(tape, compression=hctf.compression("topk+dynamic"))
+    # raised while Horovod traces its reduction: TF re-raises it as a StagingError
+    with pytest.raises(Exception, match="choose.s. the level on the host"):
+        tape.gradient(loss, model.vars)
 
 
 def test_bare_allreduce():

@@ -128,3 +128,14 @@ def test_keras3_optimizer_keeps_state_per_variable_path():
     assert {r.name for r in rows} == names and max(r.step for r in rows) == 3
     dense = sum(r.dense_bits for r in rows)
     assert opt.compression.telemetry.total_bits() < dense / 20
+
+
+def test_keras3_fit_with_the_dynamic_level():
+    """dynamic picks k on the host each step (an eager tf.py_function inside model.fit)."""
+    comp = hctf.compression("topk+ef14+dynamic:c0=20000")
+    model = fit(keras, hctf.DistributedOptimizer(keras.optimizers.SGD(0.2), compression=comp),
+                SHARD[:6 * BATCH])
+    assert_same_weights(model)
+    rows = comp.telemetry.rows
+    assert max(r.step for r in rows) == 5 and all(r.seconds is not None for r in rows)
+    assert len({r.count for r in rows}) > 1  # the level moves with the gradients
