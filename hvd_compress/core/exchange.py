@@ -7,6 +7,10 @@ key the private random streams, and the telemetry. A frontend calls :meth:`begin
 tensor, moves ``outgoing.wire`` with whatever collective it has (an allreduce when
 ``outgoing.by_allreduce``, an allgather otherwise), and hands the result to
 :meth:`finish_allreduced` or :meth:`finish_gathered`, which return the update to apply.
+
+State, step counters and telemetry live in Python here. A frontend whose steps are traced
+once and run many times (TensorFlow graphs) overrides :meth:`next_step`,
+:meth:`load_state`, :meth:`commit_state` and :meth:`log` to keep them in variables.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class Record(NamedTuple):
     count: int         # entries encoded (k for sparse payloads)
     numel: int         # entries of the dense tensor
     dense_bits: int    # bits the uncompressed tensor would take
-    seconds: float     # time spent compressing (host wall clock)
+    seconds: object    # time spent compressing (host wall clock); None inside a TF graph
     error: object = None  # ||C(v) - v||^2 / ||v||^2 when measured, else None
 
 
