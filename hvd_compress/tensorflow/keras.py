@@ -35,9 +35,7 @@ def DistributedOptimizer(optimizer, compression="none", op=None, gradient_prediv
     comp = _compression(compression)
     options = dict(op=op, process_set=process_set, sparse_as_dense=sparse_as_dense,
                    gradient_predivide_factor=gradient_predivide_factor)
-    module = type(optimizer).__module__
-    if module.startswith("tf_keras") or module.startswith("keras.optimizers.legacy") or \
-            module.startswith("keras.src.optimizers.legacy"):
+    if type(optimizer).__module__.startswith("tf_keras"):
         return _tf_keras(optimizer, comp, options, horovod_kwargs)
     if hasattr(optimizer, "apply") and hasattr(optimizer, "_backend_apply_gradients"):
         if horovod_kwargs:

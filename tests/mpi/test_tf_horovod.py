@@ -4,6 +4,7 @@ single-process oracle."""
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # horovod.tensorflow.keras is tf_keras
+os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # for the process-set test
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -59,13 +60,13 @@ def local_grads(model, x, y):
     return tape.gradient(loss, model.vars)
 
 
-def wire_bits(oracle, step):
-    """Bits this rank hands to Horovod: summable values by allreduce (no header), bf16 and
-    everything else as a packed buffer by allgather."""
-    p, codec = oracle.last[rank], oracle.last_codec
+def wire_bits(oracle, me, step):
+    """Bits rank ``me`` hands to Horovod: summable values by allreduce (no header), bf16
+    and everything else as a packed buffer by allgather."""
+    p, codec = oracle.last[me], oracle.last_codec
     if codec.summable and p.values.dtype != tf.bfloat16:
         return 8 * int(tf.size(p.values)) * p.values.dtype.size
-    return oracle.bits[step][rank]
+    return oracle.bits[step][me]
 
 
 def distributed_tape(tape, binding, comp, **kwargs):
@@ -77,7 +78,8 @@ def distributed_tape(tape, binding, comp, **kwargs):
 def run_and_compare(spec, binding, steps=3, compiled=True, scale=1.0, **kwargs):
     model, comp = Model(), hctf.compression(spec, seed=7)
     names = ["dense/kernel", "dense/bias", "out/kernel"]
-    oracles = {n: Workers(spec, size, seed=7, name=n) for n in names}
+    ps = kwargs.get("process_set", hvd.global_process_set)
+    oracles = {n: Workers(spec, ps.size(), seed=7, name=n) for n in names}
 
     def step_fn(x, y):
         with tf.GradientTape() as tape:
@@ -90,17 +92,17 @@ def run_and_compare(spec, binding, steps=3, compiled=True, scale=1.0, **kwargs):
         local = local_grads(model, x, y)
         got = fn(x, y)
         for name, g_local, g in zip(names, local, got):
-            everyone = hvd.allgather(tf.reshape(g_local, (1, -1)))
-            want = oracles[name].step([everyone[r] for r in range(size)]) * scale
+            everyone = hvd.allgather(tf.reshape(g_local, (1, -1)), process_set=ps)
+            want = oracles[name].step([everyone[r] for r in range(ps.size())]) * scale
             tol = TOL.get(spec, 1e-5)
             np.testing.assert_allclose(tf.reshape(g, -1).numpy(), want.numpy(), rtol=tol,
                                        atol=tol, err_msg=f"{spec} step {step} {name}")
         rows = {r.name: r.bits for r in comp.telemetry.rows if r.step == step}
-        assert rows == {n: wire_bits(w, step) for n, w in oracles.items()}, (step, rows)
+        assert rows == {n: wire_bits(w, ps.rank(), step) for n, w in oracles.items()}, rows
         for v, g in zip(model.vars, got):
             v.assign_sub(0.5 * g)
     flat = tf.concat([tf.reshape(v, -1) for v in model.vars], 0)
-    everyone = hvd.allgather(tf.reshape(flat, (1, -1))).numpy()
+    everyone = hvd.allgather(tf.reshape(flat, (1, -1)), process_set=ps).numpy()
     assert (everyone == everyone[0]).all(), "weights differ across ranks"
     return comp
 
@@ -129,6 +131,14 @@ def test_op_sum(spec, binding):
 @pytest.mark.parametrize("spec", ["topk:0.2+ef14", "none"])
 def test_gradient_predivide_factor(spec):
     run_and_compare(spec, "ours", steps=2, gradient_predivide_factor=2.0)
+
+
+def test_process_set():
+    members = list(range(size - 1)) if size > 2 else [0]  # not the global set
+    ps = hvd.add_process_set(members)
+    if rank in members:
+        run_and_compare("topk:0.2+ef21sgdm", "ours", steps=2, process_set=ps)
+    hvd.remove_process_set(ps)
 
 
 def test_bytes_on_the_wire_are_the_payloads(monkeypatch):

@@ -119,6 +119,15 @@ def test_horovods_optimizer_and_ours_train_identically():
     assert bits[0] == bits[1] and len(bits[0]) == 8 * 4
 
 
+def test_tf_keras_backward_passes_per_step():
+    """Horovod's local aggregation of two micro-batches, then one compressed exchange."""
+    opt = hctf.DistributedOptimizer(tf_keras.optimizers.SGD(0.2), compression=COMPRESSED,
+                                    backward_passes_per_step=2)
+    model = fit(tf_keras, opt, SHARD[:8 * BATCH])
+    assert_same_weights(model)
+    assert max(r.step for r in opt.compression.telemetry.rows) == 3  # 8 batches, 4 exchanges
+
+
 def test_keras3_optimizer_keeps_state_per_variable_path():
     opt = hctf.DistributedOptimizer(keras.optimizers.SGD(0.2), compression=COMPRESSED)
     model = fit(keras, opt, SHARD[:4 * BATCH])
