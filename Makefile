@@ -6,13 +6,16 @@ NP     ?= 2
 ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 MPIRUN := mpirun $(ROOT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 -np $(NP)
 
-.PHONY: setup demo test bench experiments
+.PHONY: setup demo demo-tf test bench experiments
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(MPIRUN) $(PY) examples/torch_a9a.py
+
+demo-tf: setup
+	$(MPIRUN) $(PY) examples/tf_a9a.py --keras 3
 
 test: setup
 	$(PY) -m pytest tests -ra

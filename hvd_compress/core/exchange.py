@@ -142,6 +142,14 @@ class Exchange:
         return bk.reshape(bk.astype(update, outgoing.dtype), outgoing.shape)
 
     # -- checkpointing -----------------------------------------------------------------
+    def _check_checkpoint(self, sd: dict):
+        """Refuse a checkpoint of another pipeline; take its seed."""
+        if sd.get("spec") != self.pipeline.spec():
+            raise HvdCompressError(
+                f"checkpoint was written with compression {sd.get('spec')!r}, "
+                f"this run uses {self.pipeline.spec()!r}")
+        self.seed = int(sd["seed"])
+
     def state_dict(self) -> dict:
         """Everything needed to resume exactly; tensors stay tensors (torch.save-able)."""
         return {"spec": self.pipeline.spec(), "seed": self.seed, "steps": dict(self.steps),
@@ -150,11 +158,7 @@ class Exchange:
                            for k, s in self.states.items()}}
 
     def load_state_dict(self, sd: dict):
-        if sd.get("spec") != self.pipeline.spec():
-            raise HvdCompressError(
-                f"checkpoint was written with compression {sd.get('spec')!r}, "
-                f"this run uses {self.pipeline.spec()!r}")
-        self.seed = int(sd["seed"])
+        self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
         self.levels = dict(sd.get("levels", {}))
         self.states = {}

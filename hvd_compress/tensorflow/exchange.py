@@ -110,11 +110,7 @@ class VariableExchange(Exchange):
                 "levels": {}, "states": states}
 
     def load_state_dict(self, sd: dict):
-        if sd.get("spec") != self.pipeline.spec():
-            raise HvdCompressError(
-                f"checkpoint was written with compression {sd.get('spec')!r}, "
-                f"this run uses {self.pipeline.spec()!r}")
-        self.seed = int(sd["seed"])
+        self._check_checkpoint(sd)
         states = {k: {f: _numpy(v) for f, v in s.items()}
                   for k, s in sd["states"].items() if s is not None}
         self._restored = {"steps": dict(sd["steps"]), "states": states}
