@@ -15,6 +15,7 @@ The bound compression is ``optimizer.compression`` (its ``telemetry``, ``state_d
 """
 from __future__ import annotations
 
+import sys
 import types
 
 from ..errors import HvdCompressError
@@ -60,9 +61,17 @@ def _tf_keras(optimizer, comp, options, horovod_kwargs):
 def _keras3(optimizer, comp, options):
     if getattr(optimizer, "compression", None) is not None:
         raise HvdCompressError("this optimizer already averages through a compression")
+    if hasattr(optimizer, "inner_optimizer"):
+        raise HvdCompressError(_LOSS_SCALING)
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        raise HvdCompressError(
+            "gradient_accumulation_steps: Keras 3 applies every micro-batch, so each would be "
+            "compressed and exchanged; accumulate in your training step instead")
     apply = optimizer.apply
 
     def reduced_apply(self, grads, trainable_variables=None):
+        if _inside_loss_scaling():
+            raise HvdCompressError(_LOSS_SCALING)
         variables = self._trainable_variables if trainable_variables is None \
             else list(trainable_variables)
         grads = comp.reduce(list(grads), variables, **options)
@@ -71,3 +80,21 @@ def _keras3(optimizer, comp, options):
     optimizer.apply = types.MethodType(reduced_apply, optimizer)
     optimizer.compression = comp
     return optimizer
+
+
+_LOSS_SCALING = (
+    "Keras 3 loss scaling (LossScaleOptimizer, added by compile() under the mixed_float16 "
+    "policy) applies only on ranks whose gradients are finite, which would leave the others "
+    "waiting in the exchange, and scales the feedback state with the loss: not supported; "
+    "use the mixed_bfloat16 policy, which needs no loss scaling")
+
+
+def _inside_loss_scaling() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if type(frame.f_locals.get("self")).__name__ == "LossScaleOptimizer":
+            return True
+        frame = frame.f_back
+    return False

@@ -148,3 +148,17 @@ def test_keras3_fit_with_the_dynamic_level():
     rows = comp.telemetry.rows
     assert max(r.step for r in rows) == 5 and all(r.seconds is not None for r in rows)
     assert len({r.count for r in rows}) > 1  # the level moves with the gradients
+
+
+def test_keras3_loss_scaling_and_accumulation_are_refused():
+    from hvd_compress import HvdCompressError
+    with pytest.raises(HvdCompressError, match="loss scaling"):
+        hctf.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.2)), compression=COMPRESSED)
+    with pytest.raises(HvdCompressError, match="gradient_accumulation_steps"):
+        hctf.DistributedOptimizer(keras.optimizers.SGD(0.2, gradient_accumulation_steps=2),
+                                  compression=COMPRESSED)
+    wrapped = keras.optimizers.LossScaleOptimizer(
+        hctf.DistributedOptimizer(keras.optimizers.SGD(0.2), compression=COMPRESSED))
+    with pytest.raises(Exception, match="loss scaling"):  # raised while fit traces the step
+        fit(keras, wrapped, SHARD[:2 * BATCH])
