@@ -122,3 +122,12 @@ def test_measured_error_is_recorded_when_the_step_runs():
     assert [r.step for r in ex.telemetry.rows] == [0, 1]
     assert all(r.seconds is None for r in ex.telemetry.rows)  # not timed inside a graph
     np.testing.assert_allclose([r.error for r in ex.telemetry.rows], [want, want], rtol=1e-5)
+
+
+@pytest.mark.parametrize("d, k", [(1000, 10), (262144, 2621), (300000, 150000)])
+def test_graph_topk_keeps_the_tie_rule(d, k):
+    """Inside a graph top-k is TF's own, which keeps lower positions among equal values."""
+    from hvd_compress.core.select import topk_indices
+    x = np.random.RandomState(1).randint(0, 5, d).astype(np.float32)  # many ties
+    got = tf.function(lambda s: topk_indices(TF, s, k))(tf.constant(x)).numpy()
+    np.testing.assert_array_equal(got, np.sort(np.argsort(-x, kind="stable")[:k]))

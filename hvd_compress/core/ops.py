@@ -76,6 +76,11 @@ class Backend:
     def nonzero(self, mask): raise NotImplementedError
     def gather(self, x, idx): raise NotImplementedError
     def topk_values(self, x, k: int): raise NotImplementedError
+
+    def topk_positions(self, x, k: int):
+        """Ascending positions of the k largest entries, ties toward lower positions, from
+        the framework's own top-k; None where it does not promise that tie rule."""
+        return None
     def cumsum(self, x): raise NotImplementedError
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
     def count(self, mask) -> int: raise NotImplementedError
@@ -248,6 +253,10 @@ class TensorflowBackend(Backend):
     def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
     def gather(self, x, idx): return self.tf.gather(x, idx)
     def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values
+    def topk_positions(self, x, k):
+        # tf.math.top_k documents that equal values keep the lower index first
+        idx = self.tf.math.top_k(x, k, sorted=True).indices
+        return self.tf.sort(self.tf.cast(idx, self.tf.int64))
     def cumsum(self, x): return self.tf.cumsum(x)
     def scatter_add(self, n, idx, values):
         return self.tf.math.unsorted_segment_sum(values, idx, n)

@@ -8,7 +8,8 @@ A full ``topk`` over d entries costs tens of memory passes on a CPU. For large d
 k we first estimate a threshold from a strided sample, keep the candidates above it (one
 compare and one compaction pass), and run the exact top-k on the candidates only. If the
 sample was unlucky and fewer than k candidates survive, we fall back to the full top-k, so
-the result is always exact.
+the result is always exact. The full top-k is the framework's own where it promises the tie
+rule (TensorFlow), else a k-th value, a compare and a prefix count of the ties.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def topk_indices(bk, score, k: int):
     if bk.eager() and d >= _SAMPLED_MIN_D and k * 16 <= d:
         cand = _candidates(bk, score, k, d)
     if cand is None:
+        pos = bk.topk_positions(score, k)
+        if pos is not None:
+            return pos
         sub = score
     else:
         sub = bk.gather(score, cand)
