@@ -44,13 +44,13 @@ def main():
         ("hvd_compress tape, topk:0.01,indices=varint+ef14", "ours",
          "topk:0.01,indices=varint+ef14"),
         ("hvd_compress tape, qsgd", "ours", "qsgd"),
-        ("hvd_compress tape, topk+ef14+dynamic:c0=20000", "ours", "topk+ef14+dynamic:c0=20000"),
+        ("hvd_compress tape, topk+ef14+dynamic:c0=20000", "ours",
+         "topk+ef14+dynamic:c0=20000"),
     ]
-    base = None
+    base, h = None, args.hidden
     if hvd.rank() == 0:
-        print(f"{hvd.size()} ranks, MLP 123-{args.hidden}-{args.hidden}-1 "
-              f"({123 * args.hidden + args.hidden * args.hidden + 2 * args.hidden + args.hidden + 1:,}"
-              f" parameters), batch {args.batch}, median of {args.steps} steps")
+        print(f"{hvd.size()} ranks, MLP 123-{h}-{h}-1 ({124 * h + (h + 1) * h + h + 1:,} "
+              f"parameters), batch {args.batch}, median of {args.steps} steps")
         print(f"{'route':<52}{'time/step':>10}{'bits/step/rank':>16}")
     for label, where, comp in routes:
         tf.keras.utils.set_random_seed(0)

@@ -76,7 +76,6 @@ class Backend:
     def nonzero(self, mask): raise NotImplementedError
     def gather(self, x, idx): raise NotImplementedError
     def topk_values(self, x, k: int): raise NotImplementedError
-
     def topk_positions(self, x, k: int):
         """Ascending positions of the k largest entries, ties toward lower positions, from
         the framework's own top-k; None where it does not promise that tie rule."""
