@@ -11,6 +11,7 @@ Horovod's own ``DistributedGradientTape`` keys gradients by ``variable.ref()``, 
 """
 from __future__ import annotations
 
+from ..errors import HvdCompressError
 from .compression import compression as _compression
 
 
@@ -20,9 +21,9 @@ class DistributedGradientTape:
 
     Args:
       tape: the tape that recorded the forward pass.
-      compression: a spec string, compressor, pipeline or :func:`compression` object.
-        Reuse one object across steps (its state is per variable name); a spec string is
-        resolved once per tape, so pass an object when you make a new tape every step.
+      compression: a :func:`compression` object, made once and reused by every step's
+        tape: it holds the feedback state and telemetry. A spec string or compressor is
+        accepted only for stateless pipelines (a new tape each step would start afresh).
       op: ``hvd.Average`` (default) or ``hvd.Sum``.
       gradient_predivide_factor, sparse_as_dense, process_set: as in Horovod.
 
@@ -33,6 +34,13 @@ class DistributedGradientTape:
                  sparse_as_dense=False, process_set=None):
         self._tape = tape
         self.compression = _compression(compression)
+        pipe = self.compression.pipeline
+        if compression is not self.compression and (
+                pipe.feedback is not None or pipe.dense_steps or pipe.agrees):
+            raise HvdCompressError(
+                f"{pipe.spec()} keeps state across steps: create "
+                "hvd_compress.tensorflow.compression(spec) once and pass that object to every "
+                "step's tape")
         self._options = dict(op=op, process_set=process_set, sparse_as_dense=sparse_as_dense,
                              gradient_predivide_factor=gradient_predivide_factor)
 

@@ -183,10 +183,11 @@ def test_unused_variable_and_indexed_slices():
     Horovod's own sparse allgather, uncompressed, unless sparse_as_dense."""
     emb = tf.Variable(tf.zeros((10, 3)), name="emb")
     unused = tf.Variable(tf.zeros(2), name="unused")
+    comp = hctf.compression("topk:0.5+ef14")
     for sparse_as_dense in (False, True):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.gather(emb, [rank % 10]))
-        tape = hctf.DistributedGradientTape(tape, compression="topk:0.5+ef14",
+        tape = hctf.DistributedGradientTape(tape, compression=comp,
                                             sparse_as_dense=sparse_as_dense)
         g_emb, g_unused = tape.gradient(loss, [emb, unused])
         assert g_unused is None
@@ -219,6 +220,14 @@ def test_host_side_levels_need_hvd_compress_wrappers():
     # raised while Horovod traces its reduction: TF re-raises it as a StagingError
     with pytest.raises(Exception, match="choose.s. the level on the host"):
         tape.gradient(loss, model.vars)
+
+
+def test_stateful_spec_strings_need_one_compression_object():
+    with tf.GradientTape() as tape:
+        pass
+    with pytest.raises(HvdCompressError, match="keeps state across steps"):
+        hctf.DistributedGradientTape(tape, compression="topk:0.5+ef14")
+    hctf.DistributedGradientTape(tape, compression="topk:0.5")  # stateless: fine
 
 
 def test_bare_allreduce():
