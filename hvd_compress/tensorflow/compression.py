@@ -185,10 +185,6 @@ class Compression:
         """Compress ``tensor``, move every rank's payload, return the update."""
         import horovod.tensorflow as hvd
         tf, bk, ex = self._bk.tf, self._bk, self.exchange
-
-        if op == hvd.Adasum:
-            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
-                                   f"(variable {name})")
         step = ex.next_step(name)
 
         def run(dense):
@@ -232,6 +228,9 @@ class Compression:
         after the variable) and decode the update."""
         import horovod.tensorflow as hvd
         bk, ex = self._bk, self.exchange
+        if op == hvd.Adasum:
+            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
+                                   f"(variable {out.name})")
         n, summed, coll = process_set.size(), op == hvd.Sum, collective_name(out.name + suffix)
         if out.by_allreduce:
             pre, post = (1.0 / predivide, predivide) if op == hvd.Average else (1.0, 1.0)
