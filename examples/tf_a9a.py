@@ -30,7 +30,6 @@ def main():
         os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow is imported
 
     import numpy as np
-    import tensorflow as tf
     import horovod.tensorflow as hvd
 
     import hvd_compress.tensorflow as hctf
