@@ -44,6 +44,23 @@ def test_canonical_spec_strings():
     ("topk:values=int8", "values='int8' must be one of"),
     ("topk:0.1,", "empty argument"),
     ("top k", "bad algorithm name"),
+    # feedback rules refuse compressors their guarantee does not cover
+    ("topk:0.1+diana", "diana needs a unbiased compressor, but topk:ratio=0.1 is contractive"),
+    ("randk:0.1,scaled=true+ef21", "ef21 needs a contractive compressor"),
+    ("threshold:lam=1+ef21", "is absolute"),
+    ("qsgd+ef14", "ef14 needs a contractive or absolute compressor"),
+    ("topk+ef21+ef14", "at most one feedback per pipeline"),
+    ("topk+ef21sgdm:eta=0", "eta=0 must lie in (0, 1]"),
+    ("topk+ef21sgdm:eta=1.5", "eta=1.5 must lie in (0, 1]"),
+    ("topk+warmup:-1", "dense_steps=-1"),
+    ("topk+topk", "unknown algorithm 'topk'"),
+    ("ef21", "unknown algorithm 'ef21'"),
+    # policies
+    ("sign+dynamic", "dynamic chooses k for topk, the budget for bernoulli and s for qsgd"),
+    ("topk+dynamic:cost=cubic", "cost='cubic' must be one of"),
+    ("topk+dynamic:kmin=0", "need 1 <= kmin <= kmax"),
+    ("topk+dynamic:cost=packet,packet=100,header=80", "cannot hold one 64-bit entry"),
+    ("topk+dynamic+dynamic", "at most one policy"),
 ])
 def test_bad_specs_raise_one_error_type(spec, message):
     with pytest.raises(HvdCompressError) as e:

@@ -151,16 +151,14 @@ class Compression:
         shapes = [tuple(v.shape) for v in variables]
 
         def body(gs):
-            out = []
-            for name, shape, g in zip(names, shapes, gs):
-                if g is not None and isinstance(g, tf.IndexedSlices):
-                    if not sparse_as_dense:
-                        out.append(hvd.allreduce(g, op=op, process_set=process_set))
-                        continue
-                    g = tf.reshape(tf.convert_to_tensor(g), shape)  # keep the static shape
-                out.append(g)
-            dense = [i for i, g in enumerate(gs) if g is not None and
-                     not isinstance(out[i], tf.IndexedSlices)]
+            out, dense = list(gs), []
+            for i, g in enumerate(gs):
+                if isinstance(g, tf.IndexedSlices) and not sparse_as_dense:
+                    out[i] = hvd.allreduce(g, op=op, process_set=process_set)
+                elif g is not None:
+                    if isinstance(g, tf.IndexedSlices):  # keep the variable's static shape
+                        out[i] = tf.reshape(tf.convert_to_tensor(g), shapes[i])
+                    dense.append(i)
             if self.host_stages:
                 updates = self._on_host([names[i] for i in dense], [out[i] for i in dense],
                                         op, process_set, gradient_predivide_factor)
