@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from hvd_compress.core.payload import HEADER_BYTES
 import hvd_compress as hc
 from hvd_compress import Key
 from hvd_compress.core.ops import backend_for, backend_named
@@ -71,7 +72,8 @@ def test_warmup_sends_dense_then_compresses():
     w.step(grads(2, 100, 1))
     w.step(grads(2, 100, 2))
     bits = [b[0] for b in w.bits]
-    assert bits[0] == bits[1] == 64 + 100 * 32 and bits[2] == 64 + 5 * 64
+    h = 8 * HEADER_BYTES
+    assert bits[0] == bits[1] == h + 100 * 32 and bits[2] == h + 5 * 64
 
 
 @pytest.mark.parametrize("spec", RULES)
@@ -131,7 +133,7 @@ def test_telemetry_to_tensorboard_and_csv(tmp_path):
             ex.begin(backend_named("numpy"), name, grads(1, 100, step)[0], rank=0)
     seen = []
     ex.telemetry.to_tensorboard(lambda tag, v, s: seen.append((tag, v, s)))
-    assert ("hvd_compress/bits", 2 * (64 + 10 * 64), 1) in seen
+    assert ("hvd_compress/bits", 2 * (8 * HEADER_BYTES + 10 * 64), 1) in seen
     assert ("hvd_compress/a/k", 10, 0) in seen
     assert sum(1 for t, _, _ in seen if t.endswith("/error")) == 4
     ex.telemetry.to_csv(tmp_path / "t.csv")

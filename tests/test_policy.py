@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from hvd_compress.core.payload import HEADER_BYTES
 import hvd_compress as hc
 from hvd_compress.core.ops import backend_named
 from hvd_compress.core.policy import Dynamic, calibrate
@@ -98,7 +99,7 @@ def test_qsgd_level_maximises_improvement_per_bit():
                      for t in range(300)]
             second = np.mean([np.sum(x.astype(np.float64) ** 2) for x in draws])
             width = 1 + max(1, math.ceil(math.log2(s + 1)))
-            bits = 64 + 32 * math.ceil(3000 / 256) + 8 * width * 375
+            bits = 8 * HEADER_BYTES + 32 * math.ceil(3000 / 256) + 8 * width * 375
             eff = 1 / (second * p.bits_cost(bits))
             best = max(best or (eff, s), (eff, s))
         assert p.choose_s(bk, v, q) == best[1], spec

@@ -39,7 +39,7 @@ def test_canonical_spec_strings():
     ("topk:ratio=0.1,0.2", "positional argument '0.2' after keyword"),
     ("topk:ratio=0.1,ratio=0.2", "argument 'ratio' given twice"),
     ("qsgd:s=0", "s=0 must be an integer in [1, 32767]"),
-    ("qsgd:bucket=0", "bucket=0 must be an integer >= 1"),
+    ("qsgd:bucket=0", "bucket=0 must be a positive integer"),
     ("threshold:lam=-1", "lam=-1 must be positive"),
     ("topk:values=int8", "values='int8' must be one of"),
     ("topk:0.1,", "empty argument"),

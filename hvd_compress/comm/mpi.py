@@ -22,6 +22,7 @@ import numpy as np
 
 from ..core.exchange import Exchange
 from ..core.ops import backend_for
+from ..errors import HvdCompressError
 
 
 class SparseAllreduce:
@@ -33,28 +34,52 @@ class SparseAllreduce:
       average: divide the sum by the communicator size (default true).
       seed: seed of the stochastic compressors.
       cuda_aware: hand device buffers to MPI directly (needs a CUDA-aware MPI).
+      nonfinite: "propagate" (a NaN or infinity on any rank gives every rank a NaN
+        result and leaves the state as it was) or "raise" (HvdCompressError everywhere).
 
-    Feedback state is kept per tensor ``name``; ``state_dict()`` checkpoints it.
+    Feedback state is kept per tensor ``name`` (required); ``state_dict()`` checkpoints it.
+    Every rank must call :meth:`allreduce` for the same names in the same order: each
+    payload's header carries the tensor's name, so a rank that calls them in another
+    order raises on every rank instead of adding another tensor's values.
     """
 
-    def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False):
+    def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False,
+                 nonfinite="propagate"):
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
-        self.exchange = Exchange(spec, seed, allreduce_dtypes=())
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=(), nonfinite=nonfinite,
+                                 transport="mpi4py")
         self.telemetry = self.exchange.telemetry
         self.comm, self.average = comm, bool(average)
         self.cuda_aware = bool(cuda_aware)
 
     def state_dict(self) -> dict:
-        return self.exchange.state_dict()
+        """Feedback state and step counters, and who wrote them (format, rank, world
+        size, spec, seed). For one file for all ranks see :mod:`hvd_compress.checkpoint`."""
+        from ..checkpoint import sync_group
+        return sync_group(self).state_dict()
 
     def load_state_dict(self, state: dict):
-        self.exchange.load_state_dict(state)
+        """Resume from :meth:`state_dict`. Raises HvdCompressError (changing nothing)
+        where ``state`` holds feedback state of another rank or world size, or is of
+        another spec."""
+        from ..checkpoint import sync_group
+        sync_group(self).load_state_dict(state)
 
-    def allreduce(self, tensor, name: str = ""):
+    def _group(self, process_set=None):
+        """(rank, size, allgather of picklable objects) of the communicator."""
+        if process_set is not None:
+            raise HvdCompressError("SparseAllreduce runs over its comm: process_set does not apply")
+        return self.comm.Get_rank(), self.comm.Get_size(), self.comm.allgather
+
+    def allreduce(self, tensor, name: str = None):
         """The compressed average (or sum) of ``tensor`` over all ranks; each call for a
         given ``name`` is one step of that tensor's pipeline."""
+        if not isinstance(name, str) or not name:
+            raise HvdCompressError(
+                "SparseAllreduce.allreduce needs name=: each tensor's feedback state, random "
+                "stream and payload check are keyed by it (e.g. the parameter's name)")
         bk = backend_for(tensor)
         out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank())
         gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)

@@ -42,8 +42,12 @@ class Algorithm:
 
 
 def _fmt(v) -> str:
+    """A value as the spec parser reads it back: floats keep a '.' or an exponent (so they
+    stay floats) and lose the '+' of repr's "1e+20" (a stage separator in specs)."""
     if isinstance(v, bool):
         return "true" if v else "false"
+    if v is None:
+        return "none"
     if isinstance(v, float):
-        return repr(v)
+        return repr(v).replace("e+", "e")
     return str(v)

@@ -19,6 +19,9 @@ buffers split without reading their headers.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
 from .ops import FLOAT_DTYPES, backend_for
@@ -92,9 +95,58 @@ def _any_segment(p: Payload):
     raise HvdCompressError("empty payload")
 
 
-def check_ratio(owner: str, ratio):
-    if ratio is not None and not (0.0 < float(ratio) <= 1.0):
-        raise HvdCompressError(f"{owner}: ratio={ratio!r} must lie in (0, 1]")
+# -- constructor argument checks -------------------------------------------------------
+# Spec strings hand constructors whatever they parsed (an int, a float, true/false, none or
+# a word), so every knob is checked for its type as well as its range; the checks return
+# plain Python numbers, which the canonical spec writes back exactly. Bools are refused
+# where numbers are expected (``True`` would pass for 1), and so are nan and inf.
+
+def check_ratio(owner: str, ratio, k=None):
+    """``ratio`` as a float in (0, 1]; None is allowed only when an exact ``k`` replaces it."""
+    if ratio is None and k is not None:
+        return None
+    return check_float(owner, "ratio", ratio, high=1.0)
+
+
+def check_float(owner: str, name: str, value, high=math.inf, zero_ok=False) -> float:
+    """``value`` as a finite float in (0, high], or in [0, high] when ``zero_ok``."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        v = float(value) if real else math.nan
+    except OverflowError:  # an int beyond float range
+        v = math.inf
+    if not real:
+        problem = "be a number"
+    elif not math.isfinite(v):
+        problem = "be finite"
+    elif (v < 0 if zero_ok else v <= 0) or v > high:
+        problem = f"lie in {'[' if zero_ok else '('}0, {high:g}]" if high < math.inf else \
+            "be >= 0" if zero_ok else "be positive"
+    else:
+        return v
+    raise HvdCompressError(f"{owner}: {name}={value!r} must {problem}")
+
+
+def check_int(owner: str, name: str, value, low=-math.inf, high=math.inf) -> int:
+    """``value`` as an int in [low, high]. Integral floats (``5.0``) count; bools,
+    fractions, nan, inf and words do not."""
+    if high < math.inf:
+        what = f"an integer in [{low}, {high}]"
+    else:
+        what = "a positive integer" if low == 1 else \
+            "an integer" if low == -math.inf else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value % 1 != 0 \
+            or not low <= value <= high:  # nan % 1 and inf % 1 are nan
+        raise HvdCompressError(f"{owner}: {name}={value!r} must be {what}")
+    return int(value)
+
+
+def check_bool(owner: str, name: str, value) -> bool:
+    """``value`` if it is a bool: a spec's ``true``/``false`` (numbers and words are refused
+    rather than read by their truth value)."""
+    if not isinstance(value, bool):
+        raise HvdCompressError(f"{owner}: {name}={value!r} must be true or false")
+    return value
 
 
 def resolve_k(owner: str, d: int, k, ratio, tensor: str = "") -> int:

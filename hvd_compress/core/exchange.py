@@ -19,10 +19,13 @@ from typing import NamedTuple
 
 from ..errors import HvdCompressError
 from .ops import ITEMSIZE, backend_for
-from .payload import pack, split_gathered
+from .payload import FLAG_NONFINITE, Stamp, pack, split_gathered
 from .pipeline import resolve_pipeline
 from .rng import Key
 from .telemetry import Record, Telemetry
+
+
+NONFINITE = ("propagate", "raise")
 
 
 class Outgoing(NamedTuple):
@@ -35,6 +38,8 @@ class Outgoing(NamedTuple):
     shape: tuple
     dtype: str
     proposal: object      # dynamic:agree=true: this rank's k for the next step, to average
+    prior: object = None  # the pipeline state before this step (kept if the step is void)
+    stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
 
 
 class Exchange:
@@ -47,11 +52,27 @@ class Exchange:
         payloads of other dtypes are gathered instead.
       measure_error: also record each step's relative compression error
         ||C(v) - v||^2 / ||v||^2 (costs two passes and a host sync per tensor).
+      nonfinite: what a NaN or an infinity in any rank's tensor does. ``"propagate"``
+        (the default) behaves like dense Horovod: every rank gets a NaN update for that
+        tensor at that step (so loss scalers skip it) and the step leaves the feedback
+        state as it was; ``"raise"`` raises :class:`HvdCompressError` on every rank,
+        naming the tensor and the ranks.
+      transport: how payloads travel ("horovod", "mpi4py", ...); part of the fingerprint
+        every payload header carries, so ranks that move payloads differently fail loudly.
+
+    Every rank takes the same branch: a rank whose tensor is not finite says so in its
+    payload header (its payload is built from the tensor with those entries zeroed, so it
+    has the usual size), and every rank decides from the same gathered headers.
     """
 
     def __init__(self, pipeline, seed: int = 0,
-                 allreduce_dtypes=("float16", "float32", "float64"), measure_error=False):
+                 allreduce_dtypes=("float16", "float32", "float64"), measure_error=False,
+                 nonfinite: str = "propagate", transport: str = "horovod"):
         self.pipeline = resolve_pipeline(pipeline)
+        if nonfinite not in NONFINITE:
+            raise HvdCompressError(f"nonfinite={nonfinite!r} must be one of {NONFINITE}")
+        self.nonfinite, self.transport = nonfinite, str(transport)
+        self.rank = self.world_size = None  # this rank and the group size, once known
         self.seed = int(seed)
         self.measure_error = bool(measure_error)
         self.allreduce_dtypes = tuple(allreduce_dtypes)
@@ -71,26 +92,34 @@ class Exchange:
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
         if step is None:
             step = self.next_step(name)
+        self.rank = rank
         t0 = time.perf_counter()
         flat = bk.flatten(tensor)
-        state = self.load_state(bk, name, flat)
+        finite = bk.all_finite(flat)
+        flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
+        prior = self.load_state(bk, name, flat)
         payload, codec, state, error, proposal = self.pipeline.encode(
-            bk, flat, state, Key(self.seed, rank, name, step), measure=self.measure_error,
+            bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
             level=self.levels.get(name), dense=dense)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
+        stamp = Stamp.of(self.pipeline.spec(), name, bk.shape(tensor), bk.dtype(tensor),
+                         self.seed, self.transport)
         if by_allreduce:
-            wire = payload.values
+            wire = bk.cond(finite, lambda: payload.values,
+                           lambda: bk.nan_like(payload.values))  # NaN reaches every rank
+            if bk.size(wire) == bk.size(flat):  # in the tensor's shape: Horovod checks it
+                wire = bk.reshape(wire, bk.shape(tensor))
             nbytes = bk.size(wire) * ITEMSIZE[bk.dtype(wire)]
         else:
-            wire = pack(bk, payload)
+            wire = pack(bk, payload, stamp, _flags(bk, finite))
             nbytes = bk.size(wire)
         d = bk.size(flat)
         self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
                  time.perf_counter() - t0, error)
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor), proposal)
+                        bk.dtype(tensor), proposal, prior, stamp)
 
     # -- where state, step counters and telemetry live (frontends may override) ---------
     def next_step(self, name: str):
@@ -120,44 +149,168 @@ class Exchange:
     def finish_allreduced(self, bk, out, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allreduce of ``outgoing.wire`` (a sum if ``summed``, else the
         average), shaped like the input; a sum stays a sum."""
+        self.world_size = n
+        out = bk.flatten(out)
         mean = outgoing.codec.decode_flat(bk, outgoing.payload._replace(values=out))
         if summed:
             mean = mean * (1.0 / n)
-        return self._decode(bk, mean, outgoing, n if summed else 1)
+        # a rank's NaN reached every rank through the sum; only state and 'raise' need to know
+        watch = self.pipeline.feedback is not None or self.nonfinite == "raise"
+        bad = not bk.all_finite(out) if bk.eager() else bk.tf.logical_not(bk.all_finite(out))
+        return self._decode(bk, mean, outgoing, n if summed else 1, bad if watch else False,
+                            None)
 
     def finish_gathered(self, bk, gathered, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allgather of every rank's ``wire`` (the average over ranks, or
-        the sum if ``summed``), shaped like the input."""
-        parts = split_gathered(bk, gathered, outgoing.payload, n, outgoing.codec.fixed_size)
+        the sum if ``summed``), shaped like the input. Every rank's header is checked
+        against this rank's payload and fingerprints first."""
+        self.world_size = n
+        parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
+                                      outgoing.codec.fixed_size, outgoing.stamp, outgoing.name)
         mean = outgoing.codec.aggregate(bk, parts) * (1.0 / n)
-        return self._decode(bk, mean, outgoing, n if summed else 1)
+        if bk.eager():
+            ranks = [r for r, f in enumerate(flags) if f & FLAG_NONFINITE]
+            bad = bool(ranks) or not bk.all_finite(mean)  # a sum can overflow too
+        else:
+            tf = bk.tf
+            ranks = flags
+            bad = tf.logical_or(tf.reduce_any(flags > 0), tf.logical_not(bk.all_finite(mean)))
+        return self._decode(bk, mean, outgoing, n if summed else 1, bad, ranks)
 
-    def _decode(self, bk, mean, outgoing, scale):
+    def _decode(self, bk, mean, outgoing, scale, bad, ranks):
+        """Apply the feedback rule's decode to the mean, unless the step is void (a rank's
+        tensor was not finite): then the state stays as it was before this step and the
+        update is NaN, on every rank alike."""
+        name = outgoing.name
+        if bk.eager() and bad:
+            self._refuse_nonfinite(name, outgoing.step, ranks)
+            self.states[name] = outgoing.prior
+            self.commit_state(name, outgoing.prior)
+            return bk.nan_like(bk.reshape(bk.astype(mean, outgoing.dtype), outgoing.shape))
         mean = bk.astype(mean, outgoing.dtype)
-        update, state = self.pipeline.decode(bk, mean, self.states[outgoing.name])
-        self.states[outgoing.name] = state
-        self.commit_state(outgoing.name, state)
+        update, state = self.pipeline.decode(bk, mean, self.states[name])
+        if not bk.eager():  # the same choice, as graph ops
+            if self.nonfinite == "raise":
+                bad = self._refuse_in_graph(bk, name, bad, ranks)
+            state = _select_state(bk, bad, outgoing.prior, state)
+            update = bk.where(bad, bk.nan_like(update), update)
+        self.states[name] = state
+        self.commit_state(name, state)
         if scale != 1:
             update = update * float(scale)
         return bk.reshape(bk.astype(update, outgoing.dtype), outgoing.shape)
 
+    def _refuse_in_graph(self, bk, name, bad, flags):
+        """``bad``, through a host check that raises when the step runs and it is true."""
+        tf = bk.tf
+        flags = tf.zeros([0], tf.uint8) if flags is None else flags
+
+        def check(b, f):
+            if b:
+                self._refuse_nonfinite(name, None, [int(r) for r in f.nonzero()[0]])
+            return b
+
+        return tf.numpy_function(check, [bad, flags], tf.bool, stateful=True,
+                                 name="hvd_compress_nonfinite")
+
+    def _refuse_nonfinite(self, name, step, ranks):
+        if self.nonfinite != "raise":
+            return False
+        who = f"rank(s) {list(ranks)}" if ranks else "some rank (the allreduced sum is not finite)"
+        at = "" if step is None else f" at step {int(step)}"
+        raise HvdCompressError(
+            f"gradient {name!r} holds NaN or infinite values on {who}{at}; with "
+            "nonfinite='raise' every rank stops here (nonfinite='propagate' hands every rank "
+            "a NaN update instead, as dense Horovod does, so loss scalers can skip the step)")
+
     # -- checkpointing -----------------------------------------------------------------
+    #: Layout of :meth:`state_dict`. Format 1 (no ``format`` key) held spec, seed, steps,
+    #: levels and states; format 2 adds ``format``, ``rank`` and ``world_size``.
+    CHECKPOINT_FORMAT = 2
+
+    def set_group(self, rank, world_size):
+        """Say which rank of how many this exchange is. Exchanges learn it themselves
+        (``begin`` sets ``rank``, ``finish_*`` sets ``world_size``); frontends call this
+        before the first one, so a state saved or loaded before any step knows it too."""
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def _checkpoint_header(self) -> dict:
+        """How every state_dict starts: its layout, which rank of how many wrote it, and
+        the pipeline and seed it belongs to."""
+        rank, size = getattr(self, "rank", None), getattr(self, "world_size", None)
+        return {"format": self.CHECKPOINT_FORMAT, "rank": None if rank is None else int(rank),
+                "world_size": None if size is None else int(size),
+                "spec": self.pipeline.spec(), "seed": self.seed}
+
     def _check_checkpoint(self, sd: dict):
-        """Refuse a checkpoint of another pipeline; take its seed."""
-        if sd.get("spec") != self.pipeline.spec():
+        """Refuse a state this exchange cannot resume from exactly; take its seed.
+
+        The rules, which each rank applies to what it loads (no communication):
+
+        * an unknown ``format``, or another spec, is refused;
+        * the per-rank part, feedback state (EF residuals, local estimates, shifts), loads
+          only on the rank and with the world size that wrote it. A state that does not
+          say who wrote it (format 1) is refused when it holds feedback state;
+        * a state without feedback state (casts, top-k, rand-k, quantizers without a
+          feedback stage, or one whose ``states`` were emptied) holds only step counters
+          and agreed levels, which are the same on every rank since every rank exchanges
+          every tensor at every step: it loads on any rank and with any world size. The
+          random streams still resume exactly: they are keyed by (seed, rank, name,
+          step), and the rank is this run's, not the file's.
+
+        An exchange that does not know its rank yet (no exchange ran and no frontend
+        called :meth:`set_group`) takes the state's.
+        """
+        spec, fmt = self.pipeline.spec(), sd.get("format", 1)
+        if fmt not in (1, self.CHECKPOINT_FORMAT):
+            raise HvdCompressError(
+                f"checkpoint format {fmt!r} is unknown to this hvd_compress (it reads 1 and "
+                f"{self.CHECKPOINT_FORMAT}): was it written by a newer version?")
+        if sd.get("spec") != spec:
             raise HvdCompressError(
                 f"checkpoint was written with compression {sd.get('spec')!r}, "
-                f"this run uses {self.pipeline.spec()!r}")
+                f"this run uses {spec!r}")
+        held = sorted(k for k, s in sd["states"].items() if s is not None)
+        if held:
+            saved = (sd.get("rank"), sd.get("world_size"))
+            what = f"checkpoint of {spec!r} holds per-rank feedback state for " \
+                f"{len(held)} tensor(s) ({', '.join(held[:3])}{', ...' if held[3:] else ''})"
+            if None in saved:
+                raise HvdCompressError(
+                    f"{what} but does not say which rank wrote it (format 1, from before "
+                    "hvd_compress recorded ranks); if this rank of this world size wrote "
+                    "it, say so and load again: state.update(format=2, rank=..., "
+                    "world_size=...)")
+            if getattr(self, "rank", None) is None or getattr(self, "world_size", None) is None:
+                self.set_group(*saved)
+            if saved[1] != self.world_size:
+                raise HvdCompressError(
+                    f"{what}, written by rank {saved[0]} of {saved[1]}; this run has "
+                    f"{self.world_size} ranks. Feedback state does not carry over to another "
+                    f"number of ranks (the ranks' estimates only agree with each other): "
+                    f"resume on {saved[1]} rank(s), or keep only the step counters by "
+                    "loading dict(state, states={})")
+            if saved[0] != self.rank:
+                raise HvdCompressError(
+                    f"{what} of rank {saved[0]}, but this is rank {self.rank} (of "
+                    f"{self.world_size}): every rank must load its own state. Save one file "
+                    "per rank, or one file for all: hvd_compress.checkpoint.gather("
+                    "compression) on every rank, and hvd_compress.checkpoint.restore("
+                    "compression, gathered) to load this rank's part")
         self.seed = int(sd["seed"])
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly; tensors stay tensors (torch.save-able)."""
-        return {"spec": self.pipeline.spec(), "seed": self.seed, "steps": dict(self.steps),
+        """Everything needed to resume exactly, and who wrote it (see
+        :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors; the
+        rest is ints, floats, strings and None, so torch.load(weights_only=True) reads it."""
+        return {**self._checkpoint_header(), "steps": dict(self.steps),
                 "levels": dict(self.levels),
                 "states": {k: (None if s is None else s._asdict())
                            for k, s in self.states.items()}}
 
     def load_state_dict(self, sd: dict):
+        """Resume from a :meth:`state_dict`, if :meth:`_check_checkpoint` allows it here
+        (a refused state changes nothing)."""
         self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
         self.levels = dict(sd.get("levels", {}))
@@ -176,3 +329,19 @@ def _first_tensor(fields: dict) -> str:
         if hasattr(v, "shape"):
             return k
     raise HvdCompressError("checkpointed state holds no tensor")
+
+
+def _flags(bk, finite):
+    """The header flags for a tensor that is (or is not) finite: an int eagerly, a uint8
+    tensor inside a graph."""
+    if isinstance(finite, bool):
+        return 0 if finite else FLAG_NONFINITE
+    return bk.where(finite, bk.constant(0, "uint8", None), bk.constant(FLAG_NONFINITE, "uint8", None))
+
+
+def _select_state(bk, bad, prior, state):
+    """Field by field, ``prior`` where ``bad`` (a graph boolean) else ``state``."""
+    if state is None:
+        return None
+    return type(state)(*[p if isinstance(p, float) else bk.where(bad, p, s)
+                         for p, s in zip(prior, state)])

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
+from .compressor import check_float
 from .registry import register
 
 
@@ -49,11 +50,6 @@ class Feedback(Algorithm):
 
 def _zeros(bk, x):
     return bk.zeros(bk.size(x), bk.dtype(x), x)
-
-
-def _check_eta(owner, eta):
-    if not 0.0 < float(eta) <= 1.0:
-        raise HvdCompressError(f"{owner}: eta={eta!r} must lie in (0, 1]")
 
 
 class EF14State(NamedTuple):
@@ -146,8 +142,7 @@ class EF21SGDM(EF21):
     """
 
     def __init__(self, eta=0.1):
-        _check_eta(self.name, eta)
-        self.eta = eta
+        self.eta = check_float(self.name, "eta", eta, high=1.0)
 
     def init(self, bk, x, compressor):
         return EF21SGDMState(_zeros(bk, x), _zeros(bk, x), _zeros(bk, x), 0)
@@ -212,9 +207,7 @@ class DIANA(Feedback):
     hint = "Use an unbiased compressor (randk with scaled=true, qsgd, terngrad, natural)."
 
     def __init__(self, alpha=None):
-        if alpha is not None:
-            _check_eta("diana alpha", alpha)
-        self.alpha = alpha
+        self.alpha = None if alpha is None else check_float("diana", "alpha", alpha, high=1.0)
 
     def init(self, bk, x, compressor):
         alpha = self.alpha

@@ -40,6 +40,11 @@ class Backend:
         """Whether Python control flow may look at tensor values (false in tf.function)."""
         return True
 
+    def cond(self, pred, if_true, if_false):
+        """``if_true()`` or ``if_false()`` by ``pred``: a Python branch eagerly, a graph
+        conditional inside ``tf.function``."""
+        return if_true() if pred else if_false()
+
     # -- shape and dtype -------------------------------------------------------------
     def shape(self, x): raise NotImplementedError
     def dtype(self, x) -> str: raise NotImplementedError
@@ -71,6 +76,19 @@ class Backend:
     def sum(self, x): raise NotImplementedError
     def sum_rows(self, x): raise NotImplementedError
     def max(self, x): raise NotImplementedError
+    def min(self, x): raise NotImplementedError
+
+    # -- non-finite values -------------------------------------------------------------
+    def all_finite(self, x):
+        """Whether no entry is NaN or infinite: a Python bool eagerly, a tensor in a graph."""
+        raise NotImplementedError
+    def finite_or_zero(self, x):
+        """x with every NaN and infinity replaced by 0."""
+        raise NotImplementedError
+    def isfinite(self, x): raise NotImplementedError
+    def nan_like(self, x):
+        """A tensor shaped like x, every entry NaN."""
+        return x * float("nan")
 
     # -- selection -------------------------------------------------------------------
     def nonzero(self, mask): raise NotImplementedError
@@ -82,6 +100,9 @@ class Backend:
         return None
     def cumsum(self, x): raise NotImplementedError
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
+    def scatter_add_into(self, out, idx, values):
+        """out + the values scattered at idx (positions distinct); may reuse out."""
+        raise NotImplementedError
     def count(self, mask) -> int: raise NotImplementedError
 
     # -- integer bit ops (int64, values kept in [0, 2**32)) ----------------------------
@@ -121,6 +142,10 @@ class NumpyBackend(Backend):
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
+    def min(self, x): return x.min()
+    def all_finite(self, x): return bool(np.isfinite(x).all())
+    def isfinite(self, x): return np.isfinite(x)
+    def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k):
@@ -128,6 +153,9 @@ class NumpyBackend(Backend):
     def cumsum(self, x): return np.cumsum(x)
     def scatter_add(self, n, idx, values):
         out = np.zeros(n, values.dtype)
+        np.add.at(out, idx, values)
+        return out
+    def scatter_add_into(self, out, idx, values):
         np.add.at(out, idx, values)
         return out
     def count(self, mask): return int(np.count_nonzero(mask))
@@ -184,6 +212,11 @@ class TorchBackend(Backend):
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
+    def min(self, x): return x.min()
+    def all_finite(self, x): return bool(self.t.isfinite(x).all())
+    def isfinite(self, x): return self.t.isfinite(x)
+    def finite_or_zero(self, x): return self.t.nan_to_num(x, 0.0, 0.0, 0.0)
+    def nan_like(self, x): return self.t.full_like(x, float("nan"))
     def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
@@ -191,6 +224,7 @@ class TorchBackend(Backend):
     def scatter_add(self, n, idx, values):
         out = self.t.zeros(n, dtype=values.dtype, device=values.device)
         return out.index_add_(0, idx, values)
+    def scatter_add_into(self, out, idx, values): return out.index_add_(0, idx, values)
     def count(self, mask): return int(self.t.count_nonzero(mask))
     def xor(self, a, b): return self.t.bitwise_xor(a, b)
     def band(self, a, b): return self.t.bitwise_and(a, b)
@@ -216,6 +250,10 @@ class TensorflowBackend(Backend):
                     "int64": tf.int64, "uint16": tf.uint16, "bool": tf.bool}
 
     def eager(self): return self.tf.executing_eagerly()
+    def cond(self, pred, if_true, if_false):
+        if isinstance(pred, bool):
+            return if_true() if pred else if_false()
+        return self.tf.cond(pred, if_true, if_false)
 
     def shape(self, x):
         s = x.shape
@@ -249,6 +287,14 @@ class TensorflowBackend(Backend):
     def sum(self, x): return self.tf.reduce_sum(x)
     def sum_rows(self, x): return self.tf.reduce_sum(x, axis=1)
     def max(self, x): return self.tf.reduce_max(x)
+    def min(self, x): return self.tf.reduce_min(x)
+    def all_finite(self, x):
+        ok = self.tf.reduce_all(self.tf.math.is_finite(x))
+        return bool(ok) if self.eager() else ok
+    def isfinite(self, x): return self.tf.math.is_finite(x)
+    def finite_or_zero(self, x):
+        return self.tf.where(self.tf.math.is_finite(x), x, self.tf.zeros_like(x))
+    def nan_like(self, x): return self.tf.fill(self.tf.shape(x), self.tf.constant(float("nan"), x.dtype))
     def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
     def gather(self, x, idx): return self.tf.gather(x, idx)
     def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values
@@ -259,6 +305,8 @@ class TensorflowBackend(Backend):
     def cumsum(self, x): return self.tf.cumsum(x)
     def scatter_add(self, n, idx, values):
         return self.tf.math.unsorted_segment_sum(values, idx, n)
+    def scatter_add_into(self, out, idx, values):
+        return self.tf.tensor_scatter_nd_add(out, self.tf.reshape(idx, (-1, 1)), values)
     def count(self, mask):
         return self.tf.math.count_nonzero(mask, dtype=self.tf.int64)
     def xor(self, a, b): return self.tf.bitwise.bitwise_xor(a, b)

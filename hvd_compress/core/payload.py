@@ -8,22 +8,86 @@ A payload holds up to four segments, all 1-D tensors on the gradient's device:
 * ``values``  -- the kept values, in the gradient dtype or a cast of it;
 * ``codes``   -- bit-packed integer codes (signs, quantization levels) as uint8.
 
-On the wire a payload is one contiguous uint8 buffer: an 8-byte header (entry count as
-uint32, index width, value dtype, code width, level) followed by the segments ordered by item size, largest
-first, so every segment is naturally aligned and no padding is needed. Varint indices add
-an 8-byte length after the header. ``wire_bits`` is exactly ``8 * len(buffer)``: what a
-collective moves, header included.
+On the wire a payload is one contiguous uint8 buffer, little-endian throughout: a
+24-byte header, then (for varint indices) the int64 byte length of the index stream, then
+the segments ordered by item size, largest first, so every segment is naturally aligned
+and no padding is needed. ``wire_bits`` is exactly ``8 * len(buffer)``: what a collective
+moves, header included.
+
+The header (version 1)::
+
+    byte  0      magic 0xC5
+    byte  1      format version (1)
+    byte  2      flags: bit 0 = the sender's tensor held a NaN or an infinity
+    byte  3      index width: 4 (int32), 8 (int64), 1 (varint)
+    byte  4      value dtype code (0 none, 1 float16, 2 bfloat16, 3 float32, 4 float64, 5 uint8)
+    byte  5      code width in bits (0 without codes)
+    bytes 6-7    level, uint16 (a per-rank level such as QSGD's s; 0 when fixed)
+    bytes 8-11   entry count, uint32 (tensors of 2**32 entries or more are refused)
+    bytes 12-23  the sender's :class:`Stamp`: three uint32 fingerprints of its spec,
+                 the tensor's name, shape and dtype, and its seed and transport
+
+A receiver checks every field against its own layout for the same tensor and raises
+:class:`HvdCompressError` naming the tensor and the ranks that differ: ranks that disagree
+on the spec, the seed or the shape fail loudly on every rank instead of decoding
+garbage. Hosts must be little-endian (every platform Horovod runs on is).
 """
 from __future__ import annotations
 
+import struct
+import sys
+import zlib
 from typing import NamedTuple
+
+import numpy as np
 
 from ..errors import HvdCompressError
 from .ops import ITEMSIZE
-from .varint import decode_sorted
+from .varint import check_stream, decode_sorted
 
-HEADER_BYTES = 8
+MAGIC = 0xC5
+VERSION = 1
+HEADER_BYTES = 24
+FLAG_NONFINITE = 1
+MAX_COUNT = (1 << 32) - 1
 _DTYPE_CODE = {None: 0, "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5}
+_HEAD = struct.Struct("<BBBBBBHIIII")  # the header layout above
+
+if sys.byteorder != "little":  # segments are bitcast in place, so the host order is the wire's
+    raise HvdCompressError("hvd_compress's wire format is little-endian; this host is not")
+
+
+_STAMP_FIELDS = ("compression spec", "name, shape or dtype", "seed or transport")
+
+
+class Stamp(NamedTuple):
+    """Fingerprints a receiver compares with its own: (spec; tensor name, shape and dtype;
+    seed and transport), each a CRC-32 of its text."""
+    spec: int = 0
+    layout: int = 0
+    origin: int = 0
+
+    @classmethod
+    def of(cls, spec: str, name: str, shape, dtype: str, seed: int, transport: str) -> "Stamp":
+        crc = lambda s: zlib.crc32(s.encode())  # noqa: E731
+        return cls(crc(spec), crc(f"{name}:{tuple(int(s) for s in shape)}:{dtype}"),
+                   crc(f"{int(seed)}:{transport}"))
+
+
+def check_stamps(what: str, stamps, mine: str):
+    """Raise :class:`HvdCompressError` (identically on every rank that calls it with the
+    same gathered ``stamps``, one per rank) when the ranks' fingerprints differ; ``mine``
+    describes this rank's configuration for the message."""
+    if all(s == stamps[0] for s in stamps):
+        return
+    differ = [f for i, f in enumerate(_STAMP_FIELDS) if len({s[i] for s in stamps}) > 1]
+    groups: dict = {}
+    for r, s in enumerate(stamps):
+        groups.setdefault(tuple(s), []).append(r)
+    raise HvdCompressError(
+        f"ranks disagree on the {' and '.join(differ)} of {what}: ranks "
+        f"{' vs '.join(str(g) for g in sorted(groups.values()))} (this rank: {mine}); "
+        "every rank must compress it the same way")
 
 
 class Payload(NamedTuple):
@@ -94,20 +158,41 @@ def _itemsize(dtype: str) -> int:
     return ITEMSIZE[dtype]
 
 
+def _index_width(p: Payload) -> int:
+    return 1 if p.varint else ITEMSIZE[p.index_dtype]
+
+
 def index_dtype_for(d: int) -> str:
     """int32 indices when every position fits, int64 otherwise."""
     return "int32" if d < (1 << 31) else "int64"
 
 
-def pack(bk, p: Payload):
-    """Serialise a payload into one contiguous uint8 buffer on its device."""
+def pack(bk, p: Payload, stamp: Stamp = Stamp(), flags=0):
+    """Serialise a payload into one contiguous uint8 buffer on its device.
+
+    ``stamp`` identifies the sender's configuration (see :class:`Stamp`); ``flags`` is an
+    int or, inside a graph, a uint8 tensor (``FLAG_NONFINITE``)."""
     like = p.values if p.values is not None else (p.codes if p.codes is not None else p.scales)
     value_code = _DTYPE_CODE[None if p.values is None else _value_dtype_name(bk, p.values)]
-    count = bk.astype(bk.reshape(bk.constant([0], "int64", like) + p.count, (1,)), "int32") \
-        if not isinstance(p.count, int) else bk.constant([p.count], "int32", like)
-    width = 0 if p.varint else ITEMSIZE[p.index_dtype]
-    flags = bk.constant([width, value_code, p.code_bits, p.level], "uint8", like)
-    parts = [bk.bitcast(count, "uint8"), flags]
+    if isinstance(p.count, int) and p.count > MAX_COUNT:
+        raise HvdCompressError(f"a payload of {p.count} entries exceeds the wire format's "
+                               f"limit of {MAX_COUNT} (a uint32 count); split the tensor")
+    if not 0 <= p.level < (1 << 16):
+        raise HvdCompressError(f"payload level {p.level} does not fit the header's uint16")
+    dynamic_flags = not isinstance(flags, int)
+    if isinstance(p.count, int) and not dynamic_flags:  # the common case: one constant
+        head = _HEAD.pack(MAGIC, VERSION, flags, _index_width(p), value_code, p.code_bits,
+                          p.level, p.count, *stamp)
+        parts = [bk.constant(list(head), "uint8", like)]
+    else:  # count or flags are graph tensors
+        count = bk.reshape(bk.astype(bk.constant([0], "int64", like) + p.count, "int64"), (1,))
+        flag = bk.reshape(bk.astype(flags, "uint8"), (1,)) if dynamic_flags \
+            else bk.constant([flags], "uint8", like)
+        fixed = _HEAD.pack(MAGIC, VERSION, 0, _index_width(p), value_code, p.code_bits,
+                           p.level, 0, *stamp)
+        parts = [bk.constant(list(fixed[:2]), "uint8", like), flag,
+                 bk.constant(list(fixed[3:8]), "uint8", like),
+                 bk.bitcast(count, "uint8")[:4], bk.constant(list(fixed[12:]), "uint8", like)]
     if p.varint:
         parts.append(bk.bitcast(bk.reshape(bk.astype(bk.constant([0], "int64", like) +
                                                      bk.size(p.index_code), "int64"), (1,)),
@@ -119,74 +204,233 @@ def pack(bk, p: Payload):
     return bk.concat(parts)
 
 
-def unpack(bk, buf, template: Payload, count=None):
-    """Rebuild a payload from a buffer made by :func:`pack`.
+class Header(NamedTuple):
+    """A decoded header (see the module docstring)."""
+    flags: int
+    index_width: int
+    value_code: int
+    code_bits: int
+    level: int
+    count: int
+    stamp: Stamp
+    varint_bytes: int = 0
 
-    ``template`` is the receiver's own payload layout for the same tensor (shape, dtypes,
-    which segments exist and their lengths as a function of the count). ``count`` is read
-    from the header when not given.
-    """
-    if count is None:
-        count = _read_count(bk, buf)
-    if template.level:  # per-rank level: its code width and level are in the header
-        head = bk.to_numpy(buf[6:8])
-        template = template._replace(code_bits=int(head[0]), level=int(head[1]))
+
+def read_header(raw, name: str = "", rank=None) -> Header:
+    """Parse the header bytes (numpy uint8, 24 or 32 for varint) of one rank's buffer;
+    refuses anything that is not a version-1 hvd_compress header."""
+    raw = np.asarray(raw, np.uint8)
+    where = _where(name, rank)
+    if raw.size < HEADER_BYTES:
+        raise HvdCompressError(f"{where}: {raw.size} bytes cannot hold a {HEADER_BYTES}-byte "
+                               "payload header (a truncated or foreign buffer)")
+    magic, version, flags, width, vcode, code_bits, level, count, *stamp = \
+        _HEAD.unpack(raw[:HEADER_BYTES].tobytes())
+    if magic != MAGIC:
+        raise HvdCompressError(f"{where}: not an hvd_compress payload (magic byte {magic:#04x}, "
+                               f"expected {MAGIC:#04x})")
+    if version != VERSION:
+        raise HvdCompressError(f"{where}: wire format version {version}, this hvd_compress "
+                               f"reads version {VERSION}; run one hvd_compress version on "
+                               "every rank")
+    varint_bytes = 0
+    if width == 1:
+        if raw.size < HEADER_BYTES + 8:
+            raise HvdCompressError(f"{where}: truncated varint length")
+        varint_bytes = int(raw[HEADER_BYTES:HEADER_BYTES + 8].view("<i8")[0])
+    return Header(flags, width, vcode, code_bits, level, count, Stamp(*stamp), varint_bytes)
+
+
+def check_header(h: Header, template: Payload, expect, name: str = "", rank=None, bk=None):
+    """Compare a received header with the receiver's own layout for the same tensor.
+
+    ``expect`` is the receiver's :class:`Stamp` (None skips the fingerprints)."""
+    where = _where(name, rank)
+    if expect is not None and h.stamp != expect:
+        differ = [what for what, a, b in zip(_STAMP_FIELDS, h.stamp, expect) if a != b]
+        raise HvdCompressError(
+            f"{where}: ranks disagree on the {' and '.join(differ)} of this tensor; every "
+            f"rank must compress it with the same spec, seed and shape")
+    if h.flags & ~FLAG_NONFINITE:
+        raise HvdCompressError(f"{where}: unknown header flags {h.flags:#04x}")
+    mine = (_index_width(template), _DTYPE_CODE[None if template.values is None else
+                                                _value_dtype_name(bk, template.values)])
+    if (h.index_width, h.value_code) != mine:
+        raise HvdCompressError(f"{where}: index width / value dtype code {h.index_width, h.value_code}"
+                               f" differ from this rank's {mine}")
+    if template.level:
+        if not 1 <= h.level or not 2 <= h.code_bits <= 16 or (1 << (h.code_bits - 1)) <= h.level:
+            raise HvdCompressError(f"{where}: level {h.level} does not fit {h.code_bits}-bit codes")
+    elif (h.code_bits, h.level) != (template.code_bits, template.level):
+        raise HvdCompressError(f"{where}: code width {h.code_bits} and level {h.level} differ "
+                               f"from this rank's {template.code_bits} and {template.level}")
+    numel = _numel(template.shape)
+    sparse = template.indices is not None or template.varint
+    dense_count = template.count if isinstance(template.count, int) else h.count
+    if (sparse and h.count > numel) or (not sparse and h.count != dense_count):
+        raise HvdCompressError(f"{where}: {h.count} entries do not fit a tensor of {numel}")
+    if template.varint and not h.count <= h.varint_bytes <= 9 * h.count:
+        raise HvdCompressError(f"{where}: a varint stream of {h.varint_bytes} bytes cannot hold "
+                               f"{h.count} positions")
+
+
+def unpack(bk, buf, template: Payload, expect=None, name: str = ""):
+    """Rebuild a payload from a buffer made by :func:`pack`, checking its header against
+    ``template`` (the receiver's own payload for the same tensor) and ``expect`` (a
+    :class:`Stamp`, or None to skip the fingerprints).
+
+    Eagerly every field, length and index is checked, so a malformed buffer raises
+    :class:`HvdCompressError` and is never read out of bounds. Inside a graph the sizes
+    come from the header as tensors and the checks run as a host callback when the step
+    runs."""
+    return unpack_flagged(bk, buf, template, expect, name)[0]
+
+
+def unpack_flagged(bk, buf, template: Payload, expect=None, name: str = "", rank=None):
+    """:func:`unpack`, also returning the header's flags (``rank`` names the sender in
+    errors)."""
+    if not bk.eager():
+        return _unpack_graph(bk, buf, template, expect, name, rank)
+    raw = bk.to_numpy(buf[:HEADER_BYTES + 8]) if bk.size(buf) >= HEADER_BYTES + 8 \
+        else bk.to_numpy(buf)
+    h = read_header(raw, name, rank)
+    check_header(h, template, expect, name, rank, bk)
+    t = template._replace(code_bits=h.code_bits, level=h.level) if template.level else template
+    sizes = template_sizes(t, h.count)
+    if t.varint:
+        sizes["indices"] = h.varint_bytes
+    total = _header_bytes(t) + sum(sizes[s] * _itemsize(dt) for s, _, dt in t.segments(bk))
+    if bk.size(buf) != total:
+        raise HvdCompressError(f"{_where(name, rank)}: buffer of {bk.size(buf)} bytes, its header "
+                               f"describes {total}")
+    fields = _segments(bk, buf, t, sizes, h.count)
+    numel = _numel(t.shape)
+    if t.varint:
+        check_stream(bk.to_numpy(fields["index_code"]), h.count, numel, _where(name, rank))
+    elif fields["indices"] is not None and h.count:
+        idx = fields["indices"]
+        if int(bk.min(idx)) < 0 or int(bk.max(idx)) >= numel:
+            raise HvdCompressError(f"{_where(name, rank)}: an index lies outside the tensor's "
+                                   f"{numel} entries")
+    if t.varint:
+        fields["indices"] = decode_sorted(bk, fields["index_code"], h.count)
+    return t._replace(count=h.count, **fields), h.flags
+
+
+def _segments(bk, buf, t: Payload, sizes, count):
+    fields = {k: None for k in ("values", "indices", "codes", "scales", "index_code")}
+    offset = _header_bytes(t)
+    for name, _, dt in t.segments(bk):
+        nbytes = sizes[name] * _itemsize(dt)
+        seg = bk.bitcast(buf[offset:offset + nbytes], dt)
+        if name == "indices" and t.varint:
+            fields["index_code"] = seg
+        elif name == "indices":
+            fields["indices"] = bk.astype(seg, "int64")
+        else:
+            fields[name] = seg
+        offset = offset + nbytes
+    return fields
+
+
+def _unpack_graph(bk, buf, template, expect, name, rank):
+    """Graph-mode unpack: sizes are tensors read from the header; a host callback checks
+    the header when the step runs (its result, the flags, feeds the update)."""
+    tf = bk.tf
+    head = buf[:HEADER_BYTES + (8 if template.varint else 0)]
+
+    def check(raw):
+        h = read_header(raw, name, rank)
+        check_header(h, template, expect, name, rank, bk)
+        return np.uint8(h.flags)
+
+    flags = tf.numpy_function(check, [head], tf.uint8, stateful=True,
+                              name="hvd_compress_check_header")
+    dense = template.indices is None and not template.varint
+    count = template.count if dense and isinstance(template.count, int) else \
+        _read_int(bk, buf[8:12], "int32")  # a dense payload's count is the tensor's size
     sizes = template_sizes(template, count)
     if template.varint:
         sizes["indices"] = _read_int(bk, buf[HEADER_BYTES:HEADER_BYTES + 8], "int64")
-    fields = {}
-    offset = _header_bytes(template)
-    for name, _, dt in template.segments(bk):
-        n = sizes[name]
-        nbytes = n * _itemsize(dt)
-        raw = buf[offset:offset + nbytes]
-        t = bk.bitcast(raw, dt)
-        if name == "indices" and template.varint:
-            fields["index_code"] = t
-            t = decode_sorted(bk, t, count)
-        elif name == "indices":
-            t = bk.astype(t, "int64")
-        fields[name] = t
-        offset = offset + nbytes
-    return template._replace(count=count, **{k: fields.get(k) for k in
-                                             ("values", "indices", "codes", "scales",
-                                              "index_code")})
+    with tf.control_dependencies([flags]):
+        buf = tf.identity(buf)
+    fields = _segments(bk, buf, template, sizes, count)
+    if template.varint:
+        fields["indices"] = decode_sorted(bk, fields["index_code"], count)
+    return template._replace(count=count, **fields), flags
 
 
-def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool):
+def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool, expect=None,
+                   name: str = ""):
     """Cut the concatenation of n ranks' buffers into n payloads shaped like ``template``.
 
-    Equal-size payloads (``fixed_size``) are cut at multiples of the local length; for
-    variable-size ones each rank's length is read from its header in turn.
-    """
-    payloads = []
-    if fixed_size:
-        nbytes = template.wire_bytes(bk)
-        for r in range(n):
-            payloads.append(unpack(bk, gathered[r * nbytes:(r + 1) * nbytes], template,
-                                   template.count))
-        return payloads
-    offset = 0
+    Returns ``(payloads, flags)``: flags per rank (ints, or a tensor inside a graph).
+    Equal-size payloads (``fixed_size``) are cut at multiples of the local length; other
+    ones (and equal-size ones whose total length is off) by reading each rank's header in
+    turn. Every header is checked (see :func:`unpack`)."""
+    nbytes = template.wire_bytes(bk)
+    total = bk.size(gathered)
+    if fixed_size and (not bk.eager() or total == n * nbytes):
+        cuts = [(r * nbytes, (r + 1) * nbytes) for r in range(n)]
+    elif bk.eager():
+        cuts = _walk(bk, gathered, template, n, name)
+    else:
+        cuts = _walk_graph(bk, gathered, template, n)
+    payloads, flags = [], []
+    for r, (a, b) in enumerate(cuts):
+        p, f = unpack_flagged(bk, gathered[a:b], template, expect, name, r)
+        payloads.append(p)
+        flags.append(f)
+    if not bk.eager():
+        flags = bk.tf.stack(flags)
+    return payloads, flags
+
+
+def _walk(bk, gathered, template, n, name):
+    """Eager cut points of n variable-size buffers, read header by header."""
+    cuts, offset, total = [], 0, bk.size(gathered)
+    for r in range(n):
+        raw = bk.to_numpy(gathered[offset:offset + HEADER_BYTES + 8])
+        h = read_header(raw, name, r)
+        t = template._replace(code_bits=h.code_bits, level=h.level) if template.level \
+            else template
+        sizes = template_sizes(t, h.count)
+        if template.varint:
+            sizes["indices"] = h.varint_bytes
+        nbytes = _header_bytes(t) + sum(sizes[s] * _itemsize(dt) for s, _, dt in t.segments(bk))
+        if offset + nbytes > total:
+            raise HvdCompressError(f"{_where(name, r)}: its header describes {nbytes} bytes, "
+                                   f"only {total - offset} arrived")
+        cuts.append((offset, offset + nbytes))
+        offset += nbytes
+    if offset != total:
+        raise HvdCompressError(f"{_where(name, None)}: {total - offset} bytes left after "
+                               f"{n} payloads")
+    return cuts
+
+
+def _walk_graph(bk, gathered, template, n):
+    """Graph-mode cut points: lengths follow from each header's count (tensors)."""
+    cuts, offset = [], 0
+    dense = template.indices is None and not template.varint
     for _ in range(n):
-        count = _read_count(bk, gathered[offset:offset + 4])
-        code_bits = int(bk.to_numpy(gathered[offset + 6:offset + 7])[0]) if template.level \
-            else template.code_bits
-        sizes = template_sizes(template._replace(code_bits=code_bits), count)
+        count = template.count if dense and isinstance(template.count, int) else \
+            _read_int(bk, gathered[offset + 8:offset + 12], "int32")
+        sizes = template_sizes(template, count)
         if template.varint:
             sizes["indices"] = _read_int(bk, gathered[offset + HEADER_BYTES:
                                                       offset + HEADER_BYTES + 8], "int64")
-        nbytes = _header_bytes(template) + sum(sizes[name] * _itemsize(dt)
-                                               for name, _, dt in template.segments(bk))
-        payloads.append(unpack(bk, gathered[offset:offset + nbytes], template, count))
-        offset += nbytes
-    return payloads
-
-
-def _read_count(bk, buf):
-    return _read_int(bk, buf[:4], "int32")
+        nbytes = _header_bytes(template) + sum(sizes[s] * _itemsize(dt)
+                                               for s, _, dt in template.segments(bk))
+        cuts.append((offset, offset + nbytes))
+        offset = offset + nbytes
+    return cuts
 
 
 def _read_int(bk, buf, dtype):
+    if dtype == "int32":  # the count is a uint32: widen its four bytes to eight
+        buf = bk.concat([buf, bk.zeros(4, "uint8", buf)])
+        dtype = "int64"
     c = bk.reshape(bk.bitcast(buf, dtype), ())
     return int(c) if bk.eager() else bk.astype(c, "int64")
 
@@ -203,6 +447,18 @@ def template_sizes(template: Payload, count):
 
 def _static_len(t):
     return int(t.shape[0])
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _where(name, rank) -> str:
+    who = f"tensor {name!r}" if name else "payload"
+    return who if rank is None else f"{who} from rank {rank}"
 
 
 def _value_dtype_name(bk, v):

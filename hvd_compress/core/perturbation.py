@@ -10,8 +10,8 @@ negative-curvature direction, which then grows.
 """
 from __future__ import annotations
 
-from ..errors import HvdCompressError
 from .algorithm import Algorithm
+from .compressor import check_float
 from .registry import register
 from .rng import Key, normal
 
@@ -27,9 +27,7 @@ class Perturb(Algorithm):
     """
 
     def __init__(self, radius=1e-3):
-        if not float(radius) > 0:
-            raise HvdCompressError(f"perturb: radius={radius!r} must be positive")
-        self.radius = radius
+        self.radius = check_float("perturb", "radius", radius)
 
     def apply(self, bk, g, key: Key):
         d = bk.size(g)

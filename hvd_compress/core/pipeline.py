@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from ..errors import HvdCompressError
 from .casts import Identity
-from .compressor import Compressor
+from .compressor import Compressor, check_int
 from .feedback import Feedback
 from .registry import lookup
 from .rng import Key
@@ -51,9 +51,7 @@ class Pipeline:
         if policy is not None:
             policy.check(self.compressor)
         self.feedback, self.policy = feedback, policy
-        if int(dense_steps) != dense_steps or dense_steps < 0:
-            raise HvdCompressError(f"dense_steps={dense_steps!r} must be an integer >= 0")
-        self.dense_steps = int(dense_steps)
+        self.dense_steps = check_int("warmup", "dense_steps", dense_steps, 0)
         self._dense = Identity()
 
     def spec(self) -> str:
@@ -181,6 +179,8 @@ def resolve_pipeline(obj) -> Pipeline:
         if name == "warmup":
             if len(args) != 1 or kwargs:
                 raise HvdCompressError(f"spec {obj!r}: warmup takes one value, the step count")
+            if [stage[0] for stage in stages].count("warmup") > 1:
+                raise HvdCompressError(f"spec {obj!r}: at most one warmup per pipeline")
             dense_steps = args[0]
             continue
         kind, _ = lookup(name, ("feedback", "policy", "perturbation"))

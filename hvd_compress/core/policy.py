@@ -41,6 +41,7 @@ import math
 
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
+from .compressor import check_bool, check_float, check_int
 from .quantizers import QSGD
 from .registry import register
 from .sparsifiers import Bernoulli, TopK
@@ -74,16 +75,25 @@ class Dynamic(Algorithm):
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
         if cost not in _COSTS:
             raise HvdCompressError(f"dynamic: cost={cost!r} must be one of {', '.join(_COSTS)}")
+        c0, b = check_float("dynamic", "c0", c0, zero_ok=True), check_float("dynamic", "b", b)
+        packet = check_int("dynamic", "packet", packet, 1)
+        header = check_int("dynamic", "header", header, 0)
+        # beta > 0 and n >= 2, or the allgather cost would not grow with k (or be zero)
+        alpha = check_float("dynamic", "alpha", alpha, zero_ok=True)
+        beta = check_float("dynamic", "beta", beta)
+        n = check_int("dynamic", "n", n, 2)
+        kmin, kmax = check_int("dynamic", "kmin", kmin), check_int("dynamic", "kmax", kmax, 0)
         if kmin < 1 or (kmax and kmax < kmin):
             raise HvdCompressError(f"dynamic: need 1 <= kmin <= kmax, got kmin={kmin}, "
                                    f"kmax={kmax}")
         if cost == "packet" and packet - header < b:
             raise HvdCompressError(f"dynamic: packet={packet} minus header={header} bits "
-                                   f"cannot hold one {b}-bit entry")
+                                   f"cannot hold one {b:g}-bit entry")
         self.cost, self.c0, self.b = cost, c0, b
         self.packet, self.header = packet, header
         self.alpha, self.beta, self.n = alpha, beta, n
-        self.kmin, self.kmax, self.agree = kmin, kmax, bool(agree)
+        self.kmin, self.kmax = kmin, kmax
+        self.agree = check_bool("dynamic", "agree", agree)
 
     def check(self, compressor):
         if not isinstance(compressor, (TopK, QSGD, Bernoulli)):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import HvdCompressError
 from .bits import pack_codes, unpack_codes
-from .compressor import Compressor
+from .compressor import Compressor, check_int
 from .payload import Payload
 from .registry import register
 from .rng import Key, uniform
@@ -26,7 +25,7 @@ class _Stochastic(Compressor):
     stochastic = True
 
     def __init__(self, seed=0):
-        self.seed = int(seed)
+        self.seed = check_int(self.name, "seed", seed)
 
     def _uniform(self, bk, d, key: Key, like):
         return uniform(bk, d, key._replace(seed=key.seed ^ self.seed), like)
@@ -48,19 +47,18 @@ class QSGD(_Stochastic):
       seed: user seed of the rounding noise.
     """
     def __init__(self, s=7, bucket=512, seed=0):
-        if int(s) != s or not 1 <= s <= 32767:
-            raise HvdCompressError(f"qsgd: s={s!r} must be an integer in [1, 32767]")
-        if int(bucket) != bucket or bucket < 1:
-            raise HvdCompressError(f"qsgd: bucket={bucket!r} must be an integer >= 1")
-        self.s, self.bucket, self.seed = int(s), int(bucket), int(seed)
+        self.s = check_int("qsgd", "s", s, 1, 32767)
+        self.bucket = check_int("qsgd", "bucket", bucket, 1)
+        self.seed = check_int("qsgd", "seed", seed)
         self.width = 1 + max(1, math.ceil(math.log2(self.s + 1)))
 
     def _rows(self, bk, v, d):
-        nb = -(-d // self.bucket)
-        pad = nb * self.bucket - d
+        width = min(self.bucket, d) if isinstance(d, int) else self.bucket  # never pad past d
+        nb = -(-d // width)
+        pad = nb * width - d
         if pad:
             v = bk.concat([v, bk.zeros(pad, "float32", v)])
-        return bk.reshape(v, (nb, self.bucket)), nb
+        return bk.reshape(v, (nb, width)), nb
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
@@ -69,6 +67,9 @@ class QSGD(_Stochastic):
         norms = bk.sum_rows(rows * rows) ** 0.5
         inv = bk.where(norms > 0, self.s / bk.where(norms > 0, norms, norms + 1), norms)
         r = bk.flatten(bk.abs(rows) * bk.reshape(inv, (-1, 1)))[:d]
+        # |x_j| s / ||bucket|| can round above s (a bucket's largest entry): level s + 1
+        # would not fit the code width
+        r = bk.where(r > self.s, r * 0.0 + self.s, r)
         lo = bk.floor(r)
         u = self._uniform(bk, d, key, v)
         level = lo + bk.astype(u < r - lo, "float32")

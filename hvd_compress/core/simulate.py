@@ -7,7 +7,8 @@ decodes the same mean into the same update.
 """
 from __future__ import annotations
 
-from .ops import backend_for
+from .exchange import Exchange
+from .ops import ITEMSIZE, backend_for
 from .pipeline import resolve_pipeline
 from .rng import Key
 
@@ -20,9 +21,14 @@ class Workers:
       n: number of workers.
       seed: the seed every stochastic draw mixes in (as the frontends' ``seed``).
       name: the tensor name keys are drawn for.
+      wire: go through the frontends' whole path instead of the payload objects: one
+        :class:`~hvd_compress.core.exchange.Exchange` per worker, packed buffers
+        concatenated as an allgather would (or summed in rank order as an allreduce
+        would), then every header checked and decoded. ``bits`` then counts what each
+        worker handed to the collective.
     """
 
-    def __init__(self, pipeline, n: int, seed: int = 0, name: str = "x"):
+    def __init__(self, pipeline, n: int, seed: int = 0, name: str = "x", wire: bool = False):
         self.pipe = resolve_pipeline(pipeline)
         self.n, self.seed, self.name = n, seed, name
         self.states = None
@@ -30,9 +36,13 @@ class Workers:
         self.step_count = 0
         self.bits = []  # per step: bits each worker sent (list of n ints)
         self.last = []  # the payloads of the latest step, one per worker
+        self.exchanges = [Exchange(self.pipe, seed, transport="simulated")
+                          for _ in range(n)] if wire else None
 
     def step(self, grads):
         """The update every worker applies, given each worker's flat gradient."""
+        if self.exchanges is not None:
+            return self._wire_step(grads)
         bk = backend_for(grads[0])
         if self.states is None:
             self.states = [self.pipe.init(bk, g) for g in grads]
@@ -55,6 +65,32 @@ class Workers:
             update = u if update is None else update
         self.step_count += 1
         return update
+
+    def _wire_step(self, grads):
+        bk = backend_for(grads[0])
+        outs = [ex.begin(bk, self.name, g, r) for r, (ex, g) in enumerate(zip(self.exchanges,
+                                                                               grads))]
+        self.bits.append([8 * int(bk.size(o.wire)) * (1 if not o.by_allreduce else
+                                                      ITEMSIZE[bk.dtype(o.wire)])
+                          for o in outs])
+        self.last, self.last_codec = [o.payload for o in outs], outs[0].codec
+        if outs[0].by_allreduce:
+            total = outs[0].wire
+            for o in outs[1:]:
+                total = total + o.wire
+            total = total * (1.0 / self.n)
+            updates = [ex.finish_allreduced(bk, total, o, self.n, summed=False)
+                       for ex, o in zip(self.exchanges, outs)]
+        else:
+            gathered = bk.concat([o.wire for o in outs])
+            updates = [ex.finish_gathered(bk, gathered, o, self.n, summed=False)
+                       for ex, o in zip(self.exchanges, outs)]
+        if outs[0].proposal is not None:
+            mean = sum(float(o.proposal) for o in outs) / self.n
+            for ex in self.exchanges:
+                ex.agree(self.name, mean)
+        self.step_count += 1
+        return updates[0]
 
 
 def adiana(grads, x0, L: float, mu: float, compressor, n: int, steps: int, seed: int = 0,

@@ -1,8 +1,8 @@
 """Sparsifiers: send k (index, value) pairs instead of d values.
 
 All three travel as int32 indices (int64 when d >= 2**31) plus values in the gradient dtype
-(or a cast given by ``values=``), so the wire cost is ``64 + k * (32 + value bits)`` bits
-for fp32 gradients with a 64-bit header. ``indices=varint`` sends the gaps between sorted
+(or a cast given by ``values=``), so the wire cost is ``192 + k * (32 + value bits)`` bits
+with the 24-byte header (:mod:`hvd_compress.core.payload`). ``indices=varint`` sends the gaps between sorted
 positions as varints instead: about 10 bits per index at 1% density (plus a 64-bit
 length), at the price of payload sizes that differ across ranks. Positions differ across
 ranks, so sparse payloads go through an allgather, never through a dense allreduce.
@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 from ..errors import HvdCompressError
-from .compressor import Compressor, check_ratio, resolve_k
+from .compressor import (Compressor, check_bool, check_float, check_int, check_ratio,
+                         resolve_k)
 from .payload import Payload
 from .registry import register
 from .rng import Key, random_bits, uniform
@@ -43,18 +44,29 @@ class _Sparse(Compressor):
             vals = bk.astype(vals, self.values)
         if self.indices == "varint":
             return Payload(shape=shape, dtype=dtype, count=bk.size(idx), values=vals,
-                           indices=idx, index_dtype="varint", index_code=encode_sorted(bk, idx))
+                           indices=idx, index_dtype="varint", index_code=encode_sorted(bk, idx, d))
         return Payload(shape=shape, dtype=dtype, count=bk.size(idx), values=vals, indices=idx,
                        index_dtype=self._index_dtype(d))
 
     def decode_flat(self, bk, p):
-        return bk.scatter_add(_numel(p.shape), p.indices, p.values)
+        return bk.scatter_add(_numel(p.shape), p.indices, _wide(bk, p.values))
 
     def aggregate(self, bk, payloads):
-        # one scatter-add over every rank's pairs instead of one dense tensor per rank
-        idx = bk.concat([p.indices for p in payloads])
-        vals = bk.concat([p.values for p in payloads])
-        return bk.scatter_add(_numel(payloads[0].shape), idx, vals)
+        # rank by rank, in rank order: within one payload every position is distinct, so
+        # no two additions race, and every rank adds the same numbers in the same order
+        # (bit-identical sums on CPU and GPU alike)
+        total = None
+        for p in payloads:
+            total = bk.scatter_add(_numel(p.shape), p.indices, _wide(bk, p.values)) \
+                if total is None else bk.scatter_add_into(total, p.indices, _wide(bk, p.values))
+        return total
+
+
+def _wide(bk, values):
+    """Values as they are summed: 16-bit wire casts widen to float32 (numpy's bfloat16
+    is a bit pattern that must never be added as integers)."""
+    return bk.astype(values, "float32") if bk.dtype(values) in ("float16", "bfloat16", "uint16") \
+        else values
 
 
 def _check_formats(owner, values, indices):
@@ -93,9 +105,8 @@ class TopK(_Sparse):
     bias = "contractive"
 
     def __init__(self, ratio=0.01, k=None, values=None, indices=None):
-        check_ratio("topk", ratio)
-        if k is not None and k <= 0:
-            raise HvdCompressError(f"topk: k={k} must be a positive integer")
+        k = None if k is None else check_int("topk", "k", k, 1)
+        ratio = check_ratio("topk", ratio, k)
         _check_formats("topk", values, indices)
         self.ratio, self.k, self.values, self.indices = ratio, k, values, indices
 
@@ -137,12 +148,13 @@ class RandK(_Sparse):
 
     def __init__(self, ratio=0.01, k=None, scaled=False, shared=False, seed=0, values=None,
                  indices=None):
-        check_ratio("randk", ratio)
-        if k is not None and k <= 0:
-            raise HvdCompressError(f"randk: k={k} must be a positive integer")
+        k = None if k is None else check_int("randk", "k", k, 1)
+        ratio = check_ratio("randk", ratio, k)
         _check_formats("randk", values, indices)
-        self.ratio, self.k, self.scaled, self.shared = ratio, k, bool(scaled), bool(shared)
-        self.seed, self.values, self.indices = int(seed), values, indices
+        self.ratio, self.k, self.values, self.indices = ratio, k, values, indices
+        self.scaled = check_bool("randk", "scaled", scaled)
+        self.shared = check_bool("randk", "shared", shared)
+        self.seed = check_int("randk", "seed", seed)
         self.bias = "unbiased" if self.scaled else "contractive"
         self.summable = self.shared
 
@@ -190,10 +202,8 @@ class Threshold(_Sparse):
     size_fixed = False
 
     def __init__(self, lam=1e-3, values=None, indices=None):
-        if not float(lam) > 0:
-            raise HvdCompressError(f"threshold: lam={lam!r} must be positive")
         _check_formats("threshold", values, indices)
-        self.lam, self.values, self.indices = lam, values, indices
+        self.lam, self.values, self.indices = check_float("threshold", "lam", lam), values, indices
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
@@ -226,9 +236,9 @@ class Bernoulli(_Sparse):
     graph_safe = False  # the budget's lambda is solved on the host
 
     def __init__(self, ratio=0.01, seed=0, values=None, indices=None):
-        check_ratio("bernoulli", ratio)
         _check_formats("bernoulli", values, indices)
-        self.ratio, self.seed, self.values, self.indices = ratio, int(seed), values, indices
+        self.ratio, self.seed = check_ratio("bernoulli", ratio), check_int("bernoulli", "seed", seed)
+        self.values, self.indices = values, indices
 
     def probabilities(self, bk, a, budget: float):
         """p_j = min(1, a_j / lam) with sum_j p_j = budget (a = |x|), exactly.

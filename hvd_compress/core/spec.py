@@ -4,12 +4,15 @@ Grammar::
 
     spec  := stage ("+" stage)*
     stage := NAME [":" arg ("," arg)*]
-    arg   := VALUE | KEY "=" VALUE          VALUE: int, float, true/false, or a word
+    arg   := VALUE | KEY "=" VALUE          VALUE: int, float, true/false, none, or a word
 
 The first stage names a compressor; later stages name feedback rules or policies, e.g.
 ``"topk:0.01"``, ``"qsgd:s=15,bucket=256"``, ``"randk:0.05,scaled=true"``. Positional
-values fill the constructor's parameters in order. ``spec(obj)`` writes the canonical
-string back, and ``resolve`` accepts a spec or an object wherever either is expected.
+values fill the constructor's parameters in order. Numbers are ASCII decimals (``-3``,
+``0.5``, ``1e-3``, ``1e20``: no ``+`` in exponents, since ``+`` separates stages) or
+nan/inf, which every parameter refuses; anything else is a word, which numeric parameters
+refuse too. ``obj.spec()`` writes the canonical string back, ``resolve(obj.spec()) == obj``,
+and ``resolve`` accepts a spec or an object wherever either is expected.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from ..errors import HvdCompressError
 from .registry import lookup
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)(e-?[0-9]+)?|-?(inf|nan)", re.IGNORECASE)
+_PLUS_EXPONENT = re.compile(r"[0-9.]e\+[0-9]+", re.IGNORECASE)  # "1e+6": never a stage break
 
 
 def _value(text: str):
@@ -28,11 +34,10 @@ def _value(text: str):
         return low == "true"
     if low in ("none", "null"):
         return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
+    if _INT.fullmatch(text) and len(text) < 1000:  # int() refuses 4300 digits; float: inf
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
     return text
 
 
@@ -40,6 +45,10 @@ def parse(spec: str) -> list[tuple[str, list, dict]]:
     """Split a spec string into stages ``(name, positional args, keyword args)``."""
     if not isinstance(spec, str) or not spec.strip():
         raise HvdCompressError(f"empty compression spec {spec!r}; try e.g. 'topk:0.01'")
+    exponent = _PLUS_EXPONENT.search(spec)
+    if exponent:
+        raise HvdCompressError(f"spec {spec!r}: '+' separates stages; write the exponent "
+                               f"{exponent.group()!r} without it")
     stages = []
     for raw in spec.split("+"):
         raw = raw.strip()
@@ -82,7 +91,18 @@ def build(name: str, args: list, kwargs: dict, kinds, spec: str = ""):
             raise HvdCompressError(
                 f"spec {spec or name!r}: {name} has no parameter {k!r}; "
                 f"its parameters are {', '.join(sorted(names)) or '(none)'}")
-    return cls(*args, **kwargs)
+    for p, v in zip(params, args):
+        if p.name in kwargs:
+            raise HvdCompressError(
+                f"spec {spec or name!r}: {name} got {p.name} twice, as the positional "
+                f"argument {v!r} and as {p.name}={kwargs[p.name]!r}")
+    try:
+        return cls(*args, **kwargs)
+    except HvdCompressError:
+        raise
+    except (TypeError, ValueError) as e:  # a registered class that checks less than ours
+        raise HvdCompressError(f"spec {spec or name!r}: {name} refused its arguments: {e}") \
+            from e
 
 
 def resolve_compressor(obj):

@@ -55,6 +55,15 @@ class Compression:
       spec: ``"topk:0.01"``, ``"topk:0.01+ef21sgdm:eta=0.1"``, a compressor or a Pipeline.
       seed: seed of every stochastic draw (mixed with rank, variable name and step).
       measure_error: also log each step's relative compression error per variable.
+      nonfinite: ``"propagate"`` (default: a NaN or infinity in any rank's gradient gives
+        every rank a NaN gradient for that variable and leaves the feedback state as it
+        was, like dense Horovod, so a ``LossScaleOptimizer`` skips the step) or
+        ``"raise"`` (an error on every rank naming the variable and the ranks).
+
+    Ranks configured differently (spec, seed, shape) fail on every rank: each payload's
+    header carries the sender's fingerprints, checked when the step runs (inside a graph
+    the error surfaces as TensorFlow's ``InvalidArgumentError`` carrying the message;
+    this package's own tape and optimizer re-raise it as :class:`HvdCompressError`).
 
     Attributes:
       telemetry: one record per variable per executed step (bits sent, entries kept;
@@ -67,13 +76,15 @@ class Compression:
     state are part of training.
     """
 
-    def __init__(self, spec, seed: int = 0, measure_error: bool = False):
+    def __init__(self, spec, seed: int = 0, measure_error: bool = False,
+                 nonfinite: str = "propagate"):
         pipeline = resolve_pipeline(spec)
         # stages that choose on the host run eagerly, in one tf.py_function per step
         self.host_stages = pipeline.host_stages()
         kind = Exchange if self.host_stages else VariableExchange
         self.exchange = kind(pipeline, seed, measure_error=measure_error,
-                             allreduce_dtypes=("float16", "float32", "float64"))
+                             allreduce_dtypes=("float16", "float32", "float64"),
+                             nonfinite=nonfinite, transport="horovod")
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         codec = self.pipeline.compressor
@@ -86,10 +97,45 @@ class Compression:
         return f"hvd_compress.tensorflow.compression({self.pipeline.spec()!r})"
 
     def state_dict(self) -> dict:
-        return self.exchange.state_dict()
+        """Feedback state (numpy arrays) and step counters, and who wrote them (format,
+        rank, world size, spec, seed). For ``tf.train.Checkpoint`` see
+        :meth:`checkpointable`; for one file for all ranks :mod:`hvd_compress.checkpoint`."""
+        from ..checkpoint import map_tensors, sync_group, to_host
+        return map_tensors(sync_group(self).state_dict(), to_host)
 
-    def load_state_dict(self, state: dict):
-        self.exchange.load_state_dict(state)
+    def load_state_dict(self, state: dict, process_set=None):
+        """Resume from :meth:`state_dict`, now if the state's variables exist, else when
+        the first step creates them. Raises HvdCompressError (changing nothing) where
+        ``state`` holds feedback state of another rank or world size, or is of another
+        spec. ``process_set``: the Horovod process set this compression averages over,
+        where no step has told it yet (default: Horovod's global set)."""
+        from ..checkpoint import map_tensors, sync_group
+        ex = sync_group(self, process_set)
+        if not isinstance(ex, VariableExchange):  # host stages keep eager tensors
+            state = map_tensors(state, self._bk.tf.constant)
+        ex.load_state_dict(state)
+
+    def checkpointable(self, process_set=None):
+        """This compression's state as a ``tf.train.Checkpoint`` dependency:
+        ``tf.train.Checkpoint(model=model, compression=comp.checkpointable())`` (the same
+        object on every call). See :func:`hvd_compress.checkpoint.trackable`."""
+        from ..checkpoint import trackable
+        held = getattr(self, "_checkpointable", None)
+        if held is None or held.process_set is not process_set:
+            held = self._checkpointable = trackable(self, process_set)
+        return held
+
+    def _group(self, process_set=None):
+        """(rank, world size, allgather of picklable objects) of ``process_set`` (default:
+        Horovod's global set); None where Horovod is not initialized."""
+        import horovod.tensorflow as hvd
+        from ..checkpoint import allgather_objects
+        if not hvd.is_initialized():
+            return None
+        ps = hvd.global_process_set if process_set is None else process_set
+        tf = self._bk.tf
+        return ps.rank(), ps.size(), allgather_objects(lambda a, name: hvd.allgather(
+            tf.constant(a), name=name, process_set=ps, ignore_name_scope=True).numpy())
 
     # -- Horovod's Compressor interface ------------------------------------------------
     def compress(self, tensor):
@@ -177,7 +223,13 @@ class Compression:
         fn = self._compiled.get(key)
         if fn is None:
             fn = self._compiled[key] = tf.function(body)
-        return fn(grads)
+        try:
+            return fn(grads)
+        except tf.errors.InvalidArgumentError as e:  # raised by a host check in the graph
+            ours = re.search(r"HvdCompressError: (.+)", str(e))
+            if ours is None:
+                raise
+            raise HvdCompressError(ours.group(1)) from e
 
     def _exchange(self, name, tensor, op, process_set, predivide=1.0):
         """Compress ``tensor``, move every rank's payload, return the update."""
@@ -308,7 +360,8 @@ def _horovod_caller(tensor):
     return None
 
 
-def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> Compression:
+def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
+                nonfinite: str = "propagate") -> Compression:
     """What to pass as ``compression=`` to Horovod's TensorFlow tape or tf_keras optimizer,
     or to this package's :func:`DistributedGradientTape` and :func:`DistributedOptimizer`.
 
@@ -317,7 +370,9 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False) -> C
         a compressor or pipeline object, or an existing :class:`Compression` (returned as is).
       seed: seed of the stochastic compressors' private random stream.
       measure_error: also log the relative compression error (two passes per tensor).
+      nonfinite: "propagate" (like dense Horovod) or "raise" (see Compression).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
-    return Compression(spec_or_object, seed=seed, measure_error=measure_error)
+    return Compression(spec_or_object, seed=seed, measure_error=measure_error,
+                       nonfinite=nonfinite)

@@ -100,14 +100,14 @@ class VariableExchange(Exchange):
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Spec, seed, step counters and feedback state as numpy arrays."""
+        """Format, rank, world size, spec, seed, step counters and feedback state (numpy
+        arrays), including restored values whose variables do not exist yet."""
         steps = dict(self._restored.get("steps", {}))
         steps.update({k: int(v.numpy()) for k, v in self.step_vars.items()})
         states = dict(self._restored.get("states", {}))
         states.update({k: {f: _numpy(v) for f, v in s._asdict().items()}
                        for k, s in self.variables.items()})
-        return {"spec": self.pipeline.spec(), "seed": self.seed, "steps": steps,
-                "levels": {}, "states": states}
+        return {**self._checkpoint_header(), "steps": steps, "levels": {}, "states": states}
 
     def load_state_dict(self, sd: dict):
         self._check_checkpoint(sd)

@@ -7,8 +7,17 @@ optimizer: it replaces the instance's ``_allreduce_grad_async(p)`` (Horovod's ow
 untouched) with one that looks up the parameter's name, compresses, launches a collective
 named after the parameter and returns a callable handle, which Horovod's ``synchronize()``
 calls (supported since Horovod 0.22). The very first tensor of the very first step is
-already inside Horovod's allreduce when the binding happens: for it a one-element
-placeholder is allreduced and the real payload travels as usual.
+already inside Horovod's allreduce when the binding happens: Horovod allreduces a
+one-element float32 placeholder under that parameter's name. Which parameter comes first
+differs across ranks (hook order, parameters without gradients), so on its first exchange
+*every* parameter allreduces such a placeholder under its name, whichever way it was
+bound: every rank then issues the same collectives and none waits for a partner that
+never comes.
+
+On its first exchange every parameter also gathers each rank's fingerprint of its spec,
+seed, shape, dtype and transport (a few int64s); the step's result is only taken once
+they agree, so ranks configured differently raise :class:`HvdCompressError` on every rank,
+naming the parameter and what differs, instead of diverging or hanging.
 
 ``DistributedOptimizer`` below binds eagerly instead and takes Horovod's arguments.
 """
@@ -18,6 +27,7 @@ import sys
 
 from ..core.exchange import Exchange
 from ..core.ops import backend_named
+from ..core.payload import Stamp, check_stamps
 from ..core.rng import Key
 from ..errors import HvdCompressError
 
@@ -53,6 +63,10 @@ class Compression:
       whole_model: compress all gradients as one vector (one budget across tensors, one
         message per step: the per-message overhead is paid once). The exchange runs when
         Horovod synchronises, so it no longer overlaps the backward pass.
+      nonfinite: ``"propagate"`` (default: a NaN or infinity in any rank's gradient gives
+        every rank a NaN gradient for that parameter and leaves the feedback state as it
+        was, like dense Horovod, so ``torch.amp.GradScaler`` skips the step) or
+        ``"raise"`` (HvdCompressError on every rank, naming the parameter and ranks).
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -63,11 +77,16 @@ class Compression:
     """
 
     def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None,
-                 whole_model: bool = False):
+                 whole_model: bool = False, nonfinite: str = "propagate"):
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
         # over mpi4py everything is gathered
         dtypes = () if comm is not None else ("float16", "float32", "float64")
-        self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error)
+        transport = ("mpi4py" if comm is not None else "horovod") + \
+            ("/whole-model" if whole_model else "")
+        self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error,
+                                 nonfinite=nonfinite, transport=transport)
+        self._introduced: set = set()  # parameters whose placeholder allreduce was issued
+        self._unchecked: set = set()    # ... of those, whose fingerprints were not gathered
         self.comm = comm
         self._pending: dict[str, object] = {}   # name -> outgoing, awaiting the mpi4py flush
         self._arrived: dict[str, object] = {}   # name -> gathered bytes
@@ -83,10 +102,35 @@ class Compression:
         return f"hvd_compress.torch.compression({self.pipeline.spec()!r})"
 
     def state_dict(self) -> dict:
-        return self.exchange.state_dict()
+        """Feedback state and step counters, and who wrote them (format, rank, world
+        size, spec, seed); ``torch.load(weights_only=True)`` reads it back. For one file
+        for all ranks see :mod:`hvd_compress.checkpoint`."""
+        from ..checkpoint import sync_group
+        return sync_group(self).state_dict()
 
-    def load_state_dict(self, state: dict):
-        self.exchange.load_state_dict(state)
+    def load_state_dict(self, state: dict, process_set=None):
+        """Resume from :meth:`state_dict`. Raises HvdCompressError (changing nothing)
+        where ``state`` holds feedback state of another rank or world size, or is of
+        another spec. ``process_set``: the Horovod process set this compression averages
+        over, where it is not bound to its optimizer yet (default: Horovod's global set)."""
+        from ..checkpoint import sync_group
+        sync_group(self, process_set).load_state_dict(state)
+
+    def _group(self, process_set=None):
+        """(rank, world size, allgather of picklable objects) of the ranks this compression
+        averages over: its mpi4py comm, else ``process_set``, its optimizer's, or Horovod's
+        global set; None where Horovod is not initialized."""
+        if self.comm is not None:
+            return self.comm.Get_rank(), self.comm.Get_size(), self.comm.allgather
+        import horovod.torch as hvd
+        import torch
+        from ..checkpoint import allgather_objects
+        if not hvd.is_initialized():
+            return None
+        ps = process_set or getattr(self._optimizer, "process_set", None) or \
+            hvd.global_process_set
+        return ps.rank(), ps.size(), allgather_objects(lambda a, name: hvd.allgather(
+            torch.from_numpy(a), name=name, process_set=ps).numpy())
 
     # -- binding to an optimizer -----------------------------------------------------
     def bind(self, optimizer):
@@ -100,12 +144,15 @@ class Compression:
         if not hasattr(optimizer, "_parameter_names"):
             raise HvdCompressError(
                 f"{type(optimizer).__name__} is not a Horovod DistributedOptimizer")
+        if not hasattr(optimizer, "op"):  # Horovod's Adasum optimizer reduces model deltas
+            raise _adasum_error(self.pipeline.spec())
         original = optimizer._allreduce_grad_async
 
         def _allreduce_grad_async(p):
             if p.grad is not None and p.grad.is_sparse and not optimizer.sparse_as_dense:
                 return original(p)  # Horovod's own sparse allgather path
-            return self._launch(optimizer, *_named_grad(optimizer, p)), _Handled()
+            name, tensor = _named_grad(optimizer, p)
+            return self._launch(optimizer, name, tensor), _Handled()
 
         def _grouped_allreduce_grad_async(ps):
             return self._launch_group(optimizer, [_named_grad(optimizer, p) for p in ps])
@@ -119,15 +166,19 @@ class Compression:
     def compress(self, tensor):
         caller = sys._getframe(1)
         opt = caller.f_locals.get("self")
-        if caller.f_code.co_name == "_allreduce_grad_async" and hasattr(opt, "_parameter_names"):
+        from_optimizer = caller.f_code.co_name == "_allreduce_grad_async" and \
+            hasattr(opt, "_parameter_names")
+        if from_optimizer and not hasattr(opt, "op") and not self._plain_cast():
+            raise _adasum_error(self.pipeline.spec())
+        if from_optimizer and hasattr(opt, "op"):
             self.bind(opt)
-            finish = self._launch(opt, caller.f_locals.get("name"), tensor)
-            # Horovod allreduces what we return; later calls bypass this entirely
-            return tensor.new_zeros(1), _Handled(finish)
+            name = caller.f_locals.get("name")
+            self._introduced.add(name)  # Horovod allreduces the placeholder we return
+            self._unchecked.add(name)
+            finish = self._launch(opt, name, tensor)
+            return _placeholder(tensor), _Handled(finish)
         codec = self.pipeline.compressor
-        plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
-            not codec.stochastic
-        if not plain_cast:
+        if not self._plain_cast():
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name and an allgather: use "
                 "hvd_compress.torch.DistributedOptimizer (required with groups=), or pass "
@@ -135,6 +186,11 @@ class Compression:
                 "cannot carry it")
         p = codec.compress(tensor, Key(self.exchange.seed, None, "", 0))
         return p.values, p
+
+    def _plain_cast(self) -> bool:
+        """Whether the pipeline is a bare deterministic cast that any allreduce can carry."""
+        codec = self.pipeline.compressor
+        return self.pipeline.spec() == codec.spec() and codec.summable and not codec.stochastic
 
     def decompress(self, tensor, ctx):
         if ctx is None:  # Horovod's own sparse path: already aggregated
@@ -172,17 +228,53 @@ class Compression:
         return 1.0, 1.0
 
     def _launch(self, opt, name, tensor):
-        """Compress ``tensor`` and start its collective; return a callable that finishes it."""
+        """Compress ``tensor`` and start its collective; return a callable that finishes it
+        (after this parameter's first-exchange agreement check, when there is one)."""
+        introduce = self._introduce(opt, name, tensor)
         if self.whole_model:
             self._model_grads[name] = tensor
-            return lambda: self._model_update(opt, name)
+            return _after(introduce, lambda: self._model_update(opt, name))
         out, finish = self._begin(opt, name, tensor)
         agreed = self._agree(opt, out)
         if self.comm is not None:
             self._pending[name] = out
-            return lambda: agreed(finish(self._gathered(name)))
+            return _after(introduce, lambda: agreed(finish(self._gathered(name))))
         wait = self._start(opt, out, _PREFIX + name)
-        return lambda: agreed(finish(wait()))
+        return _after(introduce, lambda: agreed(finish(_horovod_result(name, wait))))
+
+    def _introduce(self, opt, name, tensor):
+        """On a parameter's first exchange: the placeholder allreduce under its name (see
+        the module docstring) unless Horovod issued it, and the gather of every rank's
+        fingerprint. Returns a function that waits for both and raises on disagreement
+        (None after the first exchange)."""
+        import horovod.torch as hvd
+        import torch
+
+        if name in self._introduced and name not in self._unchecked:
+            return None
+        ps = opt.process_set
+        waits = []
+        if name not in self._introduced:
+            self._introduced.add(name)
+            pre, post = self._scale_factors(opt)
+            held = hvd.allreduce_async_(_placeholder(tensor), name=name, op=opt.op,
+                                        prescale_factor=pre, postscale_factor=post,
+                                        process_set=ps)
+            waits.append(lambda: hvd.synchronize(held))
+        self._unchecked.discard(name)
+        ex, dtype = self.exchange, str(tensor.dtype).replace("torch.", "")
+        mine = Stamp.of(self.pipeline.spec(), name, tensor.shape, dtype, ex.seed, ex.transport)
+        gathered = hvd.allgather_async(torch.tensor([list(mine)], dtype=torch.int64),
+                                       name=f"{_PREFIX}check.{name}", process_set=ps)
+
+        def check():
+            for w in waits:
+                w()
+            stamps = [Stamp(*map(int, row)) for row in hvd.synchronize(gathered).tolist()]
+            check_stamps(f"parameter {name!r}", stamps,
+                         f"spec {self.pipeline.spec()!r}, seed {ex.seed}, shape "
+                         f"{tuple(tensor.shape)}, dtype {dtype}, transport {ex.transport}")
+        return check
 
     def _agree(self, opt, out):
         """With dynamic:agree=true, average this rank's proposed k over the ranks beside
@@ -265,6 +357,7 @@ class Compression:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
 
+        checks = [self._introduce(opt, name, t) for name, t in named]
         begun = [self._begin(opt, name, t) for name, t in named]
         kinds = {out.by_allreduce for out, _ in begun}
         if len(kinds) > 1:
@@ -280,11 +373,53 @@ class Compression:
                                                   process_set=opt.process_set)
         else:
             handle = hvd.grouped_allgather_async(wires, name=name, process_set=opt.process_set)
-        return handle, [_Grouped(_then(finish, self._agree(opt, out))) for out, finish in begun]
+        return handle, [_Grouped(_then(_checked(check, finish), self._agree(opt, out)))
+                        for check, (out, finish) in zip(checks, begun)]
 
 
 def _then(first, second):
     return lambda output: second(first(output))
+
+
+def _checked(check, finish):
+    """``finish(output)`` once ``check`` (or nothing) has passed."""
+    if check is None:
+        return finish
+    return lambda output: (check(), finish(output))[1]
+
+
+def _after(check, finish):
+    """``finish()`` once ``check`` (or nothing) has passed."""
+    if check is None:
+        return finish
+    return lambda: (check(), finish())[1]
+
+
+def _placeholder(tensor):
+    """What stands in for a gradient in a collective that carries nothing: float32, since
+    Horovod's allreduce has no bfloat16 kernel."""
+    import torch
+    return torch.zeros(1, dtype=torch.float32, device=tensor.device)
+
+
+def _horovod_result(name, wait):
+    """``wait()``, with Horovod's failure of a collective that ranks issued differently
+    (an allreduce on one rank, an allgather on another) turned into our error."""
+    try:
+        return wait()
+    except HvdCompressError:
+        raise
+    except Exception as e:  # HorovodInternalError and friends
+        raise HvdCompressError(
+            f"the collective of parameter {name!r} failed: {e}. Ranks that compress it "
+            "differently (spec, dtype, shape) cannot exchange it; use one compression spec "
+            "on every rank") from e
+
+
+def _adasum_error(spec):
+    return HvdCompressError(
+        f"op=Adasum is not supported by {spec}: Adasum combines whole model deltas that "
+        "compressed payloads cannot carry; use op=hvd.Average (the default) or hvd.Sum")
 
 
 def _named_grad(opt, p):
@@ -297,7 +432,7 @@ def _named_grad(opt, p):
 
 
 def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
-                comm=None, whole_model: bool = False) -> Compression:
+                comm=None, whole_model: bool = False, nonfinite: str = "propagate") -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
@@ -307,11 +442,12 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
       measure_error: also log the relative compression error (costs two passes per tensor).
       comm: an mpi4py communicator to carry the payloads instead of Horovod.
       whole_model: one budget and one message across all gradients (see Compression).
+      nonfinite: "propagate" (like dense Horovod) or "raise" (see Compression).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
     return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm,
-                       whole_model=whole_model)
+                       whole_model=whole_model, nonfinite=nonfinite)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):

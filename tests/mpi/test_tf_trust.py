@@ -1,0 +1,89 @@
+"""TensorFlow 2 + Horovod, identical or loud: a NaN on one rank reaches every rank and
+spares the feedback state; ranks with different specs fail on every rank, inside
+tf.function."""
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+import hvd_compress.tensorflow as hctf
+from hvd_compress import HvdCompressError
+
+hvd.init()
+rank, size = hvd.rank(), hvd.size()
+_ids = itertools.count()
+
+
+def variables():
+    """Two tf.Variables whose names are unique to this call (and equal on every rank)."""
+    tag = f"trust{next(_ids)}"
+    rs = np.random.RandomState(0)
+    return [tf.Variable(rs.standard_normal((6, 4)).astype(np.float32), name=f"{tag}/w"),
+            tf.Variable(np.zeros(4, np.float32), name=f"{tag}/b")]
+
+
+def trainer(vs, spec, **kw):
+    comp = hctf.compression(spec, **kw)
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2)
+        return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, vs)
+    return grads
+
+
+def batch(step, poison=None):
+    x = np.random.RandomState(10 * rank + step).standard_normal((8, 6)).astype(np.float32)
+    if poison is not None and rank == size - 1:
+        x[0, 0] = poison
+    return tf.constant(x)
+
+
+def same_on_every_rank(tensors):
+    flat = tf.concat([tf.reshape(tf.bitcast(tf.cast(t, tf.float32), tf.int32), [-1])
+                      for t in tensors], 0)
+    everyone = hvd.allgather(tf.reshape(flat, (1, -1))).numpy()
+    return (everyone == flat.numpy()[None]).all()
+
+
+@pytest.mark.parametrize("spec", ["topk:0.3+ef21sgdm", "qsgd", "fp16+ef14"])
+def test_nan_on_one_rank_reaches_every_rank_and_spares_the_state(spec):
+    vs = variables()
+    grads = trainer(vs, spec)
+    grads(batch(0))
+    poisoned = grads(batch(1, poison=np.nan))
+    assert all(not np.isfinite(g.numpy()).all() for g in poisoned)
+    assert same_on_every_rank(poisoned)
+    for step in (2, 3):
+        assert all(np.isfinite(g.numpy()).all() for g in grads(batch(step)))
+
+
+def test_raise_on_nan_names_the_variable():
+    vs = variables()
+    grads = trainer(vs, "topk:0.3+ef14", nonfinite="raise")
+    grads(batch(0))
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match="holds NaN or infinite values"):
+        grads(batch(1, poison=np.nan))
+
+
+@pytest.mark.parametrize("mine, other", [("topk:0.3+ef14", "topk:0.3+ef21"),
+                                         ("topk:0.2", "topk:0.5")])
+def test_different_specs_fail_on_every_rank(mine, other):
+    vs = variables()
+    grads = trainer(vs, mine if rank == 0 else other)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match="ranks disagree on the compression spec"):
+        grads(batch(0))
+
+
+def test_eager_tape_reraises_our_error():
+    vs = variables()
+    comp = hctf.compression("topk:0.3+ef14" if rank == 0 else "topk:0.3+ef21")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.tanh(batch(0) @ vs[0] + vs[1]) ** 2)
+    with pytest.raises(HvdCompressError, match="ranks disagree on the compression spec"):
+        hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, vs)

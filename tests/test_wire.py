@@ -1,0 +1,149 @@
+"""The wire format: a checked, versioned, little-endian header; decoding never trusts the
+bytes it is handed; sums of gathered payloads are taken in rank order."""
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hvd_compress as hc
+from hvd_compress import HvdCompressError
+from hvd_compress.core.ops import backend_for, backend_named
+from hvd_compress.core.payload import (HEADER_BYTES, MAGIC, VERSION, Stamp, pack,
+                                       split_gathered, unpack)
+from hvd_compress.core.rng import Key
+from hvd_compress.core.simulate import Workers
+from hvd_compress.core.varint import decode_sorted, encode_sorted
+
+NP = backend_named("numpy")
+SPECS = ["topk:0.1", "randk:0.2", "threshold:0.5", "qsgd", "terngrad", "sign", "natural",
+         "fp16", "bf16", "none", "topk:0.1,indices=varint", "topk:0.1,values=bfloat16",
+         "bernoulli:0.2"]
+STAMP = Stamp.of("spec", "w", (64,), "float32", 0, "test")
+
+
+def payload(spec, d=64, seed=0):
+    x = np.random.RandomState(seed).standard_normal(d).astype(np.float32)
+    c = hc.resolve(spec)
+    return c, c.compress(x, Key(0, 0, "w", 0))
+
+
+def test_header_layout_is_little_endian_and_versioned():
+    _, p = payload("topk:k=5")
+    buf = pack(NP, p, STAMP, flags=1)
+    magic, version, flags, width, vcode, code_bits, level, count, *stamp = \
+        struct.unpack("<BBBBBBHIIII", buf[:HEADER_BYTES].tobytes())
+    assert (magic, version, flags, width, vcode, count) == (MAGIC, VERSION, 1, 4, 3, 5)
+    assert tuple(stamp) == tuple(STAMP)
+    assert len(buf) * 8 == p.wire_bits(NP)
+
+
+@pytest.mark.parametrize("field, byte, value, message", [
+    ("magic", 0, 0x00, "not an hvd_compress payload"),
+    ("version", 1, 7, "wire format version 7"),
+    ("flags", 2, 0x80, "unknown header flags"),
+    ("index width", 3, 8, "index width"),
+    ("value dtype", 4, 1, "value dtype"),
+    ("count", 8, 200, "do not fit a tensor of 64"),
+    ("spec fingerprint", 12, 0, "ranks disagree on the compression spec"),
+    ("layout fingerprint", 16, 0, "name, shape or dtype"),
+    ("origin fingerprint", 20, 0, "seed or transport"),
+])
+def test_every_header_field_is_checked(field, byte, value, message):
+    _, p = payload("topk:k=5")
+    buf = pack(NP, p, STAMP).copy()
+    buf[byte] = value
+    with pytest.raises(HvdCompressError, match=message):
+        unpack(NP, buf, p, STAMP, name="w")
+
+
+def test_counts_past_the_uint32_limit_are_refused_clearly():
+    _, p = payload("topk:k=5")
+    with pytest.raises(HvdCompressError, match="uint32 count"):
+        pack(NP, p._replace(count=1 << 32))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_decoding_hostile_bytes_only_raises_our_error(spec, data):
+    """Random bytes, and real buffers with random bytes overwritten, cut or appended:
+    decoding either succeeds within the tensor's bounds or raises HvdCompressError."""
+    c, p = payload(spec)
+    real = pack(NP, p, STAMP)
+    how = data.draw(st.sampled_from(["random", "flip", "cut", "grow"]))
+    if how == "random":
+        buf = np.frombuffer(data.draw(st.binary(max_size=600)), np.uint8)
+    elif how == "flip":
+        buf = real.copy()
+        for _ in range(data.draw(st.integers(1, 6))):
+            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    elif how == "cut":
+        buf = real[:data.draw(st.integers(0, len(real) - 1))]
+    else:
+        buf = np.concatenate([real, np.frombuffer(data.draw(st.binary(min_size=1, max_size=40)),
+                                                  np.uint8)])
+    try:
+        parts, _ = split_gathered(NP, buf, p, 1, c.fixed_size, STAMP, "w")
+    except HvdCompressError:
+        return
+    dense = c.aggregate(NP, parts)
+    assert dense.shape == (64,)
+
+
+def test_qsgd_levels_never_overflow_their_code_width():
+    """With one entry per bucket every |x_j| / ||bucket|| is 1: level s exactly, never s+1."""
+    x = np.random.RandomState(3).standard_normal(1000).astype(np.float32)
+    for s in (1, 7, 255):
+        c = hc.resolve(f"qsgd:s={s},bucket=1")
+        for step in range(5):
+            np.testing.assert_allclose(c.decompress(c.compress(x, Key(0, 0, "w", step))), x,
+                                       rtol=1e-6)
+
+
+def test_varint_round_trips_gaps_past_two_to_the_35():
+    d = 1 << 45
+    idx = np.array([0, 5, (1 << 35) + 3, (1 << 44) + 1], np.int64)
+    code = encode_sorted(NP, idx, d)
+    np.testing.assert_array_equal(decode_sorted(NP, code, idx.size), idx)
+
+
+def test_bfloat16_values_on_numpy_are_summed_as_numbers():
+    w = Workers("topk:k=2,values=bfloat16", 2)
+    got = w.step([np.array([1.0, 2.0, 0.0], np.float32)] * 2)
+    np.testing.assert_array_equal(got, [1.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+def test_gathered_payloads_are_summed_in_rank_order(backend):
+    """Values chosen so float32 addition order shows: the sum must be rank 0 + rank 1,
+    then + rank 2, ..., whatever backend (and, on CUDA, whatever thread schedule)."""
+    from conftest import XP
+    xp = XP(backend)
+    bk = backend_for(xp.asarray(np.zeros(1, np.float32)))
+    c = hc.resolve("topk:k=2")
+    vals = [np.array([1e8, 3.0], np.float32), np.array([1.0, 1.0], np.float32),
+            np.array([-1e8, 1.0], np.float32), np.array([1.0, 7.0], np.float32)]
+    parts = [c.compress(xp.asarray(np.array([v[0], 0, 0, v[1]], np.float32)))
+             for v in vals]
+    got = xp.numpy(c.aggregate(bk, parts))
+    want = np.zeros(4, np.float32)
+    for v in vals:  # float32, in rank order
+        want[0] = np.float32(want[0] + v[0])
+        want[3] = np.float32(want[3] + v[1])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cuda_aggregation_is_bit_identical_across_runs():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA ordering test runs where a GPU is present")
+    bk = backend_named("torch")
+    c = hc.resolve("topk:0.5")
+    rs = np.random.RandomState(0)
+    parts = [c.compress(torch.from_numpy(rs.standard_normal(1 << 16).astype(np.float32))
+                        .cuda() * 10 ** r) for r in range(8)]
+    first = c.aggregate(bk, parts)
+    for _ in range(5):
+        assert torch.equal(c.aggregate(bk, parts), first)
