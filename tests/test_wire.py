@@ -48,7 +48,7 @@ def test_header_layout_is_little_endian_and_versioned():
     ("count", 8, 200, "do not fit a tensor of 64"),
     ("spec fingerprint", 12, 0, "ranks disagree on the compression spec"),
     ("layout fingerprint", 16, 0, "name, shape or dtype"),
-    ("origin fingerprint", 20, 0, "seed or transport"),
+    ("origin fingerprint", 20, 0, "seed, transport or nonfinite"),
 ])
 def test_every_header_field_is_checked(field, byte, value, message):
     _, p = payload("topk:k=5")

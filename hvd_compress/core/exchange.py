@@ -104,8 +104,7 @@ class Exchange:
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
-        stamp = Stamp.of(self.pipeline.spec(), name, bk.shape(tensor), bk.dtype(tensor),
-                         self.seed, self.transport)
+        stamp = self.stamp(name, bk.shape(tensor), bk.dtype(tensor))
         if by_allreduce:
             wire = bk.cond(finite, lambda: payload.values,
                            lambda: bk.nan_like(payload.values))  # NaN reaches every rank
@@ -120,6 +119,11 @@ class Exchange:
                  time.perf_counter() - t0, error)
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), proposal, prior, stamp)
+
+    def stamp(self, name: str, shape, dtype: str) -> Stamp:
+        """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`)."""
+        return Stamp.of(self.pipeline.spec(), name, shape, dtype, self.seed,
+                        f"{self.transport}/nonfinite={self.nonfinite}")
 
     # -- where state, step counters and telemetry live (frontends may override) ---------
     def next_step(self, name: str):
@@ -183,9 +187,9 @@ class Exchange:
         update is NaN, on every rank alike."""
         name = outgoing.name
         if bk.eager() and bad:
-            self._refuse_nonfinite(name, outgoing.step, ranks)
-            self.states[name] = outgoing.prior
+            self.states[name] = outgoing.prior  # first: a caught error leaves state intact
             self.commit_state(name, outgoing.prior)
+            self._refuse_nonfinite(name, outgoing.step, ranks)
             return bk.nan_like(bk.reshape(bk.astype(mean, outgoing.dtype), outgoing.shape))
         mean = bk.astype(mean, outgoing.dtype)
         update, state = self.pipeline.decode(bk, mean, self.states[name])

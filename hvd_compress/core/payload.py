@@ -57,12 +57,13 @@ if sys.byteorder != "little":  # segments are bitcast in place, so the host orde
     raise HvdCompressError("hvd_compress's wire format is little-endian; this host is not")
 
 
-_STAMP_FIELDS = ("compression spec", "name, shape or dtype", "seed or transport")
+_STAMP_FIELDS = ("compression spec", "name, shape or dtype",
+                 "seed, transport or nonfinite policy")
 
 
 class Stamp(NamedTuple):
     """Fingerprints a receiver compares with its own: (spec; tensor name, shape and dtype;
-    seed and transport), each a CRC-32 of its text."""
+    seed and transport, including the non-finite policy), each a CRC-32 of its text."""
     spec: int = 0
     layout: int = 0
     origin: int = 0

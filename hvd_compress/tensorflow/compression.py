@@ -24,6 +24,7 @@ import zlib
 
 from ..core.exchange import Exchange
 from ..core.ops import backend_named
+from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
@@ -277,7 +278,7 @@ class Compression:
         """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named
         after the variable) and decode the update."""
         import horovod.tensorflow as hvd
-        bk, ex = self._bk, self.exchange
+        tf, bk, ex = self._bk.tf, self._bk, self.exchange
         if op == hvd.Adasum:
             raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
                                    f"(variable {out.name})")
@@ -287,10 +288,30 @@ class Compression:
             reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
                                     prescale_factor=pre, postscale_factor=post,
                                     ignore_name_scope=True)
+            with tf.control_dependencies([self._check_stamps(out, coll, process_set)]):
+                reduced = tf.identity(reduced)
             return ex.finish_allreduced(bk, reduced, out, n, summed)
         gathered = hvd.allgather(out.wire, name=coll, process_set=process_set,
                                  ignore_name_scope=True)
         return ex.finish_gathered(bk, gathered, out, n, summed)
+
+    def _check_stamps(self, out, coll, process_set):
+        """An allreduced payload has no header: gather every rank's fingerprints beside it
+        (a few int64s, every step, so every rank issues the same collectives) and raise on
+        every rank when they differ. Returns the check op."""
+        import horovod.tensorflow as hvd
+        tf, ex = self._bk.tf, self.exchange
+        stamps = hvd.allgather(tf.constant([list(out.stamp)], tf.int64), name=coll + ".check",
+                               process_set=process_set, ignore_name_scope=True)
+        mine = (f"spec {self.pipeline.spec()!r}, seed {ex.seed}, shape {out.shape}, dtype "
+                f"{out.dtype}, transport {ex.transport}, nonfinite={ex.nonfinite!r}")
+
+        def check(rows):
+            check_stamps(f"variable {out.name!r}", [Stamp(*map(int, r)) for r in rows], mine)
+            return True
+
+        return tf.numpy_function(check, [stamps], tf.bool, stateful=True,
+                                 name="hvd_compress_check_stamps")
 
     def bind(self, owner, op=None, process_set=None, sparse_as_dense=False,
              gradient_predivide_factor=1.0):

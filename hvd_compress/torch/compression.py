@@ -263,7 +263,7 @@ class Compression:
             waits.append(lambda: hvd.synchronize(held))
         self._unchecked.discard(name)
         ex, dtype = self.exchange, str(tensor.dtype).replace("torch.", "")
-        mine = Stamp.of(self.pipeline.spec(), name, tensor.shape, dtype, ex.seed, ex.transport)
+        mine = ex.stamp(name, tensor.shape, dtype)
         gathered = hvd.allgather_async(torch.tensor([list(mine)], dtype=torch.int64),
                                        name=f"{_PREFIX}check.{name}", process_set=ps)
 
@@ -273,7 +273,8 @@ class Compression:
             stamps = [Stamp(*map(int, row)) for row in hvd.synchronize(gathered).tolist()]
             check_stamps(f"parameter {name!r}", stamps,
                          f"spec {self.pipeline.spec()!r}, seed {ex.seed}, shape "
-                         f"{tuple(tensor.shape)}, dtype {dtype}, transport {ex.transport}")
+                         f"{tuple(tensor.shape)}, dtype {dtype}, transport {ex.transport}, "
+                         f"nonfinite={ex.nonfinite!r}")
         return check
 
     def _agree(self, opt, out):
@@ -403,13 +404,14 @@ def _placeholder(tensor):
 
 
 def _horovod_result(name, wait):
-    """``wait()``, with Horovod's failure of a collective that ranks issued differently
-    (an allreduce on one rank, an allgather on another) turned into our error."""
+    """``wait()``, with Horovod's refusal of a collective that ranks issued differently
+    (an allreduce on one rank, an allgather on another) turned into our error. Other
+    failures (a rank died: what elastic Horovod recovers from) pass through unchanged."""
     try:
         return wait()
-    except HvdCompressError:
-        raise
-    except Exception as e:  # HorovodInternalError and friends
+    except RuntimeError as e:  # HorovodInternalError
+        if "Mismatched" not in str(e):
+            raise
         raise HvdCompressError(
             f"the collective of parameter {name!r} failed: {e}. Ranks that compress it "
             "differently (spec, dtype, shape) cannot exchange it; use one compression spec "

@@ -71,7 +71,7 @@ def test_raise_on_nan_names_the_variable():
 
 
 @pytest.mark.parametrize("mine, other", [("topk:0.3+ef14", "topk:0.3+ef21"),
-                                         ("topk:0.2", "topk:0.5")])
+                                         ("topk:0.2", "topk:0.5"), ("fp16+ef21", "fp16")])
 def test_different_specs_fail_on_every_rank(mine, other):
     vs = variables()
     grads = trainer(vs, mine if rank == 0 else other)
