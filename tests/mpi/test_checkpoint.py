@@ -20,6 +20,8 @@ import hvd_compress.torch as hct
 from hvd_compress import HvdCompressError, checkpoint
 from hvd_compress.comm.mpi import SparseAllreduce
 
+MPI_RANKS = (3,)  # one launch: an odd world size, so "another rank" is never the only other one
+
 hvd.init()  # Horovod for TensorFlow starts in its test, once this one has stopped
 torch.set_num_threads(1)
 comm = MPI.COMM_WORLD
