@@ -2,11 +2,11 @@
 # Each runs scripts/setup.sh first (idempotent: seconds once the stack is installed).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-NP     ?= 2
+NP     ?= 4
 ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 MPIRUN := mpirun $(ROOT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 -np $(NP)
 
-.PHONY: setup demo demo-tf test bench experiments
+.PHONY: setup demo demo-tf test bench bench-link experiments
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/compressors.py
+
+# step times on real links shaped with tc in network namespaces (needs root; it says so)
+bench-link: setup
+	$(PY) benchmarks/link.py --write-docs
 
 experiments: setup
 	$(PY) experiments/seeds.py --out docs/img

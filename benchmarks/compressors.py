@@ -1,10 +1,13 @@
-"""Compressor throughput as a ratio to one memory pass, measured in one run.
+"""Time of the shipped compression path as a ratio to one memory pass, measured in one run.
 
-For each size d and each compressor: the time of compress + decompress on a float32 torch
-tensor (CPU unless --device says otherwise), divided by the time of ``torch.abs(x)`` on the
-same tensor (one read and one write of d floats). Then top-k 0.1% with the EF14 residual
-update, ours against a GRACE-style baseline (``torch.topk`` on |g + e| and a dense residual
-``e = (g + e) - decompress(...)``), both as ratios to the same memory pass.
+For each spec and size d: the time of one step of what every frontend runs per tensor,
+``Exchange.begin`` (finiteness check, feedback, compression, packing) then
+``finish_gathered`` / ``finish_allreduced`` (header checks, decoding, averaging, the
+feedback rule's decode), on one float32 torch tensor with this rank's own payload standing
+in for the gathered ones (CPU unless --device says otherwise). It is divided by the time
+of ``torch.abs(x)`` on the same tensor (one read and one write of d floats). A GRACE-style
+top-k + EF14 (``torch.topk`` on |g + e|, a dense decompression and a dense residual) is
+timed beside it as a baseline.
 
     python benchmarks/compressors.py                 # d = 1e5 .. 1e8
     python benchmarks/compressors.py --max-d 1e7     # quicker
@@ -17,12 +20,13 @@ import time
 
 import torch
 
-import hvd_compress as hc
+from hvd_compress.core.exchange import Exchange
 from hvd_compress.core.ops import backend_named
-from hvd_compress.core.select import topk_indices
 
-SPECS = ["none", "fp16", "bf16", "topk:0.001", "topk:0.01", "randk:0.01", "threshold:lam=2.5",
-         "qsgd", "terngrad", "sign", "natural"]
+SPECS = ["none", "fp16", "bf16", "topk:0.001", "topk:0.01", "topk:0.001+ef14",
+         "topk:0.01+ef14", "topk:0.01+ef21", "topk:0.01+ef21sgdm", "randk:0.01",
+         "randk:0.01+ef14", "threshold:lam=2.5+ef14", "qsgd", "terngrad", "sign+ef14",
+         "natural"]
 
 
 def best_time(fn, repeats):
@@ -36,13 +40,17 @@ def best_time(fn, repeats):
     return best
 
 
-def ours_topk_ef14(g, e, k, bk):
-    """Top-k of the compensated gradient; the residual keeps everything not sent."""
-    e.add_(g)                                     # e <- g + e (compensate), in place
-    idx = topk_indices(bk, e.abs(), k)
-    values = e[idx]
-    e[idx] = 0                                    # residual = compensated - sent
-    return idx, values
+def shipped_step(spec):
+    """One step of the frontends' per-tensor path for ``spec``, on a single rank."""
+    bk = backend_named("torch")
+    ex = Exchange(spec)
+
+    def step(g):
+        out = ex.begin(bk, "w", g, 0)
+        if out.by_allreduce:
+            return ex.finish_allreduced(bk, out.wire, out, 1, False)
+        return ex.finish_gathered(bk, out.wire, out, 1, False)
+    return step
 
 
 def grace_topk_ef14(g, e, k):
@@ -52,47 +60,46 @@ def grace_topk_ef14(g, e, k):
     values = comp[idx]
     dense = torch.zeros_like(comp).scatter_(0, idx, values)
     e.copy_(comp - dense)
-    return idx, values
+    return dense
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-d", type=float, default=1e8)
+    ap.add_argument("--min-d", type=float, default=1e5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--specs", nargs="*", default=SPECS)
     args = ap.parse_args()
-    bk = backend_named("torch")
-    sizes = [int(d) for d in (1e5, 1e6, 1e7, 1e8) if d <= args.max_d]
+    sizes = [int(10 ** e) for e in range(2, 9) if args.min_d <= 10 ** e <= args.max_d]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print("compress + decompress time / one memory pass (torch.abs) on the same tensor\n")
-    print(f"{'compressor':<20}" + "".join(f"{f'd=1e{len(str(d)) - 1}':>10}" for d in sizes))
+    print("one step of the shipped path (Exchange.begin + finish) / one memory pass "
+          "(torch.abs) on the same tensor\n")
+    head = f"{'spec':<24}" + "".join(f"{f'd=1e{len(str(d)) - 1}':>10}" for d in sizes)
+    print(head)
     g = torch.Generator().manual_seed(0)
     xs = {d: torch.randn(d, generator=g).to(args.device) for d in sizes}
     rep = {d: max(1, args.repeats if d < 1e8 else 2) for d in sizes}
     passes = {d: best_time(lambda: torch.abs(xs[d]), rep[d]) for d in sizes}
-    for spec in SPECS:
-        c = hc.resolve(spec)
+    for spec in args.specs:
         row = []
         for d in sizes:
-            x = xs[d]
-            t = best_time(lambda: c.decompress(c.compress(x, hc.Key(0, 0, "b", 1))), rep[d])
-            row.append(t / passes[d])
-        print(f"{spec:<20}" + "".join(f"{r:>10.1f}" for r in row))
+            step = shipped_step(spec)
+            row.append(best_time(lambda: step(xs[d]), rep[d]) / passes[d])
+        print(f"{spec:<24}" + "".join(f"{r:>10.1f}" for r in row))
 
-    print("\ntop-k 0.1% + EF14 residual update, time / one memory pass")
-    print(f"{'':<20}" + "".join(f"{f'd=1e{len(str(d)) - 1}':>10}" for d in sizes))
-    rows = {"hvd_compress": [], "GRACE-style": [], "speed-up": []}
+    print("\nbaseline: GRACE-style top-k 0.1% + EF14, and the shipped topk:0.001+ef14")
+    print(head)
+    ours, grace = [], []
     for d in sizes:
         k = max(1, d // 1000)
-        x = xs[d]
-        e1, e2 = torch.zeros_like(x), torch.zeros_like(x)
-        t_ours = best_time(lambda: ours_topk_ef14(x, e1, k, bk), rep[d])
-        t_grace = best_time(lambda: grace_topk_ef14(x, e2, k), rep[d])
-        rows["hvd_compress"].append(t_ours / passes[d])
-        rows["GRACE-style"].append(t_grace / passes[d])
-        rows["speed-up"].append(t_grace / t_ours)
-    for name, r in rows.items():
-        print(f"{name:<20}" + "".join(f"{v:>10.1f}" for v in r))
+        e = torch.zeros_like(xs[d])
+        grace.append(best_time(lambda: grace_topk_ef14(xs[d], e, k), rep[d]) / passes[d])
+        step = shipped_step("topk:0.001+ef14")
+        ours.append(best_time(lambda: step(xs[d]), rep[d]) / passes[d])
+    for name, r in (("GRACE-style", grace), ("hvd_compress", ours),
+                    ("speed-up", [a / b for a, b in zip(grace, ours)])):
+        print(f"{name:<24}" + "".join(f"{v:>10.1f}" for v in r))
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ if ! have tensorflow "$TF_VERSION" || ! have tf_keras "$TF_VERSION"; then
   run_logged pip-tf "$vpy" -m pip install "tensorflow==$TF_VERSION" "tf_keras==$TF_VERSION"
 fi
 deps=(numpy packaging "mpi4py>=4.1" pytest pytest-timeout hypothesis cloudpickle psutil pyyaml
-      cffi matplotlib wheel setuptools)
-if ! "$vpy" -c "import mpi4py, pytest, hypothesis, matplotlib, cloudpickle, psutil, yaml" \
+      cffi matplotlib tqdm wheel setuptools)
+if ! "$vpy" -c "import mpi4py, pytest, hypothesis, matplotlib, tqdm, cloudpickle, psutil, yaml" \
      >/dev/null 2>&1; then
   step "installing test and build requirements"
   run_logged pip-deps "$vpy" -m pip install -q "${deps[@]}"

@@ -9,6 +9,8 @@ from hvd_compress.core.ops import backend_for, backend_named
 from hvd_compress.core.pipeline import resolve_pipeline
 from hvd_compress.core.simulate import Workers
 
+from conftest import XP
+
 RULES = ["topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm:eta=0.3",
          "topk:0.1+ef21sgd2m:eta=0.3", "randk:0.2,scaled=true+diana", "qsgd+diana:alpha=0.2",
          "threshold:lam=0.8+ef14", "sign+ef14", "topk:0.1+ef21+warmup:2"]
@@ -33,6 +35,52 @@ def test_ef14_conserves_everything(xp):
                                       xp.numpy(state.residual) + xp.numpy(g))
         assert int(payload.count) == 20
         state = new
+
+
+@pytest.mark.parametrize("spec", RULES)
+def test_sparse_state_moves_equal_the_dense_restatement(spec):
+    """The rules move residuals and estimates by the sent entries only; the result is the
+    dense formula's, bit for bit (every other entry adds an exact zero)."""
+    bk = backend_named("numpy")
+    pipe = resolve_pipeline(spec)
+    state = pipe.init(bk, grads(1, 500, 0)[0])
+    for step in range(4):
+        g = grads(1, 500, step)[0]
+        payload, codec, new, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        sent = codec.decode_flat(bk, payload).astype(np.float32)
+        if hasattr(state, "residual"):
+            np.testing.assert_array_equal(new.residual, (state.residual + g) - sent)
+        elif hasattr(state, "shift"):
+            np.testing.assert_array_equal(new.shift, state.shift + sent * state.alpha)
+        elif step >= 2 or "warmup" not in spec:
+            target = new.momentum2 if hasattr(new, "momentum2") else \
+                getattr(new, "momentum", None)
+            target = g if target is None else target
+            np.testing.assert_array_equal(new.local, state.local + sent)
+            np.testing.assert_array_equal(sent, codec.decode_flat(
+                bk, codec.compress(target - state.local, Key(0, 0, "w", step))))
+        state = new
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])  # TF tensors are immutable
+@pytest.mark.parametrize("spec", RULES)
+def test_the_update_shares_no_memory_with_the_state(backend, spec):
+    """Frameworks hand the update to the user as the gradient, which may be clipped or
+    zeroed in place: that must not reach the feedback state."""
+    xp = XP(backend)
+    bk = backend_named(xp.name)
+    pipe = resolve_pipeline(spec)
+    g = xp.asarray(grads(1, 300, 0)[0])
+    state = pipe.init(bk, g)
+    for step in range(3):
+        payload, codec, state, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        mean, _ = codec.mean(bk, [payload], 1)
+        update, state = pipe.decode(bk, bk.astype(mean, "float32"), state)
+        before = [xp.numpy(t).copy() for t in state if hasattr(t, "shape")]
+        update *= 0  # what optimizer.zero_grad(set_to_none=False) or clipping does
+        after = [xp.numpy(t) for t in state if hasattr(t, "shape")]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("spec", ["topk:0.1+ef21", "topk:0.1+ef21sgdm", "topk:0.1+ef21sgd2m",

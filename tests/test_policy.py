@@ -141,3 +141,81 @@ def test_agreeing_ranks_share_one_k_from_the_previous_step():
     k = [p.count for p in w.last]
     assert k[0] == k[1] == max(1, round(sum(proposals) / 2))
     assert w.last_codec.fixed_size                        # equal sizes: the fast path
+
+
+def test_auto_is_topk_with_ef14_and_round_trips():
+    from hvd_compress.core.auto import Auto
+    from hvd_compress.core.pipeline import resolve_pipeline
+    pipe = resolve_pipeline("auto:every=7")
+    assert isinstance(pipe.policy, Auto) and pipe.policy.every == 7
+    assert pipe.spec() == "topk+ef14+auto:every=7"
+    assert resolve_pipeline(pipe.spec()) == pipe
+    with pytest.raises(hc.HvdCompressError, match="not top-k"):
+        resolve_pipeline("qsgd+auto")
+
+
+def test_auto_routes_by_the_cost_model():
+    """Dense costs alpha_r + 2 (n-1)/n beta_r 32 d; sparse a + b d + (n-1)(alpha_g +
+    beta_g bits(k)), bits(k) = 192 + 64 k. A slow link sends large tensors sparse and
+    leaves tiny ones dense (the allgather's per-message cost); a fast one keeps all dense."""
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.core.pipeline import resolve_pipeline
+    pipe = resolve_pipeline("topk:0.01+ef14+auto")
+    topk = pipe.compressor
+    slow = Costs(4, (1e-4, 1e-8), (1e-4, 1e-8), (1e-5, 4e-9))     # 100 Mbit/s
+    fast = Costs(4, (2e-5, 1e-11), (2e-5, 1e-11), (1e-5, 4e-9))   # 100 Gbit/s
+    for d in (10, 1000, 10 ** 5, 10 ** 7):
+        k = topk.k_for(d)
+        dense = 1e-4 + 1.5 * 1e-8 * 32 * d
+        sparse = 1e-5 + 4e-9 * d + 3 * (1e-4 + 1e-8 * (192 + 64 * k))
+        assert slow.dense_seconds(d, 32) == pytest.approx(dense)
+        assert slow.sparse_seconds(d, 192 + 64 * k) == pytest.approx(sparse)
+        assert pipe.dense_route(d, 32, slow) == (dense <= sparse), d
+        assert pipe.dense_route(d, 32, fast)
+        assert pipe.dense_route(d, 32, None)  # not measured yet
+    assert not pipe.dense_route(10 ** 7, 32, slow)
+    assert pipe.dense_route(10, 32, slow)
+    assert not resolve_pipeline("topk:0.01+ef14").dense_route(10, 32, None)
+
+
+def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():
+    """The dense route is a plain allreduce of the tensor (no copy) and leaves EF14's
+    residual for the next sparse step: updates plus the mean residual always sum to the
+    gradients, whichever routes were taken."""
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.core.exchange import Exchange
+    exs = [Exchange("topk:0.1+ef14+auto") for _ in range(2)]
+    slow = Costs(2, (1e-3, 1e-6), (1e-9, 1e-15), (0.0, 0.0))
+    total_g, total_u = 0, 0
+    for step in range(6):
+        for ex in exs:
+            ex.costs = slow if step in (1, 2, 4) else None
+        g = [decaying(200, 50, seed=10 * step + r) for r in range(2)]
+        outs = [ex.begin(bk, "w", g[r], r) for r, ex in enumerate(exs)]
+        assert all(o.dense_route == (step not in (1, 2, 4)) for o in outs)
+        if outs[0].dense_route:
+            assert outs[0].wire is g[0]
+            total = outs[0].wire + outs[1].wire
+            update = exs[0].finish_allreduced(bk, total * np.float32(0.5), outs[0], 2, False)
+            np.testing.assert_array_equal(update, (g[0] + g[1]) * np.float32(0.5))
+        else:
+            wire = np.concatenate([o.wire for o in outs])
+            update = exs[0].finish_gathered(bk, wire, outs[0], 2, False)
+            exs[1].finish_gathered(bk, wire, outs[1], 2, False)
+        total_g = total_g + (g[0] + g[1]) / 2
+        total_u = total_u + update
+    residual = (exs[0].states["w"].residual + exs[1].states["w"].residual) / 2
+    assert np.abs(residual).max() > 0
+    np.testing.assert_allclose(total_u + residual, total_g, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_refused_where_costs_are_not_measured():
+    from hvd_compress.comm.mpi import SparseAllreduce
+    with pytest.raises(hc.HvdCompressError, match="auto measures"):
+        SparseAllreduce("auto", comm=object())
+    import hvd_compress.tensorflow as hctf
+    with pytest.raises(hc.HvdCompressError, match="auto measures"):
+        hctf.compression("auto")
+    import hvd_compress.torch as hct
+    with pytest.raises(hc.HvdCompressError, match="auto measures"):
+        hct.compression("auto", comm=object())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.auto import refuse_unmeasured
 from ..core.exchange import Exchange
 from ..core.ops import backend_for
 from ..errors import HvdCompressError
@@ -50,6 +51,7 @@ class SparseAllreduce:
             comm = MPI.COMM_WORLD
         self.exchange = Exchange(spec, seed, allreduce_dtypes=(), nonfinite=nonfinite,
                                  transport="mpi4py")
+        refuse_unmeasured(self.exchange.pipeline, "SparseAllreduce (mpi4py)")
         self.telemetry = self.exchange.telemetry
         self.comm, self.average = comm, bool(average)
         self.cuda_aware = bool(cuda_aware)

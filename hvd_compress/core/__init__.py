@@ -1,5 +1,5 @@
 """Framework-agnostic core: the math, written once for numpy, torch and TensorFlow."""
-from . import casts, feedback, perturbation, policy, quantizers, sparsifiers  # noqa: F401  (register algorithms)
+from . import auto, casts, feedback, perturbation, policy, quantizers, sparsifiers  # noqa: F401  (register algorithms)
 from .compressor import Compressor
 from .feedback import Feedback
 from .pipeline import Pipeline, resolve, resolve_pipeline

@@ -57,6 +57,23 @@ class Compressor(Algorithm):
             total = v if total is None else total + v
         return total
 
+    def mean(self, bk, payloads, n: int):
+        """(the sum of the payloads' dense tensors times 1/n, whether it is finite): what
+        every rank applies. A bool eagerly, a boolean tensor inside a graph."""
+        total = self.aggregate(bk, payloads)
+        if n != 1:
+            total = total * (1.0 / n)
+        return total, bk.all_finite(total)
+
+    def add_sent(self, bk, x, p: Payload, scale: float = 1.0, owned: bool = False):
+        """``x + scale * (the flat tensor p stands for)``, in x's dtype: how feedback rules
+        move their residuals and estimates by what was sent. ``owned`` says x is a fresh
+        tensor that may be overwritten (sparse payloads then touch only their entries)."""
+        sent = bk.astype(self.decode_flat(bk, p), bk.dtype(x))
+        if scale == -1.0:
+            return x - sent
+        return x + (sent if scale == 1.0 else sent * scale)
+
     # -- class constants ---------------------------------------------------------------
     def omega(self, d: int) -> float:
         """Variance bound of an unbiased compressor on d entries."""

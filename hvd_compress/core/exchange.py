@@ -40,6 +40,7 @@ class Outgoing(NamedTuple):
     proposal: object      # dynamic:agree=true: this rank's k for the next step, to average
     prior: object = None  # the pipeline state before this step (kept if the step is void)
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
+    dense_route: bool = False  # auto sent the tensor as it is, by a plain allreduce
 
 
 class Exchange:
@@ -80,6 +81,8 @@ class Exchange:
         self.states: dict[str, object] = {}
         self.steps: dict[str, int] = {}
         self.levels: dict[str, int] = {}  # agreed k per tensor (dynamic:agree=true)
+        self.costs = None  # measured costs every rank agrees on, for auto (see core/auto.py)
+        self._spec, self._stamps = None, {}  # the fingerprints of each tensor, once made
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None) -> Outgoing:
         """Compress ``tensor`` (this rank's gradient called ``name``) for the wire.
@@ -94,6 +97,9 @@ class Exchange:
             step = self.next_step(name)
         self.rank = rank
         t0 = time.perf_counter()
+        if self.pipeline.dense_route(bk.size(tensor), 8 * ITEMSIZE[bk.dtype(tensor)],
+                                     self.costs):
+            return self._begin_dense(bk, name, tensor, step, t0)
         flat = bk.flatten(tensor)
         finite = bk.all_finite(flat)
         flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
@@ -120,10 +126,28 @@ class Exchange:
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), proposal, prior, stamp)
 
+    def _begin_dense(self, bk, name, tensor, step, t0) -> Outgoing:
+        """auto's dense route: the tensor itself travels by allreduce, exactly as Horovod
+        sends it uncompressed (no copy, no pass over it), and the feedback state waits
+        untouched for the next sparse step (EF14's residual is still what was not sent)."""
+        d, dtype = bk.size(tensor), bk.dtype(tensor)
+        bits = 8 * d * ITEMSIZE[dtype]
+        self.log(step, name, bits // 8, d, d, bits, time.perf_counter() - t0, None)
+        return Outgoing(name, step, tensor, True, None, None, bk.shape(tensor), dtype, None,
+                        None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True)
+
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
-        """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`)."""
-        return Stamp.of(self.pipeline.spec(), name, shape, dtype, self.seed,
-                        f"{self.transport}/nonfinite={self.nonfinite}")
+        """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once
+        per name, shape, dtype and seed."""
+        key = (name, tuple(int(s) for s in shape), dtype, self.seed)
+        stamp = self._stamps.get(key)
+        if stamp is None:
+            if self._spec is None:
+                self._spec = self.pipeline.spec()
+            stamp = self._stamps[key] = Stamp.of(
+                self._spec, name, shape, dtype, self.seed,
+                f"{self.transport}/nonfinite={self.nonfinite}")
+        return stamp
 
     # -- where state, step counters and telemetry live (frontends may override) ---------
     def next_step(self, name: str):
@@ -154,6 +178,10 @@ class Exchange:
         """The update from an allreduce of ``outgoing.wire`` (a sum if ``summed``, else the
         average), shaped like the input; a sum stays a sum."""
         self.world_size = n
+        if outgoing.dense_route:  # Horovod's own result, as uncompressed Horovod returns it
+            if self.nonfinite == "raise" and not bk.all_finite(out):
+                self._refuse_nonfinite(outgoing.name, outgoing.step, None)
+            return bk.reshape(out, outgoing.shape)
         out = bk.flatten(out)
         mean = outgoing.codec.decode_flat(bk, outgoing.payload._replace(values=out))
         if summed:
@@ -171,14 +199,14 @@ class Exchange:
         self.world_size = n
         parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
                                       outgoing.codec.fixed_size, outgoing.stamp, outgoing.name)
-        mean = outgoing.codec.aggregate(bk, parts) * (1.0 / n)
+        mean, finite = outgoing.codec.mean(bk, parts, n)  # a sum can overflow: finite?
         if bk.eager():
             ranks = [r for r, f in enumerate(flags) if f & FLAG_NONFINITE]
-            bad = bool(ranks) or not bk.all_finite(mean)  # a sum can overflow too
+            bad = bool(ranks) or not finite
         else:
             tf = bk.tf
             ranks = flags
-            bad = tf.logical_or(tf.reduce_any(flags > 0), tf.logical_not(bk.all_finite(mean)))
+            bad = tf.logical_or(tf.reduce_any(flags > 0), tf.logical_not(finite))
         return self._decode(bk, mean, outgoing, n if summed else 1, bad, ranks)
 
     def _decode(self, bk, mean, outgoing, scale, bad, ranks):

@@ -7,9 +7,14 @@ over ranks of the decompressed payloads into the gradient estimate to apply. Eac
 keeps its own copy of the aggregate part of the state; because every rank decodes the same
 bits in the same order, the copies stay identical.
 
-``compress(vector) -> (payload, dense)`` is handed in by the pipeline: it applies the
-compressor (at the level a policy chose) and also returns the dense tensor the payload
-stands for, which the rules need for their residuals and running estimates.
+``compress(vector) -> (payload, sent)`` is handed in by the pipeline: it applies the
+compressor (at the level a policy chose) and also returns what the payload stands for as
+a :class:`~hvd_compress.core.pipeline.Sent`, which moves the rules' residuals and running
+estimates by the sent vector without decoding it densely (a sparse payload touches only
+its k entries).
+
+``decode`` returns an update that shares no memory with the state: frameworks hand it to
+the user as the gradient, which may be clipped or zeroed in place.
 
 Which compressor classes a rule accepts is part of its guarantee: EF14 and the EF21
 family need contractive (or absolute, for EF14) compressors, DIANA unbiased ones.
@@ -77,7 +82,7 @@ class EF14(Feedback):
     def encode(self, compress, bk, g, state):
         p = state.residual + g
         payload, sent = compress(p)
-        return payload, EF14State(p - sent)
+        return payload, EF14State(sent.subtract_from(p, owned=True))
 
     def decode(self, bk, mean, state):
         return mean, state
@@ -108,7 +113,7 @@ class EF21(Feedback):
 
     def _correct(self, compress, target, local):
         payload, sent = compress(target - local)
-        return payload, local + sent
+        return payload, sent.add_to(local)
 
     def encode(self, compress, bk, g, state):
         payload, local = self._correct(compress, g, state.local)
@@ -116,7 +121,7 @@ class EF21(Feedback):
 
     def decode(self, bk, mean, state):
         agg = state.aggregate + mean
-        return agg, state._replace(aggregate=agg)
+        return bk.copy(agg), state._replace(aggregate=agg)
 
 
 class EF21SGDMState(NamedTuple):
@@ -218,7 +223,7 @@ class DIANA(Feedback):
 
     def encode(self, compress, bk, g, state):
         payload, sent = compress(g - state.shift)
-        return payload, state._replace(shift=state.shift + sent * state.alpha)
+        return payload, state._replace(shift=sent.add_to(state.shift, state.alpha))
 
     def decode(self, bk, mean, state):
         update = state.aggregate + mean

@@ -103,6 +103,12 @@ class Backend:
     def scatter_add_into(self, out, idx, values):
         """out + the values scattered at idx (positions distinct); may reuse out."""
         raise NotImplementedError
+    def scale_at(self, out, idx, factor: float):
+        """out with the entries at idx multiplied by factor (idx may repeat); may reuse out."""
+        raise NotImplementedError
+    def copy(self, x):
+        """A tensor equal to x that shares no memory with it (immutable tensors: x)."""
+        raise NotImplementedError
     def count(self, mask) -> int: raise NotImplementedError
 
     # -- integer bit ops (int64, values kept in [0, 2**32)) ----------------------------
@@ -143,7 +149,11 @@ class NumpyBackend(Backend):
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
     def min(self, x): return x.min()
-    def all_finite(self, x): return bool(np.isfinite(x).all())
+    def all_finite(self, x):
+        # one read: a sum is finite exactly when no entry is NaN or infinite, unless
+        # finite entries overflow it; only then look at every entry
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
     def isfinite(self, x): return np.isfinite(x)
     def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
@@ -158,6 +168,10 @@ class NumpyBackend(Backend):
     def scatter_add_into(self, out, idx, values):
         np.add.at(out, idx, values)
         return out
+    def scale_at(self, out, idx, factor):
+        out[idx] = out[idx] * out.dtype.type(factor)
+        return out
+    def copy(self, x): return x.copy()
     def count(self, mask): return int(np.count_nonzero(mask))
     def xor(self, a, b): return np.bitwise_xor(a, b)
     def band(self, a, b): return np.bitwise_and(a, np.asarray(b, a.dtype))
@@ -192,7 +206,9 @@ class TorchBackend(Backend):
     def shape(self, x): return tuple(x.shape)
     def dtype(self, x): return str(x.dtype).replace("torch.", "")
     def reshape(self, x, shape): return x.reshape(shape)
-    def astype(self, x, dtype): return x.to(self._dt[dtype])
+    def astype(self, x, dtype):
+        t = self._dt[dtype]
+        return x if x.dtype == t else x.to(t)
     def bitcast(self, x, dtype):
         x = x.contiguous()
         if x.storage_offset() % ITEMSIZE[dtype]:  # a slice of a gathered byte buffer
@@ -213,7 +229,9 @@ class TorchBackend(Backend):
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
     def min(self, x): return x.min()
-    def all_finite(self, x): return bool(self.t.isfinite(x).all())
+    def all_finite(self, x):
+        # one read (see NumpyBackend.all_finite); a host sync, as any branch on values
+        return bool(self.t.isfinite(x.sum())) or bool(self.t.isfinite(x).all())
     def isfinite(self, x): return self.t.isfinite(x)
     def finite_or_zero(self, x): return self.t.nan_to_num(x, 0.0, 0.0, 0.0)
     def nan_like(self, x): return self.t.full_like(x, float("nan"))
@@ -225,6 +243,8 @@ class TorchBackend(Backend):
         out = self.t.zeros(n, dtype=values.dtype, device=values.device)
         return out.index_add_(0, idx, values)
     def scatter_add_into(self, out, idx, values): return out.index_add_(0, idx, values)
+    def scale_at(self, out, idx, factor): return out.index_put_((idx,), out[idx] * factor)
+    def copy(self, x): return x.clone()
     def count(self, mask): return int(self.t.count_nonzero(mask))
     def xor(self, a, b): return self.t.bitwise_xor(a, b)
     def band(self, a, b): return self.t.bitwise_and(a, b)
@@ -307,6 +327,10 @@ class TensorflowBackend(Backend):
         return self.tf.math.unsorted_segment_sum(values, idx, n)
     def scatter_add_into(self, out, idx, values):
         return self.tf.tensor_scatter_nd_add(out, self.tf.reshape(idx, (-1, 1)), values)
+    def scale_at(self, out, idx, factor):
+        idx = self.tf.reshape(idx, (-1, 1))
+        return self.tf.tensor_scatter_nd_update(out, idx, self.tf.gather_nd(out, idx) * factor)
+    def copy(self, x): return self.tf.identity(x)
     def count(self, mask):
         return self.tf.math.count_nonzero(mask, dtype=self.tf.int64)
     def xor(self, a, b): return self.tf.bitwise.bitwise_xor(a, b)

@@ -3,7 +3,7 @@
     pipe = resolve_pipeline("topk:0.01+ef21sgdm:eta=0.1")
     state = pipe.init(bk, flat)
     payload, codec, state, _ = pipe.encode(bk, flat, state, key)  # on each rank
-    ... every rank's payload travels; mean = codec.aggregate(payloads) / n ...
+    ... every rank's payload travels; mean, finite = codec.mean(bk, payloads, n) ...
     update, state = pipe.decode(bk, mean, state)                 # on each rank
 
 ``codec`` is the compressor that produced this step's payload: the pipeline's own, or
@@ -93,6 +93,12 @@ class Pipeline:
         """Whether ranks agree on the level (dynamic:agree=true): see :meth:`encode`."""
         return self.policy is not None and self.policy.agree
 
+    def dense_route(self, d: int, item_bits: int, costs) -> bool:
+        """Whether ``auto`` sends a tensor of ``d`` entries dense by allreduce, bypassing
+        compression and feedback, under the measured ``costs`` (dense until measured)."""
+        return getattr(self.policy, "routes", False) and \
+            self.policy.route(d, item_bits, self.compressor, costs) is None
+
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
                level=None, dense=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
@@ -103,14 +109,17 @@ class Pipeline:
         first step: the compressor's own k), and the result carries this rank's proposal
         for the next step; the frontend averages the proposals. ``dense`` says whether this
         is a warm-up step where ``key.step`` is a graph tensor (inside ``tf.function`` the
-        frontend branches on the step and traces both phases)."""
+        frontend branches on the step and traces both phases). With ``auto`` this is the
+        sparse route (see :meth:`dense_route`)."""
         codec = self.codec(key.step) if dense is None else \
             (self._dense if dense else self.compressor)
         used, error, proposal = [codec], [None], [None]
 
         def choose(v):
             if self.policy is not None and codec is self.compressor:
-                if self.policy.agree:
+                if getattr(self.policy, "routes", False):
+                    pass  # auto: the sparse route (the frontend took the dense one itself)
+                elif self.policy.agree:
                     proposal[0] = self.policy.choose_k(bk, v)
                     if level is not None:
                         used[0] = self.policy.codec(int(level), self.compressor, fixed=True)
@@ -121,10 +130,10 @@ class Pipeline:
         def compress(v):
             c = choose(v)
             p = c.compress(v, key)
-            dense = bk.astype(c.decode_flat(bk, p), bk.dtype(v))
+            sent = Sent(bk, c, p)
             if measure:
-                error[0] = _relative_error(bk, v, dense)
-            return p, dense
+                error[0] = _relative_error(bk, v, sent.subtract_from(v))
+            return p, sent
 
         if self.perturbation is not None:
             flat = self.perturbation.apply(bk, flat, key)
@@ -143,8 +152,25 @@ class Pipeline:
         return self.feedback.decode(bk, mean, state)
 
 
-def _relative_error(bk, v, dense):
-    diff = bk.astype(dense - v, "float64")
+class Sent(NamedTuple):
+    """What a payload stands for, applied without decoding it to a dense tensor where
+    the codec can (sparse payloads touch only their entries): what the feedback rules
+    move their residuals and estimates by."""
+    bk: object
+    codec: object
+    payload: object
+
+    def subtract_from(self, v, owned: bool = False):
+        """``v - C(v)``; ``owned``: v is a fresh tensor that may be overwritten."""
+        return self.codec.add_sent(self.bk, v, self.payload, -1.0, owned)
+
+    def add_to(self, x, scale: float = 1.0, owned: bool = False):
+        """``x + scale * C(v)``."""
+        return self.codec.add_sent(self.bk, x, self.payload, scale, owned)
+
+
+def _relative_error(bk, v, residual):
+    diff = bk.astype(residual, "float64")
     num = bk.sum(diff * diff)
     v = bk.astype(v, "float64")
     den = bk.sum(v * v)
@@ -159,6 +185,7 @@ def resolve_pipeline(obj) -> Pipeline:
 
     ``"topk:0.01+ef21sgdm:eta=0.1+dynamic:cost=affine+warmup:100"``: compressor first,
     then at most one feedback rule, one policy, one ``perturb`` and ``warmup:STEPS``.
+    ``"auto"`` alone stands for ``"topk:0.01+ef14+auto"``.
     """
     if isinstance(obj, Pipeline):
         return obj
@@ -171,6 +198,8 @@ def resolve_pipeline(obj) -> Pipeline:
         raise HvdCompressError(
             f"expected a spec string, a Compressor or a Pipeline, got {type(obj).__name__}")
     stages = parse(obj)
+    if stages[0][0] == "auto":  # shorthand: the sparse route auto picks from
+        stages = parse("topk:0.01+ef14") + stages
     name, args, kwargs = stages[0]
     compressor = build(name, args, kwargs, ("compressor",), obj)
     found = {"feedback": None, "policy": None, "perturbation": None}

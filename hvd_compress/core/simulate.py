@@ -57,7 +57,7 @@ class Workers:
             self.level = max(1, int(round(sum(proposals) / self.n)))
         self.bits.append([int(p.wire_bits(bk)) for p in payloads])
         self.last, self.last_codec = payloads, codec
-        mean = codec.aggregate(bk, payloads) * (1.0 / self.n)
+        mean, _ = codec.mean(bk, payloads, self.n)
         mean = bk.astype(mean, bk.dtype(grads[0]))
         update = None
         for r in range(self.n):

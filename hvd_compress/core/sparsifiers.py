@@ -51,6 +51,24 @@ class _Sparse(Compressor):
     def decode_flat(self, bk, p):
         return bk.scatter_add(_numel(p.shape), p.indices, _wide(bk, p.values))
 
+    def add_sent(self, bk, x, p, scale=1.0, owned=False):
+        # only the k sent entries change: no dense decode (bit-identical to the dense sum,
+        # since every other entry adds an exact zero)
+        vals = bk.astype(_wide(bk, p.values), bk.dtype(x))
+        if scale != 1.0:
+            vals = -vals if scale == -1.0 else vals * scale
+        return bk.scatter_add_into(x if owned else bk.copy(x), p.indices, vals)
+
+    def mean(self, bk, payloads, n):
+        # off the positions some rank sent, the sum is an exact zero: scale and check
+        # only those (positions may repeat across ranks)
+        total = self.aggregate(bk, payloads)
+        at = bk.concat([p.indices for p in payloads]) if len(payloads) > 1 \
+            else payloads[0].indices
+        if n != 1:
+            total = bk.scale_at(total, at, 1.0 / n)
+        return total, bk.all_finite(bk.gather(total, at))
+
     def aggregate(self, bk, payloads):
         # rank by rank, in rank order: within one payload every position is distinct, so
         # no two additions race, and every rank adds the same numbers in the same order

@@ -25,6 +25,7 @@ import zlib
 from ..core.exchange import Exchange
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
+from ..core.auto import refuse_unmeasured
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
@@ -80,6 +81,7 @@ class Compression:
     def __init__(self, spec, seed: int = 0, measure_error: bool = False,
                  nonfinite: str = "propagate"):
         pipeline = resolve_pipeline(spec)
+        refuse_unmeasured(pipeline, "the TensorFlow frontend")
         # stages that choose on the host run eagerly, in one tf.py_function per step
         self.host_stages = pipeline.host_stages()
         kind = Exchange if self.host_stages else VariableExchange

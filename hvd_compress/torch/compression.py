@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import sys
 
+from ..core.auto import Auto, refuse_unmeasured
+from ..core.compressor import check_int
 from ..core.exchange import Exchange
+from ..core.pipeline import Pipeline
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.rng import Key
@@ -63,10 +66,25 @@ class Compression:
       whole_model: compress all gradients as one vector (one budget across tensors, one
         message per step: the per-message overhead is paid once). The exchange runs when
         Horovod synchronises, so it no longer overlaps the backward pass.
+      fuse_below: gradients with fewer entries than this that travel by allgather (sparse
+        and quantized payloads) are fused, like Horovod's fusion buffer: concatenated in
+        sorted name order, one bucket per dtype, and compressed and exchanged as one
+        vector named ``fused.<first member>+<number of other members>`` (one budget, one
+        header, one message, one feedback state).
+        Biases and normalisation weights then stop paying a collective and a Python
+        round each; the large tensors still travel one by one during the backward pass.
+        Default 0: every tensor alone. 65536 suits most models; on a slow link with many
+        small tensors, larger. Part of the fingerprint: every rank must use the same.
       nonfinite: ``"propagate"`` (default: a NaN or infinity in any rank's gradient gives
         every rank a NaN gradient for that parameter and leaves the feedback state as it
         was, like dense Horovod, so ``torch.amp.GradScaler`` skips the step) or
         ``"raise"`` (HvdCompressError on every rank, naming the parameter and ranks).
+
+    With ``auto`` in the spec (``"auto"``, ``"topk:0.01+ef21sgdm+auto"``), every rank
+    measures Horovod's allreduce and allgather and this package's compression at the first
+    launch of step 1 and every ``every`` steps after (see :mod:`hvd_compress.core.auto`),
+    and each tensor (or fused bucket) takes the faster of a dense allreduce and the spec's
+    sparse route; ``exchange.costs`` holds the figures every rank agreed on.
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -77,21 +95,30 @@ class Compression:
     """
 
     def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None,
-                 whole_model: bool = False, nonfinite: str = "propagate"):
+                 whole_model: bool = False, nonfinite: str = "propagate", fuse_below: int = 0):
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
         # over mpi4py everything is gathered
         dtypes = () if comm is not None else ("float16", "float32", "float64")
+        self.fuse_below = check_int("compression", "fuse_below", fuse_below, 0)
         transport = ("mpi4py" if comm is not None else "horovod") + \
-            ("/whole-model" if whole_model else "")
+            ("/whole-model" if whole_model else "") + \
+            (f"/fuse-below={self.fuse_below}" if self.fuse_below else "")
         self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error,
                                  nonfinite=nonfinite, transport=transport)
+        if comm is not None:
+            refuse_unmeasured(self.exchange.pipeline, "comm= (the mpi4py transport)")
+        self._auto = self.exchange.pipeline.policy if \
+            isinstance(self.exchange.pipeline.policy, Auto) else None
+        self._round, self._round_names = 0, set()  # steps launched, and this one's names
+        self._measure_at = 1     # auto: the step that measures the costs next
+        self._measured = 0       # ... and how many measurements ran (collective names)
         self._introduced: set = set()  # parameters whose placeholder allreduce was issued
         self._unchecked: set = set()    # ... of those, whose fingerprints were not gathered
         self.comm = comm
         self._pending: dict[str, object] = {}   # name -> outgoing, awaiting the mpi4py flush
         self._arrived: dict[str, object] = {}   # name -> gathered bytes
         self.whole_model = bool(whole_model)
-        self._model_grads: dict[str, object] = {}    # name -> gradient, whole-model mode
+        self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
         self._model_updates: dict[str, object] = {}  # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
@@ -231,7 +258,8 @@ class Compression:
         """Compress ``tensor`` and start its collective; return a callable that finishes it
         (after this parameter's first-exchange agreement check, when there is one)."""
         introduce = self._introduce(opt, name, tensor)
-        if self.whole_model:
+        self._count_round(opt, name, tensor)
+        if self.whole_model or self._fused(tensor):
             self._model_grads[name] = tensor
             return _after(introduce, lambda: self._model_update(opt, name))
         out, finish = self._begin(opt, name, tensor)
@@ -277,6 +305,54 @@ class Compression:
                          f"nonfinite={ex.nonfinite!r}")
         return check
 
+    def _count_round(self, opt, name, like):
+        """Count the steps this compression launched: Horovod launches every parameter
+        once per step, so a name seen again opens the next one. With auto, measure the
+        costs at the first launch of step 1 and every ``every`` steps after."""
+        if name in self._round_names:
+            self._round += 1
+            self._round_names.clear()
+        self._round_names.add(name)
+        if self._auto is not None and self._round >= self._measure_at:
+            self._measure(opt, like)
+            self._measure_at = self._round + self._auto.every
+
+    def _measure(self, opt, like):
+        """auto: measure the link and the compression (see :mod:`hvd_compress.core.auto`).
+        Every rank does it at its first launch of the same step, before any tensor of that
+        step is compressed, whatever its hook order, and takes the slowest rank's figures:
+        every rank routes every tensor alike."""
+        import horovod.torch as hvd
+        import torch
+        from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
+
+        ps, tag = opt.process_set, f"{_PREFIX}auto.{self._measured}"
+        times = []
+        for kind in ("allreduce", "allgather"):
+            for nbytes in LINK_BYTES:
+                if kind == "allreduce":
+                    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=like.device)
+                    run = lambda name: hvd.allreduce(buf, name=name, process_set=ps)  # noqa: E731
+                else:
+                    buf = torch.zeros(nbytes, dtype=torch.uint8, device=like.device)
+                    run = lambda name: hvd.allgather(buf, name=name, process_set=ps)  # noqa: E731
+                times.append(_best_of(3, lambda i: run(f"{tag}.{kind}.{nbytes}.{i}")))
+        scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
+                           transport="scratch")
+        n, rank = ps.size(), ps.rank()
+        for d in COMPUTE_SIZES:
+            x = torch.randn(d, generator=torch.Generator().manual_seed(d)).to(like.device)
+
+            def compress_and_decode(i):
+                out = scratch.begin(self._bk, f"x{d}", x, rank)
+                scratch.finish_gathered(self._bk, torch.cat([out.wire] * n), out, n, False)
+            times.append(_best_of(3, compress_and_decode))
+        agreed = hvd.allreduce(torch.tensor(times, dtype=torch.float64), op=hvd.Max,
+                               name=f"{tag}.agree", process_set=ps).tolist()
+        m = 2 * len(LINK_BYTES)
+        self.exchange.costs = fit_costs(n, agreed[:m], agreed[m:])
+        self._measured += 1
+
     def _agree(self, opt, out):
         """With dynamic:agree=true, average this rank's proposed k over the ranks beside
         the payload; the returned function records it for the next step and passes the
@@ -313,30 +389,47 @@ class Compression:
             handle = hvd.allgather_async(out.wire, name=coll_name, process_set=opt.process_set)
         return lambda: hvd.synchronize(handle)
 
+    def _fused(self, tensor) -> bool:
+        """Whether ``tensor`` travels in a fused bucket: small, and compressed into a
+        payload that is gathered (casts are allreduced, and Horovod fuses those itself).
+        Every rank decides the same, since the fingerprints make shapes agree."""
+        return tensor.numel() < self.fuse_below and not self.pipeline.compressor.summable
+
     def _model_update(self, opt, name):
-        """Whole-model mode: the first call of a step compresses and exchanges every
-        gradient as one vector (sorted by name); each call returns its parameter's slice."""
+        """Fused and whole-model mode: the first call of a step compresses and exchanges
+        the held gradients as one vector per bucket (sorted by name); each call returns
+        its parameter's slice. Every parameter was launched before Horovod waits on any,
+        so every rank holds the same gradients here."""
         import torch
 
         if name not in self._model_updates:
-            names = sorted(self._model_grads)
-            grads = [self._model_grads[n] for n in names]
-            if len({g.dtype for g in grads}) > 1:
-                raise HvdCompressError("whole_model=True needs gradients of one dtype, got "
-                                       f"{sorted({str(g.dtype) for g in grads})}")
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            out, finish = self._begin(opt, "model", flat)
-            agreed = self._agree(opt, out)
-            if self.comm is not None:
-                from ..comm.mpi import allgather_bytes
-                update = finish(allgather_bytes(self.comm, out.wire, out.codec.fixed_size))
-            else:
-                update = finish(self._start(opt, out, _PREFIX + "model")())
-            update = agreed(update)
-            for n, part, g in zip(names, update.split([g.numel() for g in grads]), grads):
-                self._model_updates[n] = part.reshape(g.shape)
+            by_dtype: dict[object, list] = {}
+            for n in sorted(self._model_grads):
+                by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
+            if self.whole_model and len(by_dtype) > 1:
+                raise HvdCompressError(
+                    "whole_model=True needs gradients of one dtype, got "
+                    f"{sorted(str(t).replace('torch.', '') for t in by_dtype)}")
+            for names in by_dtype.values():
+                key = "model" if self.whole_model else f"fused.{names[0]}+{len(names) - 1}"
+                grads = [self._model_grads[n] for n in names]
+                update = self._exchange_bucket(opt, key, torch.cat([g.reshape(-1)
+                                                                    for g in grads]))
+                for n, part, g in zip(names, update.split([g.numel() for g in grads]), grads):
+                    self._model_updates[n] = part.reshape(g.shape)
             self._model_grads.clear()
         return self._model_updates.pop(name)
+
+    def _exchange_bucket(self, opt, key, flat):
+        """Compress and exchange one fused vector now; its averaged update."""
+        out, finish = self._begin(opt, key, flat)
+        agreed = self._agree(opt, out)
+        if self.comm is not None:
+            from ..comm.mpi import allgather_bytes
+            update = finish(allgather_bytes(self.comm, out.wire, out.codec.fixed_size))
+        else:
+            update = finish(_horovod_result(key, self._start(opt, out, _PREFIX + key)))
+        return agreed(update)
 
     def _gathered(self, name):
         """This rank's view of every rank's payload for ``name`` (mpi4py transport): the
@@ -359,6 +452,8 @@ class Compression:
                                    "or comm= / whole_model=")
 
         checks = [self._introduce(opt, name, t) for name, t in named]
+        for name, t in named:
+            self._count_round(opt, name, t)
         begun = [self._begin(opt, name, t) for name, t in named]
         kinds = {out.by_allreduce for out, _ in begun}
         if len(kinds) > 1:
@@ -376,6 +471,18 @@ class Compression:
             handle = hvd.grouped_allgather_async(wires, name=name, process_set=opt.process_set)
         return handle, [_Grouped(_then(_checked(check, finish), self._agree(opt, out)))
                         for check, (out, finish) in zip(checks, begun)]
+
+
+def _best_of(repeats, fn):
+    """The shortest wall time of ``fn(i)`` over ``repeats`` calls, after one more."""
+    import time
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _then(first, second):
@@ -434,7 +541,8 @@ def _named_grad(opt, p):
 
 
 def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
-                comm=None, whole_model: bool = False, nonfinite: str = "propagate") -> Compression:
+                comm=None, whole_model: bool = False, nonfinite: str = "propagate",
+                fuse_below: int = 0) -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
@@ -445,11 +553,13 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
       comm: an mpi4py communicator to carry the payloads instead of Horovod.
       whole_model: one budget and one message across all gradients (see Compression).
       nonfinite: "propagate" (like dense Horovod) or "raise" (see Compression).
+      fuse_below: fuse gathered gradients with fewer entries into one message per dtype
+        (see Compression).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
     return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm,
-                       whole_model=whole_model, nonfinite=nonfinite)
+                       whole_model=whole_model, nonfinite=nonfinite, fuse_below=fuse_below)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):

@@ -57,6 +57,17 @@ def oracle_step(oracles, grads, tag):
     return out
 
 
+def check_synchronized_grads(dopt, model, x, y, expected, spec, step):
+    """One backward pass and Horovod's synchronize; every gradient equals ``expected``."""
+    dopt.zero_grad()  # set_to_none=True: state must not hang on grad tensors
+    loss_fn(model, x, y).backward()
+    dopt.synchronize()
+    tol = TOL.get(spec, 1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.reshape(-1), expected[name], rtol=tol, atol=tol,
+                                   msg=f"{spec} step {step} {name}")
+
+
 def wire_bits(oracle, spec, step):
     """Bits this rank hands to Horovod: summable values by allreduce (no header), bf16 and
     everything else as a packed buffer by allgather."""
@@ -83,13 +94,7 @@ def test_gradients_match_oracle(spec, binding):
     for step in range(3):
         _, x, y = model_and_data(step)
         expected = oracle_step(oracles, local_grads(model, x, y), f"{spec}.{binding}.{step}")
-        dopt.zero_grad()  # set_to_none=True: state must not hang on grad tensors
-        loss_fn(model, x, y).backward()
-        dopt.synchronize()
-        tol = TOL.get(spec, 1e-5)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad.reshape(-1), expected[name], rtol=tol, atol=tol,
-                                       msg=f"{spec} step {step} {name}")
+        check_synchronized_grads(dopt, model, x, y, expected, spec, step)
         rows = {r.name: r.bits for r in comp.telemetry.rows if r.step == step}
         assert rows == {name: wire_bits(w, spec, step) for name, w in oracles.items()}
         with dopt.skip_synchronize():
@@ -220,6 +225,126 @@ def test_whole_model_mode_is_one_vector(spec, transport):
         assert {r.name for r in comp.telemetry.rows} == {"model"}
         with dopt.skip_synchronize():
             dopt.step()
+
+
+FUSED = [("topk:0.1+ef21sgdm:eta=0.5", "plain", "horovod"),
+         ("topk:0.1,indices=varint+ef14", "eager", "horovod"),
+         ("qsgd", "plain", "horovod"),
+         ("topk:0.1+ef21+warmup:1", "plain", "horovod"),
+         ("topk:0.1+ef21sgdm:eta=0.5", "eager", "mpi4py"),
+         ("fp16", "plain", "horovod")]
+
+
+@pytest.mark.parametrize("spec,binding,transport", FUSED)
+def test_small_tensors_travel_fused(spec, binding, transport):
+    """fuse_below=64: the three small tensors (16, 48 and 3 entries) travel as one vector
+    in sorted name order, the 192-entry weight alone; each equals the simulator run on
+    the same vector. Casts are never fused (Horovod fuses allreduces itself)."""
+    from mpi4py import MPI
+    model, _, _ = model_and_data(0)
+    comp = hct.compression(spec, seed=7, fuse_below=64,
+                           comm=MPI.COMM_WORLD if transport == "mpi4py" else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    if binding == "plain":
+        dopt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                        compression=comp)
+    else:
+        dopt = hct.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                        compression=comp)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    cast = spec == "fp16"
+    small = [] if cast else sorted(n for n in sizes if sizes[n] < 64)
+    bucket = f"fused.{small[0]}+{len(small) - 1}" if small else None
+    alone = sorted(n for n in sizes if n not in small)
+    oracles = {n: Workers(spec, size, seed=7, name=n) for n in alone}
+    if bucket:
+        oracles[bucket] = Workers(spec, size, seed=7, name=bucket)
+    for step in range(3):
+        _, x, y = model_and_data(step)
+        local = local_grads(model, x, y)
+        vectors = {n: local[n] for n in alone}
+        if bucket:
+            vectors[bucket] = torch.cat([local[n] for n in small])
+        want = {}
+        for key, v in vectors.items():
+            everyone = hvd.allgather(v.reshape(1, -1), name=f"fused.{spec}.{binding}.{step}.{key}")
+            want[key] = oracles[key].step(list(everyone))
+        if bucket:
+            for n, part in zip(small, want.pop(bucket).split([sizes[n] for n in small])):
+                want[n] = part
+        check_synchronized_grads(dopt, model, x, y, want, spec, step)
+        assert {r.name for r in comp.telemetry.rows if r.step == step} == set(oracles)
+        with dopt.skip_synchronize():
+            dopt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(flat.reshape(1, -1), name=f"fused.final.{spec}.{binding}")
+    assert torch.equal(everyone, flat.expand(size, -1)), "parameters differ across ranks"
+
+
+def ef14_topk_oracle(everyone, residuals, ratio, sparse):
+    """NumPy restatement of EF14 over auto's routes: sparse, every rank sends the top k of
+    its compensated gradient (ties to the lower position) and keeps the rest; dense, the
+    gradients are averaged as they are and the residuals wait. The update is the mean."""
+    if not sparse:
+        return np.mean(everyone, 0, dtype=np.float32)
+    sent = []
+    for r, g in enumerate(everyone):
+        p = residuals[r] + g
+        s = np.zeros_like(p)
+        keep = np.argsort(-np.abs(p), kind="stable")[:max(1, int(ratio * p.size))]
+        s[keep] = p[keep]
+        residuals[r] = p - s
+        sent.append(s)
+    return np.sum(sent, 0) * np.float32(1.0 / len(everyone))
+
+
+@pytest.mark.parametrize("route", ["measured", "sparse", "dense"])
+def test_auto_routes_every_tensor_alike_on_every_rank(route):
+    """auto measures at step 1 and routes each tensor dense or top-k + EF14 from the
+    slowest rank's figures. Every rank holds the same costs and makes the same choice;
+    the gradients equal a NumPy restatement of EF14 over the routes taken. 'sparse' and
+    'dense' set the costs every rank uses after the measurement, so both routes run."""
+    from hvd_compress.core.auto import Costs
+    model, _, _ = model_and_data(0)
+    comp = hct.compression("topk:0.25+ef14+auto:every=1000", seed=7)
+    dopt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                    named_parameters=model.named_parameters(),
+                                    compression=comp)
+    names = [n for n, _ in model.named_parameters()]
+    residuals = {n: [np.zeros(p.numel(), np.float32) for _ in range(size)]
+                 for n, p in model.named_parameters()}
+    for step in range(4):
+        if step == 2 and route != "measured":  # after the measurement of step 1
+            slow, fast = (1e-3, 1e-6), (1e-9, 1e-15)
+            link = (slow, fast) if route == "sparse" else (fast, slow)
+            comp.exchange.costs = Costs(size, link[0], link[1], (0.0, 0.0))
+        _, x, y = model_and_data(step)
+        local = local_grads(model, x, y)
+        everyone = {n: hvd.allgather(local[n].reshape(1, -1), name=f"auto.{route}.{step}.{n}")
+                    .numpy() for n in names}
+        dopt.zero_grad()
+        loss_fn(model, x, y).backward()
+        dopt.synchronize()
+        bits = {r.name: r.bits for r in comp.telemetry.rows if r.step == step}
+        assert len(bits) == len(names)
+        for n, p in model.named_parameters():
+            dense_bits = 8 * 4 * p.numel()
+            sparse = bits[n] != dense_bits
+            if step == 0:
+                assert not sparse, "before the first measurement every tensor goes dense"
+            if step >= 2 and route != "measured":
+                assert sparse == (route == "sparse"), (n, bits[n])
+            want = ef14_topk_oracle(everyone[n], residuals[n], 0.25, sparse)
+            torch.testing.assert_close(p.grad.reshape(-1).numpy(), want, rtol=1e-6, atol=1e-6)
+        routes = torch.tensor([[bits[n] for n in names]])
+        assert torch.equal(hvd.allgather(routes, name=f"auto.routes.{route}.{step}"),
+                           routes.expand(size, -1)), "ranks routed a tensor differently"
+        with dopt.skip_synchronize():
+            dopt.step()
+    costs = torch.tensor([[v for part in comp.exchange.costs[1:] for v in part]],
+                         dtype=torch.float64)
+    assert torch.equal(hvd.allgather(costs, name=f"auto.costs.{route}"),
+                       costs.expand(size, -1)), "ranks measured different costs"
 
 
 def test_process_set():

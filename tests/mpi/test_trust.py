@@ -67,7 +67,8 @@ def step(m, opt, i, poison=None, dtype=torch.float32):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 @pytest.mark.parametrize("spec", ["topk:0.2+ef14", "randk:0.2+ef14", "threshold:0.05+ef14",
                                   "topk:0.2+ef21sgdm", "qsgd", "fp16+ef14", "none",
-                                  "randk:0.3,scaled=true+diana", "topk:0.2,indices=varint"])
+                                  "randk:0.3,scaled=true+diana", "topk:0.2,indices=varint",
+                                  "auto"])
 def test_nonfinite_gradient_reaches_every_rank_and_spares_the_state(spec, poison):
     m = model("nf")
     opt = optimizer(m, spec)
@@ -84,11 +85,14 @@ def test_nonfinite_gradient_reaches_every_rank_and_spares_the_state(spec, poison
     assert same_on_every_rank(list(m.parameters()), f"nf.params.{spec}.{poison}")
 
 
-def test_nonfinite_raise_names_the_tensor_on_every_rank():
+@pytest.mark.parametrize("spec", ["topk:0.2+ef14", "auto"])
+def test_nonfinite_raise_names_the_tensor_on_every_rank(spec):
     m = model("raise")
-    opt = optimizer(m, "topk:0.2+ef14", nonfinite="raise")
+    opt = optimizer(m, spec, nonfinite="raise")
     step(m, opt, 0)
-    with pytest.raises(HvdCompressError, match=rf"holds NaN or infinite values on rank\(s\) \[{size - 1}\]"):
+    # auto's dense route sees the allreduced sum only: it cannot tell which rank
+    who = rf"rank\(s\) \[{size - 1}\]" if spec != "auto" else "some rank"
+    with pytest.raises(HvdCompressError, match=f"holds NaN or infinite values on {who}"):
         step(m, opt, 1, poison=float("nan"))
 
 
@@ -112,6 +116,14 @@ def test_ranks_with_different_specs_fail_loudly_everywhere(mine, other, what, la
         opt = hct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
                                        named_parameters=m.named_parameters(), compression=spec)
     with pytest.raises(HvdCompressError, match=f"ranks disagree on the {what}"):
+        step(m, opt, 0)
+
+
+@pytest.mark.parametrize("kw", [dict(fuse_below=64), dict(whole_model=True)])
+def test_ranks_that_fuse_differently_fail_loudly(kw):
+    m = model("fuse")
+    opt = optimizer(m, "topk:0.3+ef14", **(kw if rank == 0 else {}))
+    with pytest.raises(HvdCompressError, match="seed, transport"):
         step(m, opt, 0)
 
 
