@@ -19,6 +19,10 @@ seed, shape, dtype and transport (a few int64s); the step's result is only taken
 they agree, so ranks configured differently raise :class:`HvdCompressError` on every rank,
 naming the parameter and what differs, instead of diverging or hanging.
 
+What to send and when (per tensor from its hook, fused buckets and whole-model vectors
+at Horovod's synchronize) is decided here; moving it is a transport's job
+(:mod:`hvd_compress.torch.transports`: Horovod's collectives, or an mpi4py communicator).
+
 ``DistributedOptimizer`` below binds eagerly instead and takes Horovod's arguments.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.rng import Key
 from ..errors import HvdCompressError
+from .transports import HorovodTransport, MpiTransport, scale_factors
 
 _PREFIX = "hvd_compress."
 
@@ -115,10 +120,10 @@ class Compression:
         self._introduced: set = set()  # parameters whose placeholder allreduce was issued
         self._unchecked: set = set()    # ... of those, whose fingerprints were not gathered
         self.comm = comm
-        self._pending: dict[str, object] = {}   # name -> outgoing, awaiting the mpi4py flush
-        self._arrived: dict[str, object] = {}   # name -> gathered bytes
+        self.transport = None  # how payloads travel, chosen when bound to an optimizer
         self.whole_model = bool(whole_model)
         self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
+        self._buckets: list = []                     # this step's started buckets
         self._model_updates: dict[str, object] = {}  # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
@@ -171,8 +176,11 @@ class Compression:
         if not hasattr(optimizer, "_parameter_names"):
             raise HvdCompressError(
                 f"{type(optimizer).__name__} is not a Horovod DistributedOptimizer")
-        if not hasattr(optimizer, "op"):  # Horovod's Adasum optimizer reduces model deltas
-            raise _adasum_error(self.pipeline.spec())
+        from horovod.torch.mpi_ops import Adasum
+        if not hasattr(optimizer, "op") or optimizer.op == Adasum:
+            raise _adasum_error(self.pipeline.spec())  # Adasum reduces model deltas
+        self.transport = HorovodTransport(optimizer) if self.comm is None else \
+            MpiTransport(self.comm, before_flush=self._start_buckets)
         original = optimizer._allreduce_grad_async
 
         def _allreduce_grad_async(p):
@@ -231,44 +239,32 @@ class Compression:
     # -- the named path ----------------------------------------------------------------
     def _begin(self, opt, name, tensor):
         """(outgoing, finish(output) -> update) for one gradient."""
-        from horovod.torch.mpi_ops import Adasum, Sum
+        from horovod.torch.mpi_ops import Sum
 
-        if opt.op == Adasum:
-            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
-                                   f"(parameter {name})")
-        bk, ps = self._bk, opt.process_set
-        if self.comm is not None:
-            n, rank = self.comm.Get_size(), self.comm.Get_rank()
-        else:
-            n, rank = ps.size(), ps.rank()
-        summed = opt.op == Sum
-        out = self.exchange.begin(bk, name, tensor, rank)
+        bk, n, summed = self._bk, self.transport.size(), opt.op == Sum
+        out = self.exchange.begin(bk, name, tensor, self.transport.rank())
         finish = self.exchange.finish_allreduced if out.by_allreduce \
             else self.exchange.finish_gathered
         return out, lambda output: finish(bk, output, out, n, summed)
 
-    @staticmethod
-    def _scale_factors(opt):
-        from horovod.torch.mpi_ops import Average
-        if opt.op == Average:
-            return 1.0 / opt.gradient_predivide_factor, opt.gradient_predivide_factor
-        return 1.0, 1.0
+    def _send(self, opt, name, tensor):
+        """Compress ``tensor`` and hand it to the transport; returns a function that waits
+        for every rank's part and returns the update."""
+        out, finish = self._begin(opt, name, tensor)
+        agreed = self._agree(out)
+        wait = self.transport.start(out, _PREFIX + name)
+        return lambda: agreed(finish(wait()))
 
     def _launch(self, opt, name, tensor):
-        """Compress ``tensor`` and start its collective; return a callable that finishes it
-        (after this parameter's first-exchange agreement check, when there is one)."""
+        """Compress ``tensor`` and start its collective, or hold it for its bucket; return
+        a callable that finishes it (after this parameter's first-exchange agreement
+        check, when there is one)."""
         introduce = self._introduce(opt, name, tensor)
         self._count_round(opt, name, tensor)
         if self.whole_model or self._fused(tensor):
             self._model_grads[name] = tensor
             return _after(introduce, lambda: self._model_update(opt, name))
-        out, finish = self._begin(opt, name, tensor)
-        agreed = self._agree(opt, out)
-        if self.comm is not None:
-            self._pending[name] = out
-            return _after(introduce, lambda: agreed(finish(self._gathered(name))))
-        wait = self._start(opt, out, _PREFIX + name)
-        return _after(introduce, lambda: agreed(finish(_horovod_result(name, wait))))
+        return _after(introduce, self._send(opt, name, tensor))
 
     def _introduce(self, opt, name, tensor):
         """On a parameter's first exchange: the placeholder allreduce under its name (see
@@ -284,7 +280,7 @@ class Compression:
         waits = []
         if name not in self._introduced:
             self._introduced.add(name)
-            pre, post = self._scale_factors(opt)
+            pre, post = scale_factors(opt)
             held = hvd.allreduce_async_(_placeholder(tensor), name=name, op=opt.op,
                                         prescale_factor=pre, postscale_factor=post,
                                         process_set=ps)
@@ -353,41 +349,18 @@ class Compression:
         self.exchange.costs = fit_costs(n, agreed[:m], agreed[m:])
         self._measured += 1
 
-    def _agree(self, opt, out):
+    def _agree(self, out):
         """With dynamic:agree=true, average this rank's proposed k over the ranks beside
         the payload; the returned function records it for the next step and passes the
         update through."""
         if out.proposal is None:
             return lambda update: update
-        if self.comm is not None:
-            from ..comm.mpi import average_number
-            mean = average_number(self.comm, out.proposal)
-            wait = lambda: mean  # noqa: E731
-        else:
-            import horovod.torch as hvd
-            import torch
-            handle = hvd.allreduce_async(torch.tensor([float(out.proposal)]), op=hvd.Average,
-                                         name=f"{_PREFIX}k.{out.name}",
-                                         process_set=opt.process_set)
-            wait = lambda: hvd.synchronize(handle).item()  # noqa: E731
+        wait = self.transport.average(out.proposal, f"{_PREFIX}k.{out.name}")
 
         def record(update):
             self.exchange.agree(out.name, wait())
             return update
         return record
-
-    def _start(self, opt, out, coll_name):
-        """Launch ``out``'s Horovod collective; returns a function waiting for its output."""
-        import horovod.torch as hvd
-
-        if out.by_allreduce:
-            pre, post = self._scale_factors(opt)
-            handle = hvd.allreduce_async_(out.wire, name=coll_name, op=opt.op,
-                                          prescale_factor=pre, postscale_factor=post,
-                                          process_set=opt.process_set)
-        else:
-            handle = hvd.allgather_async(out.wire, name=coll_name, process_set=opt.process_set)
-        return lambda: hvd.synchronize(handle)
 
     def _fused(self, tensor) -> bool:
         """Whether ``tensor`` travels in a fused bucket: small, and compressed into a
@@ -396,57 +369,46 @@ class Compression:
         return tensor.numel() < self.fuse_below and not self.pipeline.compressor.summable
 
     def _model_update(self, opt, name):
-        """Fused and whole-model mode: the first call of a step compresses and exchanges
-        the held gradients as one vector per bucket (sorted by name); each call returns
-        its parameter's slice. Every parameter was launched before Horovod waits on any,
-        so every rank holds the same gradients here."""
-        import torch
-
+        """Fused and whole-model mode: the first call of a step starts the held buckets
+        (:meth:`_start_buckets`) and finishes them; each call returns its parameter's
+        slice of its bucket's update."""
         if name not in self._model_updates:
-            by_dtype: dict[object, list] = {}
-            for n in sorted(self._model_grads):
-                by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
-            if self.whole_model and len(by_dtype) > 1:
-                raise HvdCompressError(
-                    "whole_model=True needs gradients of one dtype, got "
-                    f"{sorted(str(t).replace('torch.', '') for t in by_dtype)}")
-            for names in by_dtype.values():
-                key = "model" if self.whole_model else f"fused.{names[0]}+{len(names) - 1}"
-                grads = [self._model_grads[n] for n in names]
-                update = self._exchange_bucket(opt, key, torch.cat([g.reshape(-1)
-                                                                    for g in grads]))
-                for n, part, g in zip(names, update.split([g.numel() for g in grads]), grads):
-                    self._model_updates[n] = part.reshape(g.shape)
-            self._model_grads.clear()
+            self._start_buckets()
+            for names, shapes, wait in self._buckets:
+                update = wait()
+                for n, part, shape in zip(names, update.split([s.numel() for s in shapes]),
+                                          shapes):
+                    self._model_updates[n] = part.reshape(shape)
+            self._buckets.clear()
         return self._model_updates.pop(name)
 
-    def _exchange_bucket(self, opt, key, flat):
-        """Compress and exchange one fused vector now; its averaged update."""
-        out, finish = self._begin(opt, key, flat)
-        agreed = self._agree(opt, out)
-        if self.comm is not None:
-            from ..comm.mpi import allgather_bytes
-            update = finish(allgather_bytes(self.comm, out.wire, out.codec.fixed_size))
-        else:
-            update = finish(_horovod_result(key, self._start(opt, out, _PREFIX + key)))
-        return agreed(update)
+    def _start_buckets(self):
+        """Compress and start the held gradients as one vector per bucket: one per dtype
+        (sorted by name), or the whole model. Every parameter was launched before Horovod
+        waits on any, so every rank holds the same gradients here. Idempotent within a
+        step: the mpi4py transport calls it before it moves anything."""
+        import torch
 
-    def _gathered(self, name):
-        """This rank's view of every rank's payload for ``name`` (mpi4py transport): the
-        first call moves every pending payload, in sorted name order on every rank."""
-        from ..comm.mpi import allgather_bytes
-
-        if name not in self._arrived:
-            for key in sorted(self._pending):
-                out = self._pending[key]
-                self._arrived[key] = allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
-            self._pending.clear()
-        return self._arrived.pop(name)
+        if not self._model_grads:
+            return
+        opt = self._optimizer
+        by_dtype: dict[object, list] = {}
+        for n in sorted(self._model_grads):
+            by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
+        if self.whole_model and len(by_dtype) > 1:
+            raise HvdCompressError(
+                "whole_model=True needs gradients of one dtype, got "
+                f"{sorted(str(t).replace('torch.', '') for t in by_dtype)}")
+        for names in by_dtype.values():
+            key = "model" if self.whole_model else f"fused.{names[0]}+{len(names) - 1}"
+            grads = [self._model_grads[n] for n in names]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._buckets.append((names, [g.shape for g in grads],
+                                  self._send(opt, key, flat)))
+        self._model_grads.clear()
 
     def _launch_group(self, opt, named):
         """One grouped collective for ``groups=``: Horovod negotiates and fuses them once."""
-        import horovod.torch as hvd
-
         if self.comm is not None or self.whole_model:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
@@ -455,21 +417,9 @@ class Compression:
         for name, t in named:
             self._count_round(opt, name, t)
         begun = [self._begin(opt, name, t) for name, t in named]
-        kinds = {out.by_allreduce for out, _ in begun}
-        if len(kinds) > 1:
-            raise HvdCompressError(
-                f"group {[n for n, _ in named]} mixes gradients that {self.pipeline.spec()} "
-                "sends by allreduce and by allgather (different dtypes); group them apart")
-        wires = [out.wire for out, _ in begun]
-        name = _PREFIX + "group." + named[0][0]
-        if kinds == {True}:
-            pre, post = self._scale_factors(opt)
-            handle = hvd.grouped_allreduce_async_(wires, name=name, op=opt.op,
-                                                  prescale_factor=pre, postscale_factor=post,
-                                                  process_set=opt.process_set)
-        else:
-            handle = hvd.grouped_allgather_async(wires, name=name, process_set=opt.process_set)
-        return handle, [_Grouped(_then(_checked(check, finish), self._agree(opt, out)))
+        handle = self.transport.start_group([out for out, _ in begun],
+                                            _PREFIX + "group." + named[0][0])
+        return handle, [_Grouped(_then(_checked(check, finish), self._agree(out)))
                         for check, (out, finish) in zip(checks, begun)]
 
 
@@ -508,21 +458,6 @@ def _placeholder(tensor):
     Horovod's allreduce has no bfloat16 kernel."""
     import torch
     return torch.zeros(1, dtype=torch.float32, device=tensor.device)
-
-
-def _horovod_result(name, wait):
-    """``wait()``, with Horovod's refusal of a collective that ranks issued differently
-    (an allreduce on one rank, an allgather on another) turned into our error. Other
-    failures (a rank died: what elastic Horovod recovers from) pass through unchanged."""
-    try:
-        return wait()
-    except RuntimeError as e:  # HorovodInternalError
-        if "Mismatched" not in str(e):
-            raise
-        raise HvdCompressError(
-            f"the collective of parameter {name!r} failed: {e}. Ranks that compress it "
-            "differently (spec, dtype, shape) cannot exchange it; use one compression spec "
-            "on every rank") from e
 
 
 def _adasum_error(spec):

@@ -1,0 +1,145 @@
+"""How compressed payloads travel between ranks, for the PyTorch frontend.
+
+A transport takes this rank's :class:`~hvd_compress.core.exchange.Outgoing` (a summable
+payload for an allreduce, or packed bytes for an allgather) and a collective name, and
+starts moving it: :meth:`start` returns ``wait()``, which gives the collective's output.
+:meth:`average` does the same for one number (dynamic:agree=true's proposals). The
+frontend decides what to send and when (per tensor, in fused buckets, as one model
+vector); the transport only moves it, so the two vary independently.
+
+* :class:`HorovodTransport`: Horovod's asynchronous collectives, matched across ranks by
+  name, so each starts from its gradient hook and overlaps the backward pass.
+* :class:`MpiTransport`: an mpi4py communicator. MPI matches collectives by the order
+  ranks issue them, and hook order differs across ranks, so everything waits until the
+  first ``wait()`` of a step and then moves in sorted name order, the same on every rank.
+"""
+from __future__ import annotations
+
+from ..errors import HvdCompressError
+
+
+class HorovodTransport:
+    """Horovod's collectives on the optimizer's process set, with its op and scaling."""
+
+    name = "horovod"
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def rank(self) -> int:
+        return self.opt.process_set.rank()
+
+    def size(self) -> int:
+        return self.opt.process_set.size()
+
+    def scale_factors(self):
+        return scale_factors(self.opt)
+
+    def start(self, out, name: str):
+        import horovod.torch as hvd
+        ps = self.opt.process_set
+        if out.by_allreduce:
+            pre, post = self.scale_factors()
+            handle = hvd.allreduce_async_(out.wire, name=name, op=self.opt.op,
+                                          prescale_factor=pre, postscale_factor=post,
+                                          process_set=ps)
+        else:
+            handle = hvd.allgather_async(out.wire, name=name, process_set=ps)
+        return lambda: horovod_result(out.name, lambda: hvd.synchronize(handle))
+
+    def start_group(self, outs, name: str):
+        """One grouped collective (``groups=``): Horovod negotiates and fuses it once.
+        Returns Horovod's handle, which its optimizer waits on."""
+        import horovod.torch as hvd
+        kinds = {out.by_allreduce for out in outs}
+        if len(kinds) > 1:
+            raise HvdCompressError(
+                f"group {[o.name for o in outs]} mixes gradients sent by allreduce and by "
+                "allgather (different dtypes); group them apart")
+        wires, ps = [out.wire for out in outs], self.opt.process_set
+        if kinds == {True}:
+            pre, post = self.scale_factors()
+            return hvd.grouped_allreduce_async_(wires, name=name, op=self.opt.op,
+                                                prescale_factor=pre, postscale_factor=post,
+                                                process_set=ps)
+        return hvd.grouped_allgather_async(wires, name=name, process_set=ps)
+
+    def average(self, value: float, name: str):
+        import horovod.torch as hvd
+        import torch
+        handle = hvd.allreduce_async(torch.tensor([float(value)]), op=hvd.Average, name=name,
+                                     process_set=self.opt.process_set)
+        return lambda: hvd.synchronize(handle).item()
+
+
+class MpiTransport:
+    """An mpi4py communicator: every payload and number of a step moves at the step's
+    first ``wait()``, in sorted name order on every rank.
+
+    ``before_flush()``, when given, runs first: the frontend starts the payloads it holds
+    back until then (fused buckets), so they move in the same flush."""
+
+    name = "mpi4py"
+
+    def __init__(self, comm, before_flush=None):
+        self.comm = comm
+        self.before_flush = before_flush
+        self._pending: dict[str, tuple] = {}   # name -> ("bytes", out) or ("number", x)
+        self._arrived: dict[str, object] = {}
+
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def start(self, out, name: str):
+        if out.by_allreduce:
+            raise HvdCompressError(f"{out.name}: the mpi4py transport gathers every payload")
+        return self._hold(name, ("bytes", out))
+
+    def average(self, value: float, name: str):
+        return self._hold(name, ("number", float(value)))
+
+    def _hold(self, name, item):
+        if name in self._pending or name in self._arrived:
+            raise HvdCompressError(f"{name!r} is already on its way over mpi4py this step")
+        self._pending[name] = item
+        return lambda: self._take(name)
+
+    def _take(self, name):
+        if name not in self._arrived:
+            self._flush()
+        return self._arrived.pop(name)
+
+    def _flush(self):
+        from ..comm.mpi import allgather_bytes, average_number
+        if self.before_flush is not None:
+            self.before_flush()
+        for name in sorted(self._pending):
+            kind, item = self._pending[name]
+            self._arrived[name] = average_number(self.comm, item) if kind == "number" else \
+                allgather_bytes(self.comm, item.wire, item.codec.fixed_size)
+        self._pending.clear()
+
+
+def scale_factors(opt):
+    """(prescale, postscale) of Horovod's allreduce for a Horovod optimizer's op."""
+    from horovod.torch.mpi_ops import Average
+    f = opt.gradient_predivide_factor
+    return (1.0 / f, f) if opt.op == Average else (1.0, 1.0)
+
+
+def horovod_result(name, wait):
+    """``wait()``, with Horovod's refusal of a collective that ranks issued differently
+    (an allreduce on one rank, an allgather on another) turned into our error. Other
+    failures (a rank died: what elastic Horovod recovers from) pass through unchanged."""
+    try:
+        return wait()
+    except RuntimeError as e:  # HorovodInternalError
+        if "Mismatched" not in str(e):
+            raise
+        raise HvdCompressError(
+            f"the collective of parameter {name!r} failed: {e}. Ranks that compress it "
+            "differently (spec, dtype, shape) cannot exchange it; use one compression spec "
+            "on every rank") from e
