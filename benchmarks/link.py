@@ -4,9 +4,9 @@ bench-link`; needs root, for network namespaces):
     python benchmarks/link.py [--ranks 4] [--rates unshaped 1gbit 100mbit] [--write-docs]
 
 For each link rate it makes a network namespace whose loopback is shaped with a token
-bucket (tc tbf; the ranks then talk over TCP through it, sharing the rate as ranks on one
-switch port would), runs `benchmarks/step_time.py` there under mpirun, and deletes the
-namespace. It prints the step-time table (dense and fp16 are Horovod's own) with each
+bucket (tc tbf; the ranks then talk over TCP through it, and the rate caps their combined
+traffic, so it is not the per-node rate of a switched cluster), runs
+`benchmarks/step_time.py` there under mpirun, and deletes the namespace. It prints the step-time table (dense and fp16 are Horovod's own) with each
 spec's speed against dense on the same link and the bits each rank sent per step, plots
 step time against link rate (docs/img/step_time_vs_link.png) and, with --write-docs,
 replaces the table in docs/BENCHMARKS.md between its markers.
@@ -129,7 +129,7 @@ def main():
             results[rate] = run_on_link(None if rate == "unshaped" else rate, args,
                                         os.path.join(tmp, f"{rate}.json"))
     first = next(iter(results.values()))
-    text = (f"{first['ranks']} ranks, MLP 256-{args.width}-{args.width}-10 "
+    text = (f"{first['ranks']} ranks, MLP 256-{args.width}-{args.width}-{args.width}-10 "
             f"({first['parameters']:,} parameters), batch 32 per rank, median of "
             f"{args.steps} steps; `python benchmarks/link.py` (`make bench-link`)\n\n"
             + table(results, args.specs))

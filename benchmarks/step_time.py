@@ -3,7 +3,7 @@ the ranks talk over (`benchmarks/link.py` runs it on shaped links):
 
     mpirun -np 4 python benchmarks/step_time.py [--width 2048] [--steps 5] [--json FILE]
 
-An MLP 256-W-W-10 (8.9M parameters at W = 2048), batch 32 per rank, random data; each spec
+An MLP 256-W-W-W-10 (8.9M parameters at W = 2048), batch 32 per rank, random data; each spec
 trains through unmodified `hvd.DistributedOptimizer` (forward, backward, exchange, SGD
 update), two warm-up steps, then the median of --steps steps. Dense and fp16 are Horovod's
 own; the others pass `hvd_compress.torch.compression(spec, fuse_below=65536)`. Rank 0

@@ -33,7 +33,8 @@ LATENCY_S = 25e-6  # per message per ring hop
 
 
 def projected(compute_s, messages, n, bits_per_s):
-    """Step time on a link of ``bits_per_s``: the compute measured here plus a ring
+    """Step time on a link of ``bits_per_s``: the step time measured here (compute, and
+    this machine's own communication, so the projection errs high) plus a ring
     (alpha-beta) model of the wire. An allreduce of S bytes per rank costs
     2 (n - 1) / n * S / B + 2 (n - 1) alpha; an allgather of s bytes from each rank
     (n - 1) s / B + (n - 1) alpha; alpha = 25 us. A projection, not a measurement: `make
@@ -185,8 +186,9 @@ def main():
         total_mb = n * sum(r["bits"]) / 8e6
         print(f"{spec:<40}{per_step:>15,.0f}{saving:>8}{total_mb:>10.2f}{r['wall']:>8.1f}"
               f"{r['acc']:>9.4f}")
-    print(f"\nstep time projected to slower links (ms): the compute measured here on {n} "
-          "ranks of one machine, plus a ring alpha-beta model of the bytes of the last step "
+    print(f"\nstep time projected to slower links (ms): the step time measured here on {n} "
+          "ranks of one machine (its own communication included, so this errs high), plus "
+          "a ring alpha-beta model of the bytes of the last step "
           f"(alpha {LATENCY_S * 1e6:.0f} us); a projection, not a measurement")
     print(f"{'compression':<40}{'here':>10}" + "".join(f"{k:>12}" for k in LINKS))
     for spec, r in results.items():

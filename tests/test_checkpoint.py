@@ -101,6 +101,20 @@ def test_another_ranks_feedback_state_is_refused_and_nothing_changes():
                for n in NAMES)
 
 
+def test_state_keyed_for_another_transport_is_refused():
+    """Fused buckets keep their state under their own names: a state written with other
+    fuse_below= / whole_model= / comm= settings would not reach its tensors."""
+    exs = ranks("topk:0.1+ef14")
+    step_all(exs, 0)
+    sd = exs[0].state_dict()
+    assert sd["transport"] == "horovod"
+    other = Exchange("topk:0.1+ef14", seed=5, transport="horovod/fuse-below=64")
+    other.set_group(0, 2)
+    with pytest.raises(HvdCompressError, match="keyed for transport 'horovod'.*fuse_below="):
+        other.load_state_dict(sd)
+    exs[1].load_state_dict(dict(sd, rank=1))  # same transport: loads
+
+
 def test_another_world_size_is_refused_unless_only_step_counters_are_kept():
     exs = ranks("topk:0.1+ef14")
     step_all(exs, 0)

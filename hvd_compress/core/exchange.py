@@ -97,8 +97,8 @@ class Exchange:
             step = self.next_step(name)
         self.rank = rank
         t0 = time.perf_counter()
-        if self.pipeline.dense_route(bk.size(tensor), 8 * ITEMSIZE[bk.dtype(tensor)],
-                                     self.costs):
+        if bk.dtype(tensor) in self.allreduce_dtypes and self.pipeline.dense_route(
+                bk.size(tensor), 8 * ITEMSIZE[bk.dtype(tensor)], self.costs):
             return self._begin_dense(bk, name, tensor, step, t0)
         flat = bk.flatten(tensor)
         finite = bk.all_finite(flat)
@@ -272,7 +272,7 @@ class Exchange:
         rank, size = getattr(self, "rank", None), getattr(self, "world_size", None)
         return {"format": self.CHECKPOINT_FORMAT, "rank": None if rank is None else int(rank),
                 "world_size": None if size is None else int(size),
-                "spec": self.pipeline.spec(), "seed": self.seed}
+                "spec": self.pipeline.spec(), "seed": self.seed, "transport": self.transport}
 
     def _check_checkpoint(self, sd: dict):
         """Refuse a state this exchange cannot resume from exactly; take its seed.
@@ -322,6 +322,13 @@ class Exchange:
                     f"number of ranks (the ranks' estimates only agree with each other): "
                     f"resume on {saved[1]} rank(s), or keep only the step counters by "
                     "loading dict(state, states={})")
+            if sd.get("transport", self.transport) != self.transport:
+                raise HvdCompressError(
+                    f"{what}, keyed for transport {sd['transport']!r}; this run uses "
+                    f"{self.transport!r}. Fused buckets and whole-model vectors keep their "
+                    "state under their own names, so the state would not reach the tensors "
+                    "it belongs to: resume with the same fuse_below=, whole_model= and "
+                    "comm= settings")
             if saved[0] != self.rank:
                 raise HvdCompressError(
                     f"{what} of rank {saved[0]}, but this is rank {self.rank} (of "

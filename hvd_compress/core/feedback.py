@@ -154,7 +154,9 @@ class EF21SGDM(EF21):
 
     def _momentum(self, bk, v, g, count):
         if isinstance(count, int):
-            return g if count == 0 else v * (1.0 - self.eta) + g * self.eta
+            # a copy at the first step: the state must not share memory with the caller's
+            # gradient, which frameworks and users reuse
+            return bk.copy(g) if count == 0 else v * (1.0 - self.eta) + g * self.eta
         # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
         first = bk.astype(count == 0, bk.dtype(g))
         return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)

@@ -152,8 +152,9 @@ class NumpyBackend(Backend):
     def all_finite(self, x):
         # one read: a sum is finite exactly when no entry is NaN or infinite, unless
         # finite entries overflow it; only then look at every entry
+        wide = np.float32 if x.dtype.itemsize < 4 else None  # 16-bit sums overflow early
         with np.errstate(over="ignore", invalid="ignore"):
-            return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
+            return bool(np.isfinite(x.sum(dtype=wide))) or bool(np.isfinite(x).all())
     def isfinite(self, x): return np.isfinite(x)
     def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
@@ -231,7 +232,8 @@ class TorchBackend(Backend):
     def min(self, x): return x.min()
     def all_finite(self, x):
         # one read (see NumpyBackend.all_finite); a host sync, as any branch on values
-        return bool(self.t.isfinite(x.sum())) or bool(self.t.isfinite(x).all())
+        wide = self.t.float32 if x.element_size() < 4 else None  # 16-bit sums overflow early
+        return bool(self.t.isfinite(x.sum(dtype=wide))) or bool(self.t.isfinite(x).all())
     def isfinite(self, x): return self.t.isfinite(x)
     def finite_or_zero(self, x): return self.t.nan_to_num(x, 0.0, 0.0, 0.0)
     def nan_like(self, x): return self.t.full_like(x, float("nan"))

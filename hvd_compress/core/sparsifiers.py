@@ -53,7 +53,8 @@ class _Sparse(Compressor):
 
     def add_sent(self, bk, x, p, scale=1.0, owned=False):
         # only the k sent entries change: no dense decode (bit-identical to the dense sum,
-        # since every other entry adds an exact zero)
+        # since every other entry adds an exact zero; only a -0.0 entry of x stays -0.0
+        # where adding +0.0 would make it +0.0)
         vals = bk.astype(_wide(bk, p.values), bk.dtype(x))
         if scale != 1.0:
             vals = -vals if scale == -1.0 else vals * scale

@@ -71,10 +71,10 @@ class Compression:
       whole_model: compress all gradients as one vector (one budget across tensors, one
         message per step: the per-message overhead is paid once). The exchange runs when
         Horovod synchronises, so it no longer overlaps the backward pass.
-      fuse_below: gradients with fewer entries than this that travel by allgather (sparse
-        and quantized payloads) are fused, like Horovod's fusion buffer: concatenated in
-        sorted name order, one bucket per dtype, and compressed and exchanged as one
-        vector named ``fused.<first member>+<number of other members>`` (one budget, one
+      fuse_below: gradients with fewer entries than this whose compressor is not a cast
+        (sparse and quantized payloads) are fused, like Horovod's fusion buffer:
+        concatenated in sorted name order, one bucket per dtype, and compressed and
+        exchanged as one vector named ``fused.<first member>+<number of other members>`` (one budget, one
         header, one message, one feedback state).
         Biases and normalisation weights then stop paying a collective and a Python
         round each; the large tensors still travel one by one during the backward pass.
@@ -124,6 +124,7 @@ class Compression:
         self.whole_model = bool(whole_model)
         self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
         self._buckets: list = []                     # this step's started buckets
+        self._held_checks: list = []   # first-exchange checks of held gradients, pending
         self._model_updates: dict[str, object] = {}  # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
@@ -263,7 +264,9 @@ class Compression:
         self._count_round(opt, name, tensor)
         if self.whole_model or self._fused(tensor):
             self._model_grads[name] = tensor
-            return _after(introduce, lambda: self._model_update(opt, name))
+            if introduce is not None:  # run before any bucket forms (see _start_buckets)
+                self._held_checks.append(introduce)
+            return lambda: self._model_update(opt, name)
         return _after(introduce, self._send(opt, name, tensor))
 
     def _introduce(self, opt, name, tensor):
@@ -332,7 +335,7 @@ class Compression:
                 else:
                     buf = torch.zeros(nbytes, dtype=torch.uint8, device=like.device)
                     run = lambda name: hvd.allgather(buf, name=name, process_set=ps)  # noqa: E731
-                times.append(_best_of(3, lambda i: run(f"{tag}.{kind}.{nbytes}.{i}")))
+                times.append(_best_of(2, lambda i: run(f"{tag}.{kind}.{nbytes}.{i}")))
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
         n, rank = ps.size(), ps.rank()
@@ -373,13 +376,22 @@ class Compression:
         (:meth:`_start_buckets`) and finishes them; each call returns its parameter's
         slice of its bucket's update."""
         if name not in self._model_updates:
-            self._start_buckets()
-            for names, shapes, wait in self._buckets:
-                update = wait()
-                for n, part, shape in zip(names, update.split([s.numel() for s in shapes]),
-                                          shapes):
-                    self._model_updates[n] = part.reshape(shape)
-            self._buckets.clear()
+            try:
+                self._start_buckets()
+                buckets, self._buckets = self._buckets, []
+                for names, shapes, wait in buckets:
+                    update = wait()
+                    for n, part, shape in zip(names, update.split([s.numel() for s in shapes]),
+                                              shapes):
+                        self._model_updates[n] = part.reshape(shape)
+            except BaseException:
+                # nothing of this step may leak into the next one (an elastic reset, or a
+                # caught nonfinite='raise' error, starts the next step afresh)
+                self._model_grads.clear()
+                self._model_updates.clear()
+                self._buckets.clear()
+                self._held_checks.clear()
+                raise
         return self._model_updates.pop(name)
 
     def _start_buckets(self):
@@ -389,6 +401,9 @@ class Compression:
         step: the mpi4py transport calls it before it moves anything."""
         import torch
 
+        checks, self._held_checks = self._held_checks, []
+        for check in checks:  # ranks that disagree on a member raise before buckets form
+            check()
         if not self._model_grads:
             return
         opt = self._optimizer
