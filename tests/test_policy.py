@@ -163,20 +163,20 @@ def test_auto_routes_by_the_cost_model():
     from hvd_compress.core.pipeline import resolve_pipeline
     pipe = resolve_pipeline("topk:0.01+ef14+auto")
     topk = pipe.compressor
-    slow = Costs(4, (1e-4, 1e-8), (1e-4, 1e-8), (1e-5, 4e-9))     # 100 Mbit/s
-    fast = Costs(4, (2e-5, 1e-11), (2e-5, 1e-11), (1e-5, 4e-9))   # 100 Gbit/s
+    slow = Costs((1e-4, 1e-8), (1e-4, 1e-8), (1e-5, 4e-9))     # 100 Mbit/s
+    fast = Costs((2e-5, 1e-11), (2e-5, 1e-11), (1e-5, 4e-9))   # 100 Gbit/s
     for d in (10, 1000, 10 ** 5, 10 ** 7):
         k = topk.k_for(d)
         dense = 1e-4 + 1e-8 * 32 * d
         sparse = 1e-5 + 4e-9 * d + 1e-4 + 1e-8 * (192 + 64 * k)
         assert slow.dense_seconds(d, 32) == pytest.approx(dense)
         assert slow.sparse_seconds(d, 192 + 64 * k) == pytest.approx(sparse)
-        assert pipe.dense_route(d, 32, slow) == (dense <= sparse), d
-        assert pipe.dense_route(d, 32, fast)
-        assert pipe.dense_route(d, 32, None)  # not measured yet
-    assert not pipe.dense_route(10 ** 7, 32, slow)
-    assert pipe.dense_route(10, 32, slow)
-    assert not resolve_pipeline("topk:0.01+ef14").dense_route(10, 32, None)
+        assert pipe.dense_route(d, "float32", slow) == (dense <= sparse), d
+        assert pipe.dense_route(d, "float32", fast)
+        assert pipe.dense_route(d, "float32", None)  # not measured yet
+    assert not pipe.dense_route(10 ** 7, "float32", slow)
+    assert pipe.dense_route(10, "float32", slow)
+    assert not resolve_pipeline("topk:0.01+ef14").dense_route(10, "float32", None)
 
 
 def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():
@@ -186,7 +186,7 @@ def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():
     from hvd_compress.core.auto import Costs
     from hvd_compress.core.exchange import Exchange
     exs = [Exchange("topk:0.1+ef14+auto") for _ in range(2)]
-    slow = Costs(2, (1e-3, 1e-6), (1e-9, 1e-15), (0.0, 0.0))
+    slow = Costs((1e-3, 1e-6), (1e-9, 1e-15), (0.0, 0.0))
     total_g, total_u = 0, 0
     for step in range(6):
         for ex in exs:

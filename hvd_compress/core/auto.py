@@ -48,6 +48,8 @@ from typing import NamedTuple
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
 from .compressor import check_int
+from .ops import ITEMSIZE
+from .payload import HEADER_BYTES, index_dtype_for
 from .registry import register
 from .sparsifiers import TopK
 
@@ -57,7 +59,6 @@ class Costs(NamedTuple):
     collectives on the training's process set against the bits each rank hands in, so it
     already holds whatever the collective does with the ranks (a ring's 2 (n-1)/n, an
     allgather's n - 1 parts)."""
-    n: int                    # ranks
     allreduce: tuple          # (alpha s, beta s per bit handed in) of its allreduce
     allgather: tuple          # (alpha s, beta s per bit handed in) of its allgather
     compute: tuple            # (a s, b s per entry) of the sparse route's per-tensor path
@@ -83,7 +84,6 @@ class Auto(Algorithm):
 
     graph_safe = False  # the route is chosen on the host from measured times
     agree = False
-    routes = True       # the pipeline asks route(), not choose()
 
     def __init__(self, every=500):
         self.every = check_int("auto", "every", every, 1)
@@ -94,27 +94,29 @@ class Auto(Algorithm):
                 f"auto routes each tensor dense or through top-k; {compressor.spec()} is not "
                 "top-k (write e.g. 'topk:0.01+ef14+auto', or just 'auto')")
 
-    def route(self, d: int, dtype_bits: int, compressor, costs: Costs | None):
-        """The codec for a tensor of ``d`` entries: the compressor, or None for a dense
-        allreduce of the tensor as it is."""
+    def dense(self, d: int, dtype: str, compressor, costs: Costs | None) -> bool:
+        """Whether a tensor of ``d`` entries of ``dtype`` goes by a dense allreduce of the
+        tensor as it is (always, until the costs are measured)."""
         if costs is None:
-            return None
-        k = compressor.k_for(d)
-        index_bits = 32 if d < 2 ** 31 else 64
-        value_bits = {"float16": 16, "bfloat16": 16}.get(compressor.values, dtype_bits)
-        wire = 192 + k * (index_bits + value_bits)
-        if costs.sparse_seconds(d, wire) < costs.dense_seconds(d, dtype_bits):
-            return compressor
-        return None
+            return True
+        value = compressor.values or dtype
+        wire = 8 * (HEADER_BYTES + compressor.k_for(d) *
+                    (ITEMSIZE[index_dtype_for(d)] + ITEMSIZE[value]))
+        return costs.dense_seconds(d, 8 * ITEMSIZE[dtype]) <= costs.sparse_seconds(d, wire)
+
+    def choose(self, bk, v, compressor):
+        """The sparse route is the spec's compressor as it is (the frontend takes the
+        dense route itself, see :meth:`dense`)."""
+        return compressor
 
 
-def fit_costs(n: int, link_seconds, compute_seconds) -> Costs:
+def fit_costs(link_seconds, compute_seconds) -> Costs:
     """Costs from the agreed timings: ``link_seconds`` = allreduce at LINK_BYTES, then
     allgather at LINK_BYTES; ``compute_seconds`` at COMPUTE_SIZES."""
     from .policy import calibrate
     bits = [8 * b for b in LINK_BYTES]
     m = len(LINK_BYTES)
-    return Costs(n, calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:]),
+    return Costs(calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:]),
                  calibrate(list(COMPUTE_SIZES), compute_seconds))
 
 

@@ -98,7 +98,7 @@ class Exchange:
         self.rank = rank
         t0 = time.perf_counter()
         if bk.dtype(tensor) in self.allreduce_dtypes and self.pipeline.dense_route(
-                bk.size(tensor), 8 * ITEMSIZE[bk.dtype(tensor)], self.costs):
+                bk.size(tensor), bk.dtype(tensor), self.costs):
             return self._begin_dense(bk, name, tensor, step, t0)
         flat = bk.flatten(tensor)
         finite = bk.all_finite(flat)

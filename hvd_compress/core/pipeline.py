@@ -93,11 +93,11 @@ class Pipeline:
         """Whether ranks agree on the level (dynamic:agree=true): see :meth:`encode`."""
         return self.policy is not None and self.policy.agree
 
-    def dense_route(self, d: int, item_bits: int, costs) -> bool:
+    def dense_route(self, d: int, dtype: str, costs) -> bool:
         """Whether ``auto`` sends a tensor of ``d`` entries dense by allreduce, bypassing
         compression and feedback, under the measured ``costs`` (dense until measured)."""
-        return getattr(self.policy, "routes", False) and \
-            self.policy.route(d, item_bits, self.compressor, costs) is None
+        dense = getattr(self.policy, "dense", None)
+        return dense is not None and dense(d, dtype, self.compressor, costs)
 
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
                level=None, dense=None) -> Encoded:
@@ -117,9 +117,7 @@ class Pipeline:
 
         def choose(v):
             if self.policy is not None and codec is self.compressor:
-                if getattr(self.policy, "routes", False):
-                    pass  # auto: the sparse route (the frontend took the dense one itself)
-                elif self.policy.agree:
+                if self.policy.agree:
                     proposal[0] = self.policy.choose_k(bk, v)
                     if level is not None:
                         used[0] = self.policy.codec(int(level), self.compressor, fixed=True)

@@ -37,7 +37,7 @@ from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.rng import Key
 from ..errors import HvdCompressError
-from .transports import HorovodTransport, MpiTransport, scale_factors
+from .transports import HorovodTransport, MpiTransport, best_of, scale_factors
 
 _PREFIX = "hvd_compress."
 
@@ -74,8 +74,8 @@ class Compression:
       fuse_below: gradients with fewer entries than this whose compressor is not a cast
         (sparse and quantized payloads) are fused, like Horovod's fusion buffer:
         concatenated in sorted name order, one bucket per dtype, and compressed and
-        exchanged as one vector named ``fused.<first member>+<number of other members>`` (one budget, one
-        header, one message, one feedback state).
+        exchanged as one vector named ``fused.<first member>+<number of other members>``
+        (one budget, one header, one message, one feedback state).
         Biases and normalisation weights then stop paying a collective and a Python
         round each; the large tensors still travel one by one during the backward pass.
         Default 0: every tensor alone. 65536 suits most models; on a slow link with many
@@ -266,7 +266,7 @@ class Compression:
             self._model_grads[name] = tensor
             if introduce is not None:  # run before any bucket forms (see _start_buckets)
                 self._held_checks.append(introduce)
-            return lambda: self._model_update(opt, name)
+            return lambda: self._model_update(name)
         return _after(introduce, self._send(opt, name, tensor))
 
     def _introduce(self, opt, name, tensor):
@@ -321,35 +321,24 @@ class Compression:
         Every rank does it at its first launch of the same step, before any tensor of that
         step is compressed, whatever its hook order, and takes the slowest rank's figures:
         every rank routes every tensor alike."""
-        import horovod.torch as hvd
         import torch
         from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
 
-        ps, tag = opt.process_set, f"{_PREFIX}auto.{self._measured}"
-        times = []
-        for kind in ("allreduce", "allgather"):
-            for nbytes in LINK_BYTES:
-                if kind == "allreduce":
-                    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=like.device)
-                    run = lambda name: hvd.allreduce(buf, name=name, process_set=ps)  # noqa: E731
-                else:
-                    buf = torch.zeros(nbytes, dtype=torch.uint8, device=like.device)
-                    run = lambda name: hvd.allgather(buf, name=name, process_set=ps)  # noqa: E731
-                times.append(_best_of(2, lambda i: run(f"{tag}.{kind}.{nbytes}.{i}")))
+        tag, t = f"{_PREFIX}auto.{self._measured}", self.transport
+        times = t.time_link(LINK_BYTES, tag, like.device)
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
-        n, rank = ps.size(), ps.rank()
+        n, rank = t.size(), t.rank()
         for d in COMPUTE_SIZES:
             x = torch.randn(d, generator=torch.Generator().manual_seed(d)).to(like.device)
 
             def compress_and_decode(i):
                 out = scratch.begin(self._bk, f"x{d}", x, rank)
                 scratch.finish_gathered(self._bk, torch.cat([out.wire] * n), out, n, False)
-            times.append(_best_of(3, compress_and_decode))
-        agreed = hvd.allreduce(torch.tensor(times, dtype=torch.float64), op=hvd.Max,
-                               name=f"{tag}.agree", process_set=ps).tolist()
+            times.append(best_of(3, compress_and_decode))
+        agreed = t.max_over_ranks(times, f"{tag}.agree")
         m = 2 * len(LINK_BYTES)
-        self.exchange.costs = fit_costs(n, agreed[:m], agreed[m:])
+        self.exchange.costs = fit_costs(agreed[:m], agreed[m:])
         self._measured += 1
 
     def _agree(self, out):
@@ -371,7 +360,7 @@ class Compression:
         Every rank decides the same, since the fingerprints make shapes agree."""
         return tensor.numel() < self.fuse_below and not self.pipeline.compressor.summable
 
-    def _model_update(self, opt, name):
+    def _model_update(self, name):
         """Fused and whole-model mode: the first call of a step starts the held buckets
         (:meth:`_start_buckets`) and finishes them; each call returns its parameter's
         slice of its bucket's update."""
@@ -436,18 +425,6 @@ class Compression:
                                             _PREFIX + "group." + named[0][0])
         return handle, [_Grouped(_then(_checked(check, finish), self._agree(out)))
                         for check, (out, finish) in zip(checks, begun)]
-
-
-def _best_of(repeats, fn):
-    """The shortest wall time of ``fn(i)`` over ``repeats`` calls, after one more."""
-    import time
-    best = float("inf")
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn(i)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _then(first, second):
@@ -516,9 +493,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression="none", *
     """``horovod.torch.DistributedOptimizer`` with a hvd_compress compression bound eagerly.
 
     Takes Horovod's arguments (``backward_passes_per_step``, ``op``,
-    ``gradient_predivide_factor``, ``groups``, ``sparse_as_dense``, ``process_set``); ``compression``
-    may be a spec string, a compressor, a pipeline or a :class:`Compression`. The bound
-    compression is available as ``optimizer.compression``.
+    ``gradient_predivide_factor``, ``groups``, ``sparse_as_dense``, ``process_set``);
+    ``compression`` may be a spec string, a compressor, a pipeline or a
+    :class:`Compression`. The bound compression is available as ``optimizer.compression``.
     """
     import horovod.torch as hvd
 

@@ -71,6 +71,31 @@ class HorovodTransport:
                                      process_set=self.opt.process_set)
         return lambda: hvd.synchronize(handle).item()
 
+    def time_link(self, sizes, name: str, device) -> list:
+        """Seconds of a whole allreduce, then of a whole allgather, of each size in bytes
+        handed in by every rank (the best of two, after one more); blocking, so every rank
+        must call it at the same point of its sequence of collectives."""
+        import horovod.torch as hvd
+        import torch
+        ps, times = self.opt.process_set, []
+        for kind in ("allreduce", "allgather"):
+            for nbytes in sizes:
+                if kind == "allreduce":
+                    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+                    run = lambda tag: hvd.allreduce(buf, name=tag, process_set=ps)  # noqa: E731
+                else:
+                    buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+                    run = lambda tag: hvd.allgather(buf, name=tag, process_set=ps)  # noqa: E731
+                times.append(best_of(2, lambda i: run(f"{name}.{kind}.{nbytes}.{i}")))
+        return times
+
+    def max_over_ranks(self, values, name: str) -> list:
+        """Every rank's ``values``, elementwise max over the ranks (blocking)."""
+        import horovod.torch as hvd
+        import torch
+        return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+                             process_set=self.opt.process_set).tolist()
+
 
 class MpiTransport:
     """An mpi4py communicator: every payload and number of a step moves at the step's
@@ -121,6 +146,18 @@ class MpiTransport:
             self._arrived[name] = average_number(self.comm, item) if kind == "number" else \
                 allgather_bytes(self.comm, item.wire, item.codec.fixed_size)
         self._pending.clear()
+
+
+def best_of(repeats, fn):
+    """The shortest wall time of ``fn(i)`` over ``repeats`` calls, after one more."""
+    import time
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def scale_factors(opt):
