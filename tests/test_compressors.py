@@ -263,7 +263,66 @@ def test_unbiased_only_constants():
     with pytest.raises(HvdCompressError, match="not unbiased"):
         hc.resolve("topk").omega(10)
     assert hc.resolve("randk:k=10,scaled=true").omega(100) == 9.0
-    assert hc.resolve("natural").alpha(10) == pytest.approx(1 / 1.125)
+    assert hc.resolve("natural").alpha(10) == pytest.approx(1 - 0.125)
+
+
+CONTRACTION = ["topk:0.1", "randk:0.1", "sign", "natural", "none", "fp16",
+               "randk:0.1,scaled=true", "qsgd", "terngrad", "bernoulli:0.1"]
+
+
+@pytest.mark.parametrize("spec", CONTRACTION)
+def test_alpha_is_what_its_docstring_promises(spec):
+    """alpha(d) promises E||C(x) - x||^2 <= (1 - alpha) ||x||^2: checked by Monte Carlo on
+    Gaussian and spiky vectors. Unbiased compressors with omega >= 1 are not contractive
+    and say so instead of returning 1/(1 + omega), which holds only for C/(1 + omega)."""
+    d = 1000
+    c = hc.resolve(spec)
+    try:
+        alpha = c.alpha(d)
+    except HvdCompressError as e:
+        assert c.bias == "unbiased" and c.omega(d) >= 1 and "not contractive" in str(e)
+        return
+    spiky = data(d, 5)
+    spiky[:3] *= 100
+    for x in (data(d, 4), spiky):
+        x2 = np.sum(x.astype(np.float64) ** 2)
+        err = np.mean([np.sum((dense(c, c.compress(x, Key(0, 0, "x", t))) - x) ** 2)
+                       for t in range(200 if c.stochastic else 1)])
+        assert err <= 1.05 * (1 - alpha) * x2 + 1e-3 * x2, (err / x2, alpha)
+
+
+def test_terngrad_variance_bound_is_tight():
+    """omega = (sqrt(d) - 1) / 2, reached by one entry 1 beside d - 1 entries 1/(sqrt(d) + 1):
+    E||C(x) - x||^2 = ||x||_inf ||x||_1 - ||x||^2 exactly."""
+    d = 400
+    c = hc.resolve("terngrad")
+    assert c.omega(d) == (math.sqrt(d) - 1) / 2
+    x = np.full(d, 1 / (math.sqrt(d) + 1))
+    x[0] = 1.0
+    x2 = np.sum(x ** 2)
+    exact = np.abs(x).max() * np.abs(x).sum() - x2
+    assert exact / x2 == pytest.approx(c.omega(d))
+    mc = np.mean([np.sum((dense(c, c.compress(x.astype(np.float32), Key(0, 0, "x", t))) - x) ** 2)
+                  for t in range(2000)])
+    assert mc == pytest.approx(exact, rel=0.05)
+
+
+def test_terngrad_clips_at_a_multiple_of_the_standard_deviation(xp):
+    """Wen et al.: entries are clipped to [-c sigma, c sigma] before ternarising, so the
+    scale is c sigma and the result is unbiased for the clipped tensor, not the tensor."""
+    x = np.random.RandomState(0).standard_t(2, 5000).astype(np.float32)
+    c = hc.resolve("terngrad:clip=2.5")
+    assert c.bias == "clipped" and c.spec() == "terngrad:clip=2.5"
+    p = c.compress(xp.asarray(x), Key(0, 0, "x", 0))
+    assert float(xp.numpy(p.scales)[0]) == pytest.approx(2.5 * x.std(), rel=1e-4)
+    clipped = np.clip(x, -2.5 * x.std(), 2.5 * x.std()).astype(np.float64)
+    mean = np.mean([dense(c, c.compress(xp.asarray(x), Key(0, 0, "x", t))) for t in range(300)], 0)
+    assert np.abs(mean - clipped).mean() < 0.1 * np.abs(clipped).mean()
+    flat = np.full(10, 3.0, np.float32)  # sigma = 0: left as it is, not clipped to zero
+    np.testing.assert_array_equal(dense(c, c.compress(xp.asarray(flat))), flat)
+    with pytest.raises(HvdCompressError, match="diana needs an unbiased compressor, but "
+                                               "terngrad:clip=2.5 is clipped"):
+        hc.resolve("terngrad:clip=2.5+diana")
 
 
 # -- properties over shapes and dtypes -------------------------------------------------

@@ -29,7 +29,7 @@ def test_ef14_conserves_everything(xp):
     state = pipe.init(bk, g0)
     for step in range(5):
         g = xp.asarray(grads(1, 400, step)[0])
-        payload, codec, new, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        payload, codec, new, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
         sent = xp.numpy(codec.decode_flat(bk, payload))
         np.testing.assert_array_equal(sent + xp.numpy(new.residual),
                                       xp.numpy(state.residual) + xp.numpy(g))
@@ -46,7 +46,7 @@ def test_sparse_state_moves_equal_the_dense_restatement(spec):
     state = pipe.init(bk, grads(1, 500, 0)[0])
     for step in range(4):
         g = grads(1, 500, step)[0]
-        payload, codec, new, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        payload, codec, new, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
         sent = codec.decode_flat(bk, payload).astype(np.float32)
         if hasattr(state, "residual"):
             np.testing.assert_array_equal(new.residual, (state.residual + g) - sent)
@@ -73,7 +73,7 @@ def test_the_update_shares_no_memory_with_the_state(backend, spec):
     g = xp.asarray(grads(1, 300, 0)[0])
     state = pipe.init(bk, g)
     for step in range(3):
-        payload, codec, state, _, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
+        payload, codec, state, _ = pipe.encode(bk, g, state, Key(0, 0, "w", step))
         mean, _ = codec.mean(bk, [payload], 1)
         update, state = pipe.decode(bk, bk.astype(mean, "float32"), state)
         before = [xp.numpy(t).copy() for t in state if hasattr(t, "shape")]
@@ -150,27 +150,58 @@ def test_pipeline_specs_round_trip():
     assert isinstance(hc.resolve("topk:0.01"), hc.Compressor)
 
 
-def test_perturbation_noise_has_the_stated_radius_and_is_private(xp):
+def test_perturbation_noise_is_isotropic_over_the_model_and_private(xp):
+    """Avdiukhin & Yaroslavtsev's xi ~ N(0, (r^2 / D) I) over the whole model of D entries:
+    a small bias and a large weight get the same per-entry variance, and the model's noise
+    has E||xi||^2 = r^2 in all (not r^2 per tensor)."""
     from hvd_compress.core.ops import backend_named
     pipe = hc.resolve("none+perturb:radius=0.5")
     bk = backend_named(xp.name)
-    zero = xp.asarray(np.zeros(4000, np.float32))
-    draws = [xp.numpy(pipe.encode(bk, zero, None, Key(0, r, "w", 0))[0].values)
-             for r in range(3)]
-    for x in draws:
-        assert np.linalg.norm(x) == pytest.approx(0.5, rel=0.05)
-        assert abs(np.mean(x)) < 4 * 0.5 / 4000
-    assert not np.allclose(draws[0], draws[1])  # independent across ranks
+    sizes = {"bias": 64, "weight": 40000}
+    D = sum(sizes.values())
+    draws = [{name: xp.numpy(pipe.encode(bk, xp.asarray(np.zeros(d, np.float32)), None,
+                                         Key(0, r, name, 0), model_size=D)[0].values)
+              for name, d in sizes.items()} for r in range(3)]
+    for noise in draws:
+        total = sum(np.sum(x.astype(np.float64) ** 2) for x in noise.values())
+        assert total == pytest.approx(0.25, rel=0.05)
+        assert np.var(noise["weight"]) == pytest.approx(0.25 / D, rel=0.05)
+    bias = np.concatenate([noise["bias"] for noise in draws])  # 192 draws
+    assert np.var(bias) == pytest.approx(0.25 / D, rel=0.35)
+    assert not np.allclose(draws[0]["weight"], draws[1]["weight"])  # independent across ranks
+    with pytest.raises(hc.HvdCompressError, match="needs the model's size"):
+        pipe.encode(bk, xp.asarray(np.zeros(4, np.float32)), None, Key(0, 0, "w", 0))
 
 
-def test_measured_error_is_the_relative_compression_error():
+def test_measured_error_is_the_compression_error():
     from hvd_compress.core.exchange import Exchange
     ex = Exchange("topk:k=10", measure_error=True)
     x = grads(1, 100, 0)[0]
     ex.begin(backend_named("numpy"), "w", x, rank=0)
     kept = np.sort(np.abs(x))[-10:]
-    want = 1 - np.sum(kept.astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2)
-    assert ex.telemetry.rows[0].error == pytest.approx(want, rel=1e-5)
+    lost = np.sum(x.astype(np.float64) ** 2) - np.sum(kept.astype(np.float64) ** 2)
+    assert ex.telemetry.rows[0].error == pytest.approx(lost / np.sum(x.astype(np.float64) ** 2),
+                                                       rel=1e-5)
+    assert ex.telemetry.rows[0].error_sq == pytest.approx(lost, rel=1e-5)
+
+
+def test_summed_error_is_the_total_error_of_the_run():
+    """Sahu et al.'s total error sum_t ||e_t||^2, with e_t = C(v_t) - v_t of the vector
+    compressed (under EF14, v_t = e_{t-1} + g_t), over steps and tensors."""
+    from hvd_compress.core.exchange import Exchange
+    ex = Exchange("topk:k=10+ef14", measure_error=True)
+    residual, total = {"a": 0.0, "b": 0.0}, 0.0
+    for step in range(3):
+        for name in ("a", "b"):
+            g = grads(1, 100, step + (name == "b"))[0].astype(np.float64)
+            ex.begin(backend_named("numpy"), name, g.astype(np.float32), rank=0)
+            v = residual[name] + g
+            keep = np.argsort(-np.abs(v), kind="stable")[:10]
+            e = v.copy()
+            e[keep] = 0
+            residual[name], total = e, total + np.sum(e ** 2)
+    assert ex.telemetry.summed_error() == pytest.approx(total, rel=1e-5)
+    assert np.isnan(Exchange("topk:k=10").telemetry.summed_error())
 
 
 def test_telemetry_to_tensorboard_and_csv(tmp_path):
@@ -198,7 +229,46 @@ def test_adiana_converges_on_a_strongly_convex_problem():
     H = sum(a.T @ a for a in As) / (15 * n) + 0.05 * np.eye(d)
     c = sum(a.T @ b for a, b in zip(As, bs)) / (15 * n)
     xstar = np.linalg.solve(H, c)
-    ev = np.linalg.eigvalsh(H)
+    L_max = max(np.linalg.eigvalsh(a.T @ a / 15).max() + 0.05 for a in As)
     grads = lambda i, x: As[i].T @ (As[i] @ x - bs[i]) / 15 + 0.05 * x  # noqa: E731
-    y = adiana(grads, np.zeros(d), ev.max(), ev.min(), "randk:k=10,scaled=true", n, 1500)
+    # a step 70x the theorem's (which is conservative): converges here, without guarantee
+    eta = 1 / (2 * L_max * (1 + 4 * 2.0 / n))
+    y = adiana(grads, np.zeros(d), L_max, np.linalg.eigvalsh(H).min(),
+               "randk:k=10,scaled=true", n, 1500, eta=eta)
     assert np.linalg.norm(y - xstar) < 1e-4 * np.linalg.norm(xstar)
+
+
+def test_adiana_default_step_is_the_theorems():
+    """Li et al., strongly convex theorem: eta = min{1/(2 L_max), n / (64 omega (2p(omega+1)+1)^2 L_max)},
+    p = 1/(1+omega); shared masks are not independent, so n counts as 1."""
+    from hvd_compress.core.simulate import adiana, adiana_step
+    omega = 30 / 10 - 1
+    assert adiana_step(4.0, omega, 8) == pytest.approx(8 / (64 * omega * 9 * 4.0))
+    assert adiana_step(4.0, 0.0, 8) == 1 / 8    # no compression: plain 1/(2 L_max)
+    assert adiana_step(4.0, 1e-3, 10 ** 6) == 1 / 8
+    rs = np.random.RandomState(1)
+    b = rs.standard_normal(30)
+    grads = lambda i, x: x - b * (i + 1)  # noqa: E731
+    for shared, spread in (("false", 8), ("true", 1)):
+        spec = f"randk:k=10,scaled=true,shared={shared}"
+        by_default = adiana(grads, np.zeros(30), 4.0, 1.0, spec, 8, 5, seed=3)
+        explicit = adiana(grads, np.zeros(30), 4.0, 1.0, spec, 8, 5, seed=3,
+                          eta=adiana_step(4.0, omega, spread))
+        assert np.array_equal(by_default, explicit)
+
+
+def test_threshold_for_budget_matches_a_runs_total():
+    """Sahu et al.'s setting: the hard threshold sending, over a whole EF14 run, as many
+    entries as top-1 does."""
+    from hvd_compress.core.simulate import Workers, threshold_for_budget
+    rs = np.random.RandomState(0)
+    gs = [rs.standard_normal(50) * np.exp(-np.arange(50) / 10) for _ in range(40)]
+
+    def sent(lam):
+        w = Workers(f"threshold:lam={lam}+ef14", 1)
+        return sum(w.step([g]) is not None and int(w.last[0].count) for g in gs)
+
+    lam = threshold_for_budget(sent, 40, rtol=0.0, rounds=30)
+    assert abs(sent(lam) - 40) <= 2
+    with pytest.raises(hc.HvdCompressError, match="outside, widen"):
+        threshold_for_budget(sent, 10 ** 6)

@@ -27,13 +27,14 @@ import hvd_compress as hc
 from hvd_compress.core.exchange import Exchange
 from hvd_compress.core.ops import ITEMSIZE, backend_for, backend_named
 from hvd_compress.core.pipeline import resolve_pipeline
-from hvd_compress.core.simulate import Workers
+from hvd_compress.core.simulate import Workers, run_ranks
 from hvd_compress.tensorflow.exchange import VariableExchange
 
 N, STEPS, SEED = 3, 3, 7  # three ranks: 1/n is inexact, and a sum of three has an order
 N_GRAPH = 2  # tracing every rank's step into one graph is what costs
 SHAPES = {"layer/kernel": (40, 25), "layer/bias": (7,)}
 GRAPH_SHAPES = {"layer/kernel": (40, 25)}  # and one tensor
+MODEL_SIZE = 1007  # what perturb spreads its noise over (the frontends' whole model)
 COMPRESSORS = hc.available("compressor")
 SWEEPS = {  # route -> the specs its multi-rank file used to sweep
     "torch": COMPRESSORS + [
@@ -47,15 +48,15 @@ SWEEPS = {  # route -> the specs its multi-rank file used to sweep
         "natural+diana", "threshold:lam=1.5+ef14", "topk:0.1+ef21sgdm+warmup:1",
         "topk+ef14+dynamic:c0=2000", "topk+ef21sgdm+dynamic:cost=packet,packet=2048",
         "topk:0.05,indices=varint+ef21sgdm", "threshold:lam=1.0,indices=varint",
-        "qsgd:bucket=128+dynamic:c0=30000", "qsgd+diana+dynamic:cost=linear",
-        "bernoulli:0.1", "bernoulli+diana+dynamic:c0=5000",
+        "qsgd:bucket=128+dynamic:c0=30000", "qsgd+dynamic:cost=linear",
+        "bernoulli:0.1", "bernoulli+dynamic:c0=5000",
         "topk+ef14+dynamic:c0=2000,agree=true"],
     "tensorflow": COMPRESSORS + [
         "randk:0.2,shared=true", "topk:k=3", "topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.5",
         "topk:0.2+ef21sgd2m", "randk:0.3,scaled=true+diana", "topk:0.1+ef21+warmup:1",
         "topk:0.1,indices=varint,values=float16+ef14", "threshold:lam=0.05+ef14",
         "topk:0.1+ef21+perturb:radius=0.01", "topk+ef14+dynamic:c0=2000", "qsgd+dynamic",
-        "topk+ef21sgdm+dynamic:c0=2000,agree=true", "bernoulli:0.2+dynamic+diana"],
+        "topk+ef21sgdm+dynamic:c0=2000,agree=true", "bernoulli:0.2+dynamic"],
 }
 ROUTES = {  # what each frontend hands to its allreduce (the rest is gathered)
     "torch": ("float16", "float32", "float64"),
@@ -104,19 +105,19 @@ def collective(bk, exchanges, name, outs):
 
 
 def eager_exchanges(route, spec):
-    exchanges = [Exchange(spec, SEED, allreduce_dtypes=ROUTES[route]) for _ in range(N)]
+    exchanges = [Exchange(spec, SEED, allreduce_dtypes=ROUTES[route], model_size=MODEL_SIZE)
+                 for _ in range(N)]
     bk = backend_named("numpy" if route == "mpi4py" else route)
 
     def step(named):
         updates = {}
         for name in sorted(named):  # one tensor after another, in name order
-            outs = [ex.begin(bk, name, g, r) for r, (ex, g) in enumerate(zip(exchanges,
-                                                                             named[name]))]
+            def begin(r, gather, name=name):
+                return exchanges[r].begin(bk, name, named[name][r], r, gather=gather)
+            # ranks that settle k together (dynamic:agree=true) meet in gathers mid-begin
+            outs = run_ranks(N, begin) if exchanges[0].pipeline.agrees else \
+                [begin(r, None) for r in range(N)]
             updates[name] = collective(bk, exchanges, name, outs)
-            if outs[0].proposal is not None:  # dynamic:agree=true
-                mean = sum(float(o.proposal) for o in outs) / N
-                for ex in exchanges:
-                    ex.agree(name, mean)
         return updates
     return exchanges, step
 
@@ -124,8 +125,8 @@ def eager_exchanges(route, spec):
 def graph_exchanges(spec):
     """Every rank's step in one tf.function, state in variables (the TF frontend's
     graph route)."""
-    exchanges = [VariableExchange(spec, SEED, allreduce_dtypes=ROUTES["tensorflow"])
-                 for _ in range(N_GRAPH)]
+    exchanges = [VariableExchange(spec, SEED, allreduce_dtypes=ROUTES["tensorflow"],
+                                  model_size=MODEL_SIZE) for _ in range(N_GRAPH)]
     dense_steps = exchanges[0].pipeline.dense_steps
     names = sorted(GRAPH_SHAPES)
 
@@ -169,7 +170,8 @@ def test_exchange_across_simulated_ranks_matches_simulator(route, spec):
     graph = route == "tensorflow" and not resolve_pipeline(spec).host_stages()
     exchanges, run = graph_exchanges(spec) if graph else eager_exchanges(route, spec)
     shapes, n = (GRAPH_SHAPES, N_GRAPH) if graph else (SHAPES, N)
-    oracles = {name: Workers(spec, n, seed=SEED, name=name) for name in shapes}
+    oracles = {name: Workers(spec, n, seed=SEED, name=name, model_size=MODEL_SIZE)
+               for name in shapes}
     tol, bits = TOL.get(spec, 1e-5), []
     for step in range(STEPS):
         named = grads(step, shapes, n)

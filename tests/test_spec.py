@@ -45,7 +45,7 @@ def test_canonical_spec_strings():
     ("topk:0.1,", "empty argument"),
     ("top k", "bad algorithm name"),
     # feedback rules refuse compressors their guarantee does not cover
-    ("topk:0.1+diana", "diana needs a unbiased compressor, but topk:ratio=0.1 is contractive"),
+    ("topk:0.1+diana", "diana needs an unbiased compressor, but topk:ratio=0.1 is contractive"),
     ("randk:0.1,scaled=true+ef21", "ef21 needs a contractive compressor"),
     ("threshold:lam=1+ef21", "is absolute"),
     ("qsgd+ef14", "ef14 needs a contractive or absolute compressor"),

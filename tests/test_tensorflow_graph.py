@@ -45,8 +45,8 @@ def test_graph_payload_equals_eager(spec):
 def test_tensorflow_sends_the_bits_pytorch_sends(spec):
     """Same spec, same gradients: the same bits per step and the same updates, with the
     TF state in variables inside tf.function and the torch state in Python."""
-    tfx = VariableExchange(spec, seed=3)
-    thx = Exchange(spec, seed=3)
+    tfx = VariableExchange(spec, seed=3, model_size=4096)
+    thx = Exchange(spec, seed=3, model_size=4096)
     dense_steps = tfx.pipeline.dense_steps
 
     @tf.function
@@ -117,6 +117,8 @@ def test_measured_error_is_recorded_when_the_step_runs():
     assert [r.step for r in ex.telemetry.rows] == [0, 1]
     assert all(r.seconds is None for r in ex.telemetry.rows)  # not timed inside a graph
     np.testing.assert_allclose([r.error for r in ex.telemetry.rows], [want, want], rtol=1e-5)
+    lost = np.sum(x.astype(np.float64) ** 2) - np.sum(kept.astype(np.float64) ** 2)
+    np.testing.assert_allclose(ex.telemetry.summed_error(), 2 * lost, rtol=1e-5)
 
 
 @pytest.mark.parametrize("d, k", [(1000, 10), (262144, 2621), (300000, 150000)])

@@ -37,6 +37,8 @@ class SparseAllreduce:
       cuda_aware: hand device buffers to MPI directly (needs a CUDA-aware MPI).
       nonfinite: "propagate" (a NaN or infinity on any rank gives every rank a NaN
         result and leaves the state as it was) or "raise" (HvdCompressError everywhere).
+      model_size: entries of the whole model (all the tensors reduced per step), which
+        ``perturb`` spreads its noise over; required with it.
 
     Feedback state is kept per tensor ``name`` (required); ``state_dict()`` checkpoints it.
     Every rank must call :meth:`allreduce` for the same names in the same order: each
@@ -45,12 +47,12 @@ class SparseAllreduce:
     """
 
     def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", model_size=None):
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
         self.exchange = Exchange(spec, seed, allreduce_dtypes=(), nonfinite=nonfinite,
-                                 transport="mpi4py")
+                                 transport="mpi4py", model_size=model_size)
         refuse_unmeasured(self.exchange.pipeline, "SparseAllreduce (mpi4py)")
         self.telemetry = self.exchange.telemetry
         self.comm, self.average = comm, bool(average)
@@ -83,10 +85,9 @@ class SparseAllreduce:
                 "SparseAllreduce.allreduce needs name=: each tensor's feedback state, random "
                 "stream and payload check are keyed by it (e.g. the parameter's name)")
         bk = backend_for(tensor)
-        out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank())
+        out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank(),
+                                  gather=lambda row: gather_rows(self.comm, row))
         gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)
-        if out.proposal is not None:
-            self.exchange.agree(name, average_number(self.comm, out.proposal))
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)
 
@@ -128,12 +129,14 @@ def _host_view(bk, buf, cuda_aware):
     return bk.to_numpy(buf), lambda r: bk.from_numpy(r, buf)
 
 
-def average_number(comm, x: float) -> float:
-    """The average of one number over ``comm`` (a buffer Allreduce, no pickling)."""
+def gather_rows(comm, row):
+    """Every rank's float64 ``row`` over ``comm``, stacked in rank order (a buffer
+    Allgather, no pickling)."""
     from mpi4py import MPI
-    buf = np.array([float(x)])
-    comm.Allreduce(MPI.IN_PLACE, buf)
-    return float(buf[0]) / comm.Get_size()
+    send = np.ascontiguousarray(row, np.float64).reshape(-1)
+    recv = np.empty((comm.Get_size(), send.size), np.float64)
+    comm.Allgather([send, MPI.DOUBLE], [recv, MPI.DOUBLE])
+    return recv
 
 
 def measure_allgather(comm, sizes_bytes=(1 << 10, 1 << 14, 1 << 17, 1 << 20), repeats=5):

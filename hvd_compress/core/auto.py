@@ -88,7 +88,7 @@ class Auto(Algorithm):
     def __init__(self, every=500):
         self.every = check_int("auto", "every", every, 1)
 
-    def check(self, compressor):
+    def check(self, compressor, feedback=None):
         if not isinstance(compressor, TopK):
             raise HvdCompressError(
                 f"auto routes each tensor dense or through top-k; {compressor.spec()} is not "

@@ -80,12 +80,22 @@ class Compressor(Algorithm):
         raise HvdCompressError(f"{self.spec()} is {self.bias}, not unbiased: it has no omega")
 
     def alpha(self, d: int) -> float:
-        """Contraction parameter: E||C(x) - x||^2 <= (1 - alpha) ||x||^2 on d entries."""
+        """Contraction parameter: E||C(x) - x||^2 <= (1 - alpha) ||x||^2 on d entries.
+
+        An unbiased compressor has E||C(x) - x||^2 <= omega ||x||^2, so it is contractive
+        with alpha = 1 - omega only when omega < 1 (natural compression: 7/8); otherwise
+        it is not contractive at all and this raises. (Its scaled form C / (1 + omega) is
+        contractive with alpha = 1 / (1 + omega), but that is another compressor.)"""
         if self.bias == "exact":
             return 1.0
         if self.bias == "unbiased":
-            # C / (1 + omega) is contractive with alpha = 1 / (1 + omega); see papers.md §1.
-            return 1.0 / (1.0 + self.omega(d))
+            omega = self.omega(d)
+            if omega < 1.0:
+                return 1.0 - omega
+            raise HvdCompressError(
+                f"{self.spec()} is unbiased with omega={omega:g} >= 1 on {d} entries: "
+                f"E||C(x) - x||^2 may exceed ||x||^2, so it is not contractive (C/(1 + omega) "
+                f"would be, with alpha = 1/(1 + omega) = {1.0 / (1.0 + omega):g})")
         raise HvdCompressError(f"{self.spec()} is {self.bias}: it has no contraction parameter")
 
     # -- helpers for subclasses --------------------------------------------------------

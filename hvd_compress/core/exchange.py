@@ -18,6 +18,7 @@ import time
 from typing import NamedTuple
 
 from ..errors import HvdCompressError
+from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
 from .payload import FLAG_NONFINITE, Stamp, pack, split_gathered
 from .pipeline import resolve_pipeline
@@ -37,7 +38,6 @@ class Outgoing(NamedTuple):
     codec: object         # the compressor that produced it
     shape: tuple
     dtype: str
-    proposal: object      # dynamic:agree=true: this rank's k for the next step, to average
     prior: object = None  # the pipeline state before this step (kept if the step is void)
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
     dense_route: bool = False  # auto sent the tensor as it is, by a plain allreduce
@@ -51,8 +51,9 @@ class Exchange:
       seed: mixed into every stochastic draw with (rank, name, step).
       allreduce_dtypes: payload value dtypes the frontend's allreduce can sum; summable
         payloads of other dtypes are gathered instead.
-      measure_error: also record each step's relative compression error
-        ||C(v) - v||^2 / ||v||^2 (costs two passes and a host sync per tensor).
+      measure_error: also record each step's compression error ||C(v) - v||^2, relative
+        to ||v||^2 and absolute (costs two passes and a host sync per tensor); see
+        :meth:`Telemetry.summed_error`.
       nonfinite: what a NaN or an infinity in any rank's tensor does. ``"propagate"``
         (the default) behaves like dense Horovod: every rank gets a NaN update for that
         tensor at that step (so loss scalers skip it) and the step leaves the feedback
@@ -60,6 +61,8 @@ class Exchange:
         naming the tensor and the ranks.
       transport: how payloads travel ("horovod", "mpi4py", ...); part of the fingerprint
         every payload header carries, so ranks that move payloads differently fail loudly.
+      model_size: entries of the whole model, which ``perturb`` spreads its noise over
+        (frontends set ``exchange.model_size`` from the parameters they are bound to).
 
     Every rank takes the same branch: a rank whose tensor is not finite says so in its
     payload header (its payload is built from the tensor with those entries zeroed, so it
@@ -68,7 +71,7 @@ class Exchange:
 
     def __init__(self, pipeline, seed: int = 0,
                  allreduce_dtypes=("float16", "float32", "float64"), measure_error=False,
-                 nonfinite: str = "propagate", transport: str = "horovod"):
+                 nonfinite: str = "propagate", transport: str = "horovod", model_size=None):
         self.pipeline = resolve_pipeline(pipeline)
         if nonfinite not in NONFINITE:
             raise HvdCompressError(f"nonfinite={nonfinite!r} must be one of {NONFINITE}")
@@ -80,16 +83,20 @@ class Exchange:
         self.telemetry = Telemetry()
         self.states: dict[str, object] = {}
         self.steps: dict[str, int] = {}
-        self.levels: dict[str, int] = {}  # agreed k per tensor (dynamic:agree=true)
         self.costs = None  # measured costs every rank agrees on, for auto (see core/auto.py)
+        self.model_size = None if model_size is None else \
+            check_int("exchange", "model_size", model_size, 1)
         self._spec, self._stamps = None, {}  # the fingerprints of each tensor, once made
 
-    def begin(self, bk, name: str, tensor, rank, step=None, dense=None) -> Outgoing:
+    def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
+              gather=None) -> Outgoing:
         """Compress ``tensor`` (this rank's gradient called ``name``) for the wire.
 
         ``step`` is the step counter already drawn with :meth:`next_step` (drawn here when
         None). ``dense`` forces the warm-up phase on or off where the step is a graph
-        tensor and Python cannot compare it (see :meth:`Pipeline.encode`)."""
+        tensor and Python cannot compare it (see :meth:`Pipeline.encode`). ``gather`` is
+        the frontend's allgather of a float64 row, which ``dynamic:agree=true`` uses to
+        settle this step's k with the other ranks (see :meth:`Pipeline.encode`)."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -104,9 +111,9 @@ class Exchange:
         finite = bk.all_finite(flat)
         flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
         prior = self.load_state(bk, name, flat)
-        payload, codec, state, error, proposal = self.pipeline.encode(
+        payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
-            level=self.levels.get(name), dense=dense)
+            gather=gather, dense=dense, model_size=self.model_size)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -124,7 +131,7 @@ class Exchange:
         self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
                  time.perf_counter() - t0, error)
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor), proposal, prior, stamp)
+                        bk.dtype(tensor), prior, stamp)
 
     def _begin_dense(self, bk, name, tensor, step, t0) -> Outgoing:
         """auto's dense route: the tensor itself travels by allreduce, exactly as Horovod
@@ -133,7 +140,7 @@ class Exchange:
         d, dtype = bk.size(tensor), bk.dtype(tensor)
         bits = 8 * d * ITEMSIZE[dtype]
         self.log(step, name, bits // 8, d, d, bits, time.perf_counter() - t0, None)
-        return Outgoing(name, step, tensor, True, None, None, bk.shape(tensor), dtype, None,
+        return Outgoing(name, step, tensor, True, None, None, bk.shape(tensor), dtype,
                         None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
@@ -165,14 +172,12 @@ class Exchange:
         """Called with the state after decoding; it is already in ``self.states``."""
 
     def log(self, step, name, nbytes, count, numel, dense_bits, seconds, error):
+        """One telemetry row; ``error`` is (relative, absolute) or None."""
         self.telemetry.record(Record(
             step=int(step), name=name, bits=8 * int(nbytes), count=int(count), numel=numel,
             dense_bits=dense_bits, seconds=seconds,
-            error=None if error is None else float(error)))
-
-    def agree(self, name: str, mean_proposal: float):
-        """Record the average over ranks of this step's proposals: next step's k."""
-        self.levels[name] = max(1, int(round(float(mean_proposal))))
+            error=None if error is None else float(error[0]),
+            error_sq=None if error is None else float(error[1])))
 
     def finish_allreduced(self, bk, out, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allreduce of ``outgoing.wire`` (a sum if ``summed``, else the
@@ -257,7 +262,8 @@ class Exchange:
 
     # -- checkpointing -----------------------------------------------------------------
     #: Layout of :meth:`state_dict`. Format 1 (no ``format`` key) held spec, seed, steps,
-    #: levels and states; format 2 adds ``format``, ``rank`` and ``world_size``.
+    #: levels and states; format 2 adds ``format``, ``rank`` and ``world_size`` (and no
+    #: longer needs levels: agreed k is settled within each step).
     CHECKPOINT_FORMAT = 2
 
     def set_group(self, rank, world_size):
@@ -284,8 +290,8 @@ class Exchange:
           only on the rank and with the world size that wrote it. A state that does not
           say who wrote it (format 1) is refused when it holds feedback state;
         * a state without feedback state (casts, top-k, rand-k, quantizers without a
-          feedback stage, or one whose ``states`` were emptied) holds only step counters
-          and agreed levels, which are the same on every rank since every rank exchanges
+          feedback stage, or one whose ``states`` were emptied) holds only step counters,
+          which are the same on every rank since every rank exchanges
           every tensor at every step: it loads on any rank and with any world size. The
           random streams still resume exactly: they are keyed by (seed, rank, name,
           step), and the rank is this run's, not the file's.
@@ -343,7 +349,6 @@ class Exchange:
         :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors; the
         rest is ints, floats, strings and None, so torch.load(weights_only=True) reads it."""
         return {**self._checkpoint_header(), "steps": dict(self.steps),
-                "levels": dict(self.levels),
                 "states": {k: (None if s is None else s._asdict())
                            for k, s in self.states.items()}}
 
@@ -352,7 +357,6 @@ class Exchange:
         (a refused state changes nothing)."""
         self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
-        self.levels = dict(sd.get("levels", {}))
         self.states = {}
         for name, fields in sd["states"].items():
             if fields is None:

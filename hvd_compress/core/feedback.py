@@ -36,9 +36,10 @@ class Feedback(Algorithm):
     def check(self, compressor):
         """Refuse compressors whose class this rule's guarantee does not cover."""
         if compressor.bias not in self.accepts + ("exact",):
+            kinds = " or ".join(self.accepts)
             raise HvdCompressError(
-                f"{self.name} needs a {' or '.join(self.accepts)} compressor, but "
-                f"{compressor.spec()} is {compressor.bias}. {self.hint}")
+                f"{self.name} needs {'an' if kinds[0] in 'aeiou' else 'a'} {kinds} compressor, "
+                f"but {compressor.spec()} is {compressor.bias}. {self.hint}")
 
     hint = ""
 

@@ -27,8 +27,8 @@ class Encoded(NamedTuple):
     payload: object
     codec: object     # the compressor that produced the payload (decodes every rank's)
     state: object
-    error: object     # ||C(v) - v||^2 / ||v||^2 of the vector v compressed, if measured
-    proposal: object = None  # with dynamic:agree=true, this rank's k for the next step
+    error: object     # (||C(v) - v||^2 / ||v||^2, ||C(v) - v||^2) of the vector v
+    #                   compressed, if measured
 
 
 class Pipeline:
@@ -49,7 +49,7 @@ class Pipeline:
         if feedback is not None:
             feedback.check(self.compressor)
         if policy is not None:
-            policy.check(self.compressor)
+            policy.check(self.compressor, feedback)
         self.feedback, self.policy = feedback, policy
         self.dense_steps = check_int("warmup", "dense_steps", dense_steps, 0)
         self._dense = Identity()
@@ -100,27 +100,31 @@ class Pipeline:
         return dense is not None and dense(d, dtype, self.compressor, costs)
 
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
-               level=None, dense=None) -> Encoded:
+               gather=None, dense=None, model_size=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
-        ``measure`` also returns the relative compression error of the vector compressed
-        (two extra passes over it). When ranks agree on k (``dynamic:agree=true``),
-        ``level`` is the k they agreed on from the previous step's proposals (None on the
-        first step: the compressor's own k), and the result carries this rank's proposal
-        for the next step; the frontend averages the proposals. ``dense`` says whether this
+        ``measure`` also returns the compression error of the vector compressed, relative
+        and absolute (two extra passes over it). When ranks agree on k (``dynamic:agree=true``),
+        ``gather(row)`` is the frontend's allgather of a float64 row over the ranks, which
+        :meth:`Dynamic.agree_k` runs twice before the payload is formed (every rank must
+        encode this tensor at this point of its step). ``dense`` says whether this
         is a warm-up step where ``key.step`` is a graph tensor (inside ``tf.function`` the
         frontend branches on the step and traces both phases). With ``auto`` this is the
-        sparse route (see :meth:`dense_route`)."""
+        sparse route (see :meth:`dense_route`). ``model_size``: the entries of the whole
+        model, which ``perturb`` spreads its noise over (required with it)."""
         codec = self.codec(key.step) if dense is None else \
             (self._dense if dense else self.compressor)
-        used, error, proposal = [codec], [None], [None]
+        used, error = [codec], [None]
 
         def choose(v):
             if self.policy is not None and codec is self.compressor:
                 if self.policy.agree:
-                    proposal[0] = self.policy.choose_k(bk, v)
-                    if level is not None:
-                        used[0] = self.policy.codec(int(level), self.compressor, fixed=True)
+                    if gather is None:
+                        raise HvdCompressError(
+                            f"{self.spec()}: agree=true needs the ranks' allgather "
+                            "(encode(..., gather=...))")
+                    k = self.policy.agree_k(bk, v, gather)
+                    used[0] = self.policy.codec(k, self.compressor, fixed=True)
                 else:
                     used[0] = self.policy.choose(bk, v, self.compressor)
             return used[0]
@@ -130,18 +134,23 @@ class Pipeline:
             p = c.compress(v, key)
             sent = Sent(bk, c, p)
             if measure:
-                error[0] = _relative_error(bk, v, sent.subtract_from(v))
+                error[0] = _errors(bk, v, sent.subtract_from(v))
             return p, sent
 
         if self.perturbation is not None:
-            flat = self.perturbation.apply(bk, flat, key)
+            if not model_size:
+                raise HvdCompressError(
+                    f"{self.spec()}: perturb spreads its noise over the whole model, so it "
+                    f"needs the model's size: the torch and TensorFlow frontends know it; "
+                    f"pass model_size= to SparseAllreduce or Exchange")
+            flat = self.perturbation.apply(bk, flat, key, model_size)
         if self.feedback is not None:
             payload, state = self.feedback.encode(compress, bk, flat, state)
         elif measure:
             payload, _ = compress(flat)
         else:  # nothing needs the dense view: skip decoding
             payload = choose(flat).compress(flat, key)
-        return Encoded(payload, used[0], state, error[0], proposal[0])
+        return Encoded(payload, used[0], state, error[0])
 
     def decode(self, bk, mean, state):
         """(update, state) from the average over ranks of the decompressed payloads."""
@@ -167,15 +176,16 @@ class Sent(NamedTuple):
         return self.codec.add_sent(self.bk, x, self.payload, scale, owned)
 
 
-def _relative_error(bk, v, residual):
+def _errors(bk, v, residual):
+    """(||residual||^2 / ||v||^2, ||residual||^2): the relative and absolute error."""
     diff = bk.astype(residual, "float64")
     num = bk.sum(diff * diff)
     v = bk.astype(v, "float64")
     den = bk.sum(v * v)
-    if not bk.eager():  # a graph tensor, read when the step runs
-        return bk.where(den > 0, num / bk.where(den > 0, den, den + 1.0), num * 0.0)
+    if not bk.eager():  # graph tensors, read when the step runs
+        return bk.where(den > 0, num / bk.where(den > 0, den, den + 1.0), num * 0.0), num
     num, den = float(num), float(den)
-    return num / den if den > 0 else 0.0
+    return (num / den if den > 0 else 0.0), num
 
 
 def resolve_pipeline(obj) -> Pipeline:

@@ -2,22 +2,42 @@
 objective improvement per communicated bit (Khirirat, Magnusson, Aytekin, Johansson,
 "A Flexible Framework for Communication-Efficient Machine Learning", AAAI 2021).
 
-For QSGD the level is s: with the best step the expected improvement is proportional to
-||g||^4 / E||Q_s(g)||^2, and E||Q_s(g)||^2 = ||g||^2 + sum over buckets of
-(||g_b||^2 / s^2) sum_j f_j (1 - f_j), f_j the fractional part of s |g_j| / ||g_b||: exact,
-no sampling. The rule evaluates s in {1, 3, 7, ..., 255} (every code width from 2 to 9
-bits) and keeps the best improvement per bit of the payload.
+The improvement is the descent lemma's guarantee at the step the optimizer takes: the
+payload is applied as it is, unscaled, at the optimizer's step, which the rule takes to be
+1/L (larger steps have no guarantee even uncompressed).
+
+For an unbiased compressor Q (``qsgd``, ``bernoulli``) the update x - Q(g)/L guarantees
+f(x) - E f(x+) >= (||g||^2 - Var(g)) / (2L), Var(g) = E||Q(g) - g||^2 = omega(g) ||g||^2:
+a level whose variance exceeds ||g||^2 (omega(g) > 1) guarantees nothing, and the rule
+never prefers it to one that does (the densest level always does). The rule keeps the
+level with the most (||g||^2 - Var(g)) per bit. (Scoring ||g||^4 / E||Q(g)||^2 instead,
+the descent at the step 1/(L(1 + omega(g))), would pick levels with omega(g) > 1 that the
+unscaled update at 1/L does not descend with.)
+
+For QSGD the level is s, and Var(g) = sum over buckets of (||g_b||^2 / s^2) sum_j
+f_j (1 - f_j), f_j the fractional part of s |g_j| / ||g_b||: exact, no sampling. The rule
+evaluates s in {1, 3, 7, ..., 255} (every code width from 2 to 9 bits).
 
 For unbiased magnitude-aware sparsification (``bernoulli``, p_j = min(1, |g_j| / lam))
-the level is the expected budget B = sum_j p_j: the improvement is proportional to
-||g||^4 / sum_j (g_j^2 / p_j) and the expected cost is C(B); the rule evaluates B on a
-geometric grid d, d/2, d/4, ... down to one entry.
+the level is the expected budget B = sum_j p_j, with Var(g) = sum_j g_j^2 (1/p_j - 1) and
+expected cost C(B); the rule evaluates B on a geometric grid d, d/2, d/4, ... down to one
+entry.
 
 For top-k the descent lemma with step 1/L guarantees an improvement of S_k / (2L), where
 S_k is the energy (sum of squares) of the k largest entries of the vector sent. The rule
 picks ``k* = argmax_k S_k / C(k)`` for a cost model C. S_k comes from one partial
 selection and a prefix sum: the selection starts at 256 entries (or 4 k_min) and grows
 four-fold only while the optimum sits at its edge, so there is no full sort per step.
+
+With error feedback (top-k only) the vector compressed is not the gradient, and the rule
+scores what feedback guarantees instead: every k it picks is at least ``kmin``, so each
+step's compressor is contractive with alpha >= kmin / d and the EF14 and EF21 theorems hold
+with that alpha; among those k, S_k / C(k) is the error energy removed per bit. Under EF14
+the vector is e + g and the residual left is ||e + g||^2 - S_k; under EF21 and its
+momentum variants it is the correction v - g_i and the estimate's error left is
+||v - g_i||^2 - S_k, the quantity their Lyapunov functions track. DIANA is refused: its
+shift step alpha must be at most 1/(1 + omega) of the level each rank used, and ranks
+choosing their own levels would need their alphas on the wire.
 
 Cost models (``cost=``):
 
@@ -63,10 +83,11 @@ class Dynamic(Algorithm):
       packet: packet size P in bits (packet cost); header: header bits H per packet.
       alpha, beta, n: latency (s), seconds per bit and rank count (allgather cost).
       kmin, kmax: bounds on k (kmax 0 means the tensor size).
-      agree: all ranks use one k (top-k only): each step every rank proposes its k*, a
-        one-number average over ranks runs beside the payload, and the next step uses the
-        rounded mean. Payloads are then equal in size (the allgather's fast path) at the
-        price of a one-step lag; without it each rank picks its own k every step.
+      agree: all ranks use one k (top-k only), the joint optimum of this step:
+        k* = argmax_k sum_i S_k^i / C(k) over ranks i (see :meth:`agree_k`). Before its
+        payload is formed each tensor runs two small allgathers (each rank's selection
+        window, then its S_k on a grid of k); payloads are then equal in size (the
+        allgather's fast path). Without it each rank picks its own k every step.
     """
 
     graph_safe = False  # the level is chosen on the host from the sorted magnitudes
@@ -95,13 +116,19 @@ class Dynamic(Algorithm):
         self.kmin, self.kmax = kmin, kmax
         self.agree = check_bool("dynamic", "agree", agree)
 
-    def check(self, compressor):
+    def check(self, compressor, feedback=None):
         if not isinstance(compressor, (TopK, QSGD, Bernoulli)):
             raise HvdCompressError(
                 f"dynamic chooses k for topk, the budget for bernoulli and s for qsgd; "
                 f"{compressor.spec()} is none of them")
         if self.agree and not isinstance(compressor, TopK):
             raise HvdCompressError(f"dynamic:agree=true is for topk, not {compressor.spec()}")
+        if feedback is not None and feedback.name == "diana":
+            raise HvdCompressError(
+                f"dynamic does not combine with diana: DIANA's shift step must be at most "
+                f"1/(1 + omega) of the level each rank chose, which the other ranks cannot "
+                f"know; use {compressor.spec()}+dynamic without diana, or "
+                f"{compressor.spec()}+diana at a fixed level")
 
     def choose(self, bk, v, compressor):
         """The codec for this step: top-k at k*, or QSGD at s*."""
@@ -116,17 +143,18 @@ class Dynamic(Algorithm):
         return self.codec(self.choose_k(bk, v), compressor)
 
     def choose_budget(self, bk, v, c: Bernoulli) -> float:
-        """B* = argmax ||g||^4 / (sum_j g_j^2 / p_j) / C(B) over B = d, d/2, ..., 1."""
+        """B* = argmax (||g||^2 - Var_B(g)) / C(B) over B = d, d/2, ..., 1, with
+        Var_B(g) = sum_j g_j^2 / p_j - ||g||^2."""
         d = bk.size(v)
         a = bk.abs(bk.astype(v, "float32"))
         g2 = a * a
-        norm4 = float(bk.sum(g2)) ** 2
-        best, best_eff = float(d), -1.0
+        norm2 = float(bk.sum(g2))
+        best, best_eff = float(d), -math.inf
         budget = float(d)
         while budget >= 1.0:
             p = c.probabilities(bk, a, budget)
             second = float(bk.sum(bk.where(p > 0, g2 / bk.where(p > 0, p, p + 1.0), p)))
-            eff = norm4 / second / float(self.costs([budget])[0]) if second > 0 else 0.0
+            eff = (2.0 * norm2 - second) / float(self.costs([budget])[0])
             if eff > best_eff:
                 best, best_eff = budget, eff
             budget /= 2.0
@@ -143,21 +171,21 @@ class Dynamic(Algorithm):
         return (self.n - 1) * (self.alpha + self.beta * bits)
 
     def choose_s(self, bk, v, q: QSGD) -> int:
-        """s* = argmax ||g||^4 / (E||Q_s(g)||^2 C(s)) over s in {1, 3, 7, ..., 255}."""
+        """s* = argmax (||g||^2 - Var_s(g)) / C(s) over s in {1, 3, 7, ..., 255}."""
         d = bk.size(v)
         rows, nb = q._rows(bk, bk.astype(v, "float32"), d)
         norms2 = bk.sum_rows(rows * rows)
         inv = bk.reshape(bk.where(norms2 > 0, norms2, norms2 + 1) ** -0.5, (-1, 1))
         a = bk.abs(rows) * inv          # |g_j| / ||g_b||
         total = float(bk.sum(norms2))
-        best, best_eff = 1, -1.0
+        best, best_eff = 1, -math.inf
         for s in _QSGD_LEVELS:
             r = a * s
             f = r - bk.floor(r)
-            extra = float(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f)))) / s ** 2
+            var = float(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f)))) / s ** 2
             width = 1 + max(1, math.ceil(math.log2(s + 1)))
             bits = 64 + 32 * nb + 8 * width * ((d + 7) // 8)
-            eff = 1.0 / ((total + extra) * self.bits_cost(bits)) if total > 0 else 0.0
+            eff = (total - var) / self.bits_cost(bits)
             if eff > best_eff:
                 best, best_eff = s, eff
         return best
@@ -177,6 +205,10 @@ class Dynamic(Algorithm):
 
     def choose_k(self, bk, v) -> int:
         """k* for the flat vector v."""
+        return self._search(bk, v)[0]
+
+    def _search(self, bk, v):
+        """(k*, the selection size m that found it) for the flat vector v."""
         import numpy as np
         d = bk.size(v)
         kmax = min(d, self.kmax or d)
@@ -193,8 +225,38 @@ class Dynamic(Algorithm):
             # the efficiency is unimodal (affine, packet over whole packets): an optimum
             # short of the selection's edge is the global one
             if best < m - (self._packet_entries() or 1) or m == kmax:
-                return best
+                return best, m
             m = min(kmax, 4 * m)
+
+    def agree_k(self, bk, v, gather) -> int:
+        """The k every rank uses this step: argmax over a grid of k of
+        sum_i S_k^i / C(k), S_k^i the energy of the k largest entries of rank i's vector.
+
+        ``gather(row)`` returns every rank's float64 row, stacked in rank order (an
+        allgather); it is called twice. Each rank's own optimum k_i lies within its
+        selection window m_i, and the joint optimum lies between the smallest and the
+        largest k_i (below every k_i each rank's efficiency rises, above every k_i it
+        falls), so the grid spans [kmin, max_i m_i]: geometric with ratio 2^(1/16)
+        (about 4.4% apart) plus every k up to 64, in whole packets under the packet cost.
+        Every rank sums the same gathered rows in the same order, so all choose alike."""
+        import numpy as np
+        m = int(gather(np.array([self._search(bk, v)[1]], np.float64)).max())
+        ks = self._grid(m)
+        top = bk.to_numpy(bk.topk_values(bk.abs(v), int(ks[-1]))).astype(np.float64)
+        energy = np.cumsum(top * top)[ks - 1]
+        total = gather(energy).sum(axis=0)
+        return int(ks[int(np.argmax(total / self.costs(ks)))])
+
+    def _grid(self, m: int):
+        """The k ``agree_k`` evaluates: sorted distinct ints in [kmin, m]."""
+        import numpy as np
+        kmin = min(self.kmin, m)
+        geometric = np.round(kmin * 2.0 ** (np.arange(0, 16 * np.log2(m / kmin) + 1) / 16))
+        ks = np.concatenate([np.arange(kmin, min(m, 64) + 1), geometric, [m]])
+        per = self._packet_entries()
+        if per:
+            ks = np.minimum(np.ceil(ks / per) * per, m)
+        return np.unique(np.clip(ks, kmin, m).astype(np.int64))
 
     def _packet_entries(self):
         return (self.packet - self.header) // self.b if self.cost == "packet" else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .bits import pack_codes, unpack_codes
-from .compressor import Compressor, check_int
+from .compressor import Compressor, check_float, check_int
 from .payload import Payload
 from .registry import register
 from .rng import Key, uniform
@@ -101,16 +101,35 @@ class QSGD(_Stochastic):
 class TernGrad(_Stochastic):
     """TernGrad: each entry becomes s * sign(x_j) * b_j with s = max|x| and
     b_j ~ Bernoulli(|x_j| / s). Unbiased; 2 bits per entry plus one float32 scale
-    (Wen et al., NeurIPS 2017). Its variance omega(x) = ||x||_inf ||x||_1 / ||x||^2 - 1
-    depends on the data and is at most sqrt(d) - 1.
+    (Wen et al., NeurIPS 2017). Its variance is E||C(x) - x||^2 = s ||x||_1 - ||x||^2, so
+    omega(x) = ||x||_inf ||x||_1 / ||x||^2 - 1, which depends on the data and is at most
+    (sqrt(d) - 1) / 2 (reached by one entry 1 beside d - 1 entries 1 / (sqrt(d) + 1)).
 
     Args:
       seed: user seed of the Bernoulli draws.
+      clip: Wen et al.'s gradient clipping: entries are first clipped to
+        [-clip * sigma, clip * sigma], sigma the standard deviation of the tensor's
+        entries (the paper uses 2.5). It shrinks s, hence the variance, by cutting the
+        rare large entries; the result is unbiased for the clipped tensor only, so the
+        compressor is then ``clipped``, a class no feedback rule accepts. Default none.
     """
+
+    def __init__(self, seed=0, clip=None):
+        super().__init__(seed)
+        self.clip = None if clip is None else check_float("terngrad", "clip", clip)
+        if self.clip is not None:
+            self.bias = "clipped"
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         v = _f32(bk, flat)
+        if self.clip is not None:
+            mean = bk.sum(v) * (1.0 / d)
+            var = bk.sum(v * v) * (1.0 / d) - mean * mean
+            # a constant tensor (sigma = 0) is left as it is rather than clipped to zero
+            bound = bk.where(var > 0, bk.where(var > 0, var, var + 1.0) ** 0.5 * self.clip,
+                             bk.max(bk.abs(v)))
+            v = bk.where(v > bound, v * 0.0 + bound, bk.where(v < -bound, v * 0.0 - bound, v))
         a = bk.abs(v)
         s = bk.max(a)
         p = a / bk.where(s > 0, s, s + 1)
@@ -127,7 +146,9 @@ class TernGrad(_Stochastic):
         return keep * sign * p.scales[0]
 
     def omega(self, d):
-        return math.sqrt(d) - 1.0
+        if self.clip is not None:
+            return super().omega(d)
+        return (math.sqrt(d) - 1.0) / 2.0
 
 
 @register("compressor", "sign")

@@ -7,6 +7,7 @@ decodes the same mean into the same update.
 """
 from __future__ import annotations
 
+from ..errors import HvdCompressError
 from .exchange import Exchange
 from .ops import ITEMSIZE, backend_for
 from .pipeline import resolve_pipeline
@@ -21,6 +22,8 @@ class Workers:
       n: number of workers.
       seed: the seed every stochastic draw mixes in (as the frontends' ``seed``).
       name: the tensor name keys are drawn for.
+      model_size: entries of the whole model, for ``perturb`` (default: the size of the
+        tensor stepped, as if it were the whole model).
       wire: go through the frontends' whole path instead of the payload objects: one
         :class:`~hvd_compress.core.exchange.Exchange` per worker, packed buffers
         concatenated as an allgather would (or summed in rank order as an allreduce
@@ -28,11 +31,12 @@ class Workers:
         worker handed to the collective.
     """
 
-    def __init__(self, pipeline, n: int, seed: int = 0, name: str = "x", wire: bool = False):
+    def __init__(self, pipeline, n: int, seed: int = 0, name: str = "x", wire: bool = False,
+                 model_size=None):
         self.pipe = resolve_pipeline(pipeline)
         self.n, self.seed, self.name = n, seed, name
+        self.model_size = model_size
         self.states = None
-        self.level = None  # the agreed k (dynamic:agree=true)
         self.step_count = 0
         self.bits = []  # per step: bits each worker sent (list of n ints)
         self.last = []  # the payloads of the latest step, one per worker
@@ -47,14 +51,16 @@ class Workers:
         if self.states is None:
             self.states = [self.pipe.init(bk, g) for g in grads]
         step = self.step_count
-        payloads, codec, proposals = [], None, []
-        for r, g in enumerate(grads):
-            p, codec, self.states[r], _, proposal = self.pipe.encode(
-                bk, g, self.states[r], Key(self.seed, r, self.name, step), level=self.level)
-            payloads.append(p)
-            proposals.append(proposal)
-        if self.pipe.agrees:  # as the frontends do: average, round, use next step
-            self.level = max(1, int(round(sum(proposals) / self.n)))
+
+        def encode(r, gather):
+            return self.pipe.encode(bk, grads[r], self.states[r],
+                                    Key(self.seed, r, self.name, step), gather=gather,
+                                    model_size=self.model_size or bk.size(grads[r]))
+        encoded = run_ranks(self.n, encode) if self.pipe.agrees else \
+            [encode(r, None) for r in range(self.n)]
+        payloads = [e.payload for e in encoded]
+        codec = encoded[-1].codec
+        self.states = [e.state for e in encoded]
         self.bits.append([int(p.wire_bits(bk)) for p in payloads])
         self.last, self.last_codec = payloads, codec
         mean, _ = codec.mean(bk, payloads, self.n)
@@ -68,8 +74,13 @@ class Workers:
 
     def _wire_step(self, grads):
         bk = backend_for(grads[0])
-        outs = [ex.begin(bk, self.name, g, r) for r, (ex, g) in enumerate(zip(self.exchanges,
-                                                                               grads))]
+        for ex in self.exchanges:
+            ex.model_size = self.model_size or bk.size(grads[0])
+
+        def begin(r, gather):
+            return self.exchanges[r].begin(bk, self.name, grads[r], r, gather=gather)
+        outs = run_ranks(self.n, begin) if self.pipe.agrees else \
+            [begin(r, None) for r in range(self.n)]
         self.bits.append([8 * int(bk.size(o.wire)) * (1 if not o.by_allreduce else
                                                       ITEMSIZE[bk.dtype(o.wire)])
                           for o in outs])
@@ -85,15 +96,76 @@ class Workers:
             gathered = bk.concat([o.wire for o in outs])
             updates = [ex.finish_gathered(bk, gathered, o, self.n, summed=False)
                        for ex, o in zip(self.exchanges, outs)]
-        if outs[0].proposal is not None:
-            mean = sum(float(o.proposal) for o in outs) / self.n
-            for ex in self.exchanges:
-                ex.agree(self.name, mean)
         self.step_count += 1
         return updates[0]
 
 
-def adiana(grads, x0, L: float, mu: float, compressor, n: int, steps: int, seed: int = 0,
+def run_ranks(n: int, fn) -> list:
+    """``[fn(rank, gather) for rank in range(n)]``, each rank on its own thread, where
+    ``gather(row)`` is an allgather among them: it waits for every rank's float64 row and
+    returns the rows stacked in rank order. How the simulator runs the stages that talk
+    to the other ranks in the middle of a step (``dynamic:agree=true``)."""
+    import threading
+
+    import numpy as np
+
+    rows, results, errors = [None] * n, [None] * n, []
+    barrier = threading.Barrier(n)
+
+    def run(r):
+        def gather(row):
+            rows[r] = np.asarray(row, np.float64)
+            barrier.wait()
+            out = np.stack(rows)
+            barrier.wait()  # nobody overwrites a row before every rank has read them
+            return out
+        try:
+            results[r] = fn(r, gather)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on the caller's thread
+            errors.append(e)
+            barrier.abort()  # the others stop waiting
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return results
+
+
+def threshold_for_budget(sent, budget: float, lo: float = 1e-8, hi: float = 1e2,
+                         rtol: float = 0.005, rounds: int = 40) -> float:
+    """The hard threshold lambda whose run sends ``budget`` in all: Sahu et al.'s setting
+    (NeurIPS 2021), where hard threshold and top-k are compared at the same total budget
+    over a whole run rather than per step.
+
+    ``sent(lam)`` runs training with ``threshold:lam=<lam>`` and returns what it sent in
+    all (bits or entries, as ``budget``); it must not increase with lambda. Bisection on
+    log lambda in [lo, hi], at most ``rounds`` runs, until a run is within ``rtol`` of the
+    budget; returns the lambda of the closest run."""
+    import math
+    if not 0 < lo < hi:
+        raise HvdCompressError(f"threshold_for_budget: need 0 < lo < hi, got {lo}, {hi}")
+    high, low = sent(lo), sent(hi)
+    if not low <= budget <= high:
+        raise HvdCompressError(
+            f"threshold_for_budget: lam={lo:g} sends {high:g} and lam={hi:g} sends {low:g}; "
+            f"the budget {budget:g} is outside, widen [lo, hi]")
+    best = (abs(high - budget), lo) if abs(high - budget) <= abs(low - budget) else \
+        (abs(low - budget), hi)
+    for _ in range(rounds):
+        if best[0] <= rtol * budget:
+            break
+        lam = math.sqrt(lo * hi)
+        got = sent(lam)
+        best = min(best, (abs(got - budget), lam))
+        lo, hi = (lam, hi) if got > budget else (lo, lam)
+    return best[1]
+
+
+def adiana(grads, x0, L_max: float, mu: float, compressor, n: int, steps: int, seed: int = 0,
            eta=None, callback=None):
     """ADIANA, accelerated DIANA for strongly convex problems (Li, Kovalev, Qian,
     Richtarik, "Acceleration for Compressed Gradient Descent in Distributed and Federated
@@ -106,15 +178,23 @@ def adiana(grads, x0, L: float, mu: float, compressor, n: int, steps: int, seed:
 
     Args:
       grads: ``grads(i, x)`` -> worker i's gradient at x (numpy).
-      x0: starting point; L, mu: smoothness and strong convexity of the average.
+      x0: starting point.
+      L_max: a smoothness constant of every worker's f_i (max_i L_i: the theorem's L,
+        which bounds each local function, not only their average).
+      mu: strong convexity of the average.
       compressor: an unbiased compressor (spec or object); omega comes from it.
       n, steps, seed: workers, iterations, seed of every draw.
-      eta: step size (default 1 / (2 L (1 + 4 omega / n)), shared masks: n = 1).
-      callback: ``callback(step, y, bits_per_worker)`` after every step.
+      eta: step size; default the theorem's
+        min{1 / (2 L_max), n / (64 omega (2 p (omega + 1) + 1)^2 L_max)} (the strongly
+        convex theorem of Li et al.), with n = 1 for shared masks (they are not independent).
+      callback: ``callback(step, y, bits_per_worker)`` after every step; a true return
+        value stops the run there.
 
-    Returns the final y. Parameters follow the paper's choices: alpha = p = 1 / (1 + omega),
+    Returns the final y. Parameters follow the theorem: alpha = p = 1 / (1 + omega),
     theta2 = 1/2, theta1 = min(1/4, sqrt(eta mu / p)), gamma = eta / (2 (theta1 + eta mu)),
-    beta = 1 - gamma mu.
+    beta = 1 - gamma mu. The theorem's step is conservative (64 omega (2p(omega+1)+1)^2 =
+    576 omega at p = 1 / (1 + omega)); a larger ``eta`` often converges faster, with no
+    guarantee.
     """
     import numpy as np
 
@@ -127,9 +207,9 @@ def adiana(grads, x0, L: float, mu: float, compressor, n: int, steps: int, seed:
     d = x0.size
     omega = c.omega(d)
     spread = 1 if getattr(c, "shared", False) else n
-    if eta is None:
-        eta = 1.0 / (2 * L * (1 + 4 * omega / spread))
     alpha = p = 1.0 / (1.0 + omega)
+    if eta is None:
+        eta = adiana_step(L_max, omega, spread)
     theta2 = 0.5
     theta1 = min(0.25, np.sqrt(eta * mu / p))
     gamma = eta / (2 * (theta1 + eta * mu))
@@ -155,6 +235,15 @@ def adiana(grads, x0, L: float, mu: float, compressor, n: int, steps: int, seed:
         coin = float(uniform(bk, 1, Key(seed, None, "adiana.coin", k), x)[0])
         w = y if coin < p else w
         y = y_next
-        if callback is not None:
-            callback(k, y, bits / n)
+        if callback is not None and callback(k, y, bits / n):
+            break
     return y
+
+
+def adiana_step(L_max: float, omega: float, n: int) -> float:
+    """ADIANA's step from the strongly convex theorem of Li et al., with p = 1 / (1 + omega):
+    min{1 / (2 L_max), n / (64 omega (2 p (omega + 1) + 1)^2 L_max)}."""
+    if omega <= 0:
+        return 1.0 / (2 * L_max)
+    p = 1.0 / (1.0 + omega)
+    return min(1.0 / (2 * L_max), n / (64 * omega * (2 * p * (omega + 1) + 1) ** 2 * L_max))

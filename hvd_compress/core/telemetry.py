@@ -2,7 +2,7 @@
 
 Every frontend records one :class:`Record` per tensor per step: the bits its payload took
 on the wire (header included), the entries it encoded, the tensor's size, the seconds
-spent compressing and, when asked for, the relative compression error. Totals and ratios
+spent compressing and, when asked for, the compression error. Totals and ratios
 against the dense tensor come from these records; they can be written as CSV or as
 TensorBoard scalars.
 """
@@ -22,6 +22,7 @@ class Record(NamedTuple):
     dense_bits: int    # bits the uncompressed tensor would take
     seconds: object    # time spent compressing (host wall clock); None inside a TF graph
     error: object = None  # ||C(v) - v||^2 / ||v||^2 when measured, else None
+    error_sq: object = None  # ||C(v) - v||^2 when measured, else None
 
 
 class Telemetry:
@@ -50,6 +51,13 @@ class Telemetry:
         """Dense bits over sent bits (how many times fewer bits went on the wire)."""
         sent = self.total_bits()
         return self.dense_bits() / sent if sent else float("nan")
+
+    def summed_error(self) -> float:
+        """sum over steps and tensors of ||e_t||^2 = ||C(v_t) - v_t||^2, the total error
+        that Sahu et al. (NeurIPS 2021) show governs convergence with error feedback
+        (needs ``measure_error=True``; nan if nothing was measured)."""
+        measured = [r.error_sq for r in self.rows if r.error_sq is not None]
+        return float(sum(measured)) if measured else float("nan")
 
     def by_step(self) -> dict[int, int]:
         out: dict[int, int] = {}

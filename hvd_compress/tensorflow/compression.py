@@ -18,6 +18,7 @@ keyed by variable name (see :mod:`.exchange`). Stages that choose the level on t
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 import zlib
@@ -198,6 +199,8 @@ class Compression:
             return grads
         names = unique_names(variables)
         shapes = [tuple(v.shape) for v in variables]
+        # what perturb spreads its noise over: every variable reduced together
+        self.exchange.model_size = sum(math.prod(s) for s in shapes) or None
 
         def body(gs):
             out, dense = list(gs), []
@@ -240,15 +243,19 @@ class Compression:
         tf, bk, ex = self._bk.tf, self._bk, self.exchange
         step = ex.next_step(name)
 
+        calls = []
+
+        def gather(row):  # dynamic:agree=true, eagerly (see _on_host)
+            calls.append(row)
+            rows = hvd.allgather(tf.constant(row.reshape(1, -1)), process_set=process_set,
+                                 name=collective_name(f"{name}.k{len(calls)}"),
+                                 ignore_name_scope=True)
+            return rows.numpy()
+
         def run(dense):
-            out = ex.begin(bk, name, tensor, process_set.rank(), step=step, dense=dense)
-            update = self._move(out, op, process_set, predivide, ".dense" if dense else "")
-            if out.proposal is not None:  # dynamic:agree=true, eagerly (see _on_host)
-                mean = hvd.allreduce(tf.constant([float(out.proposal)], tf.float64),
-                                     op=hvd.Average, process_set=process_set,
-                                     name=collective_name(name + ".k"), ignore_name_scope=True)
-                ex.agree(name, float(mean[0]))
-            return update
+            out = ex.begin(bk, name, tensor, process_set.rank(), step=step, dense=dense,
+                           gather=gather)
+            return self._move(out, op, process_set, predivide, ".dense" if dense else "")
 
         if not self.pipeline.dense_steps or isinstance(step, int):
             return run(None)

@@ -90,12 +90,12 @@ class VariableExchange(Exchange):
 
         def record(step, nbytes, count, *error):
             Exchange.log(self, step, name, nbytes, count, numel, dense_bits, None,
-                         error[0] if error else None)
+                         error or None)
             return []
 
         scalars = [tf.cast(x, tf.int64) for x in (step, nbytes, count)]
         if error is not None:
-            scalars.append(tf.cast(error, tf.float64))
+            scalars += [tf.cast(e, tf.float64) for e in error]
         tf.numpy_function(record, scalars, [], stateful=True, name="hvd_compress_telemetry")
 
     # -- checkpointing -----------------------------------------------------------------
@@ -107,7 +107,7 @@ class VariableExchange(Exchange):
         states = dict(self._restored.get("states", {}))
         states.update({k: {f: _numpy(v) for f, v in s._asdict().items()}
                        for k, s in self.variables.items()})
-        return {**self._checkpoint_header(), "steps": steps, "levels": {}, "states": states}
+        return {**self._checkpoint_header(), "steps": steps, "states": states}
 
     def load_state_dict(self, sd: dict):
         self._check_checkpoint(sd)

@@ -124,6 +124,8 @@ class Compression:
         self.whole_model = bool(whole_model)
         self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
         self._buckets: list = []                     # this step's started buckets
+        self._agreed_grads: dict[str, object] = {}   # name -> gradient, dynamic:agree=true
+        self._agreed: dict[str, object] = {}         # name -> wait() of a started one
         self._held_checks: list = []   # first-exchange checks of held gradients, pending
         self._model_updates: dict[str, object] = {}  # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
@@ -196,6 +198,9 @@ class Compression:
         optimizer._allreduce_grad_async = _allreduce_grad_async
         optimizer._grouped_allreduce_grad_async = _grouped_allreduce_grad_async
         self._optimizer = optimizer
+        # what perturb spreads its noise over: every parameter Horovod reduces
+        self.exchange.model_size = sum(p.numel() for p in optimizer._parameter_names
+                                       if p.requires_grad) or None
         return optimizer
 
     # -- Horovod's Compressor interface ------------------------------------------------
@@ -243,7 +248,14 @@ class Compression:
         from horovod.torch.mpi_ops import Sum
 
         bk, n, summed = self._bk, self.transport.size(), opt.op == Sum
-        out = self.exchange.begin(bk, name, tensor, self.transport.rank())
+        gather = None
+        if self.pipeline.agrees:  # settles k with the other ranks: see _start_buckets
+            calls = []
+
+            def gather(row):
+                calls.append(row)
+                return self.transport.gather_rows(row, f"{_PREFIX}k{len(calls)}.{name}")
+        out = self.exchange.begin(bk, name, tensor, self.transport.rank(), gather=gather)
         finish = self.exchange.finish_allreduced if out.by_allreduce \
             else self.exchange.finish_gathered
         return out, lambda output: finish(bk, output, out, n, summed)
@@ -252,9 +264,8 @@ class Compression:
         """Compress ``tensor`` and hand it to the transport; returns a function that waits
         for every rank's part and returns the update."""
         out, finish = self._begin(opt, name, tensor)
-        agreed = self._agree(out)
         wait = self.transport.start(out, _PREFIX + name)
-        return lambda: agreed(finish(wait()))
+        return lambda: finish(wait())
 
     def _launch(self, opt, name, tensor):
         """Compress ``tensor`` and start its collective, or hold it for its bucket; return
@@ -262,8 +273,10 @@ class Compression:
         check, when there is one)."""
         introduce = self._introduce(opt, name, tensor)
         self._count_round(opt, name, tensor)
-        if self.whole_model or self._fused(tensor):
-            self._model_grads[name] = tensor
+        if self.whole_model or self._fused(tensor) or self.pipeline.agrees:
+            held = self._model_grads if self.whole_model or self._fused(tensor) else \
+                self._agreed_grads
+            held[name] = tensor
             if introduce is not None:  # run before any bucket forms (see _start_buckets)
                 self._held_checks.append(introduce)
             return lambda: self._model_update(name)
@@ -341,19 +354,6 @@ class Compression:
         self.exchange.costs = fit_costs(agreed[:m], agreed[m:])
         self._measured += 1
 
-    def _agree(self, out):
-        """With dynamic:agree=true, average this rank's proposed k over the ranks beside
-        the payload; the returned function records it for the next step and passes the
-        update through."""
-        if out.proposal is None:
-            return lambda update: update
-        wait = self.transport.average(out.proposal, f"{_PREFIX}k.{out.name}")
-
-        def record(update):
-            self.exchange.agree(out.name, wait())
-            return update
-        return record
-
     def _fused(self, tensor) -> bool:
         """Whether ``tensor`` travels in a fused bucket: small, and compressed into a
         payload that is gathered (casts are allreduced, and Horovod fuses those itself).
@@ -361,9 +361,9 @@ class Compression:
         return tensor.numel() < self.fuse_below and not self.pipeline.compressor.summable
 
     def _model_update(self, name):
-        """Fused and whole-model mode: the first call of a step starts the held buckets
-        (:meth:`_start_buckets`) and finishes them; each call returns its parameter's
-        slice of its bucket's update."""
+        """Held gradients (fused, whole-model, agreed levels): the first call of a step
+        starts them all (:meth:`_start_buckets`) and finishes them; each call returns its
+        parameter's update (a slice of its bucket's)."""
         if name not in self._model_updates:
             try:
                 self._start_buckets()
@@ -373,29 +373,42 @@ class Compression:
                     for n, part, shape in zip(names, update.split([s.numel() for s in shapes]),
                                               shapes):
                         self._model_updates[n] = part.reshape(shape)
+                agreed, self._agreed = self._agreed, {}
+                for n, wait in agreed.items():
+                    self._model_updates[n] = wait()
             except BaseException:
                 # nothing of this step may leak into the next one (an elastic reset, or a
                 # caught nonfinite='raise' error, starts the next step afresh)
-                self._model_grads.clear()
-                self._model_updates.clear()
+                for held in (self._model_grads, self._model_updates, self._agreed_grads,
+                             self._agreed):
+                    held.clear()
                 self._buckets.clear()
                 self._held_checks.clear()
                 raise
         return self._model_updates.pop(name)
 
     def _start_buckets(self):
-        """Compress and start the held gradients as one vector per bucket: one per dtype
-        (sorted by name), or the whole model. Every parameter was launched before Horovod
-        waits on any, so every rank holds the same gradients here. Idempotent within a
-        step: the mpi4py transport calls it before it moves anything."""
-        import torch
-
+        """Compress and start the held gradients: fused ones as one vector per bucket (one
+        per dtype, sorted by name) or the whole model, then those whose k the ranks agree
+        on (dynamic:agree=true), one by one in name order: each settles its k with blocking
+        gathers, so every rank must reach them in the same order, which hook order does
+        not give. Every parameter was launched before Horovod waits on any, so every rank
+        holds the same gradients here. Idempotent within a step: the mpi4py transport
+        calls it before it moves anything."""
         checks, self._held_checks = self._held_checks, []
         for check in checks:  # ranks that disagree on a member raise before buckets form
             check()
+        opt = self._optimizer
+        self._start_fused(opt)
+        agreed, self._agreed_grads = self._agreed_grads, {}
+        for name in sorted(agreed):
+            self._agreed[name] = self._send(opt, name, agreed[name])
+
+    def _start_fused(self, opt):
+        import torch
+
         if not self._model_grads:
             return
-        opt = self._optimizer
         by_dtype: dict[object, list] = {}
         for n in sorted(self._model_grads):
             by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
@@ -416,6 +429,12 @@ class Compression:
         if self.comm is not None or self.whole_model:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
+        if self.pipeline.agrees:
+            raise HvdCompressError(
+                f"{self.pipeline.spec()}: agree=true settles each tensor's k with the other "
+                "ranks at synchronize, one tensor after another in name order, which a "
+                "grouped collective launched from its hooks cannot wait for; drop groups= "
+                "or agree=true")
 
         checks = [self._introduce(opt, name, t) for name, t in named]
         for name, t in named:
@@ -423,12 +442,8 @@ class Compression:
         begun = [self._begin(opt, name, t) for name, t in named]
         handle = self.transport.start_group([out for out, _ in begun],
                                             _PREFIX + "group." + named[0][0])
-        return handle, [_Grouped(_then(_checked(check, finish), self._agree(out)))
-                        for check, (out, finish) in zip(checks, begun)]
-
-
-def _then(first, second):
-    return lambda output: second(first(output))
+        return handle, [_Grouped(_checked(check, finish)) for check, (_, finish) in
+                        zip(checks, begun)]
 
 
 def _checked(check, finish):

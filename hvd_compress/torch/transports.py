@@ -3,8 +3,8 @@
 A transport takes this rank's :class:`~hvd_compress.core.exchange.Outgoing` (a summable
 payload for an allreduce, or packed bytes for an allgather) and a collective name, and
 starts moving it: :meth:`start` returns ``wait()``, which gives the collective's output.
-:meth:`average` does the same for one number (dynamic:agree=true's proposals). The
-frontend decides what to send and when (per tensor, in fused buckets, as one model
+:meth:`gather_rows` is a blocking allgather of a few float64s (how dynamic:agree=true
+settles k within a step). The frontend decides what to send and when (per tensor, in fused buckets, as one model
 vector); the transport only moves it, so the two vary independently.
 
 * :class:`HorovodTransport`: Horovod's asynchronous collectives, matched across ranks by
@@ -64,12 +64,12 @@ class HorovodTransport:
                                                 process_set=ps)
         return hvd.grouped_allgather_async(wires, name=name, process_set=ps)
 
-    def average(self, value: float, name: str):
+    def gather_rows(self, row, name: str):
+        """Every rank's float64 ``row`` (numpy), stacked in rank order (blocking)."""
         import horovod.torch as hvd
         import torch
-        handle = hvd.allreduce_async(torch.tensor([float(value)]), op=hvd.Average, name=name,
-                                     process_set=self.opt.process_set)
-        return lambda: hvd.synchronize(handle).item()
+        return hvd.allgather(torch.from_numpy(row.reshape(1, -1)), name=name,
+                             process_set=self.opt.process_set).numpy()
 
     def time_link(self, sizes, name: str, device) -> list:
         """Seconds of a whole allreduce, then of a whole allgather, of each size in bytes
@@ -98,18 +98,18 @@ class HorovodTransport:
 
 
 class MpiTransport:
-    """An mpi4py communicator: every payload and number of a step moves at the step's
-    first ``wait()``, in sorted name order on every rank.
+    """An mpi4py communicator: every payload of a step moves at the step's first
+    ``wait()``, in sorted name order on every rank.
 
     ``before_flush()``, when given, runs first: the frontend starts the payloads it holds
-    back until then (fused buckets), so they move in the same flush."""
+    back until then (fused buckets, agreed levels), so they move in the same flush."""
 
     name = "mpi4py"
 
     def __init__(self, comm, before_flush=None):
         self.comm = comm
         self.before_flush = before_flush
-        self._pending: dict[str, tuple] = {}   # name -> ("bytes", out) or ("number", x)
+        self._pending: dict[str, object] = {}   # name -> outgoing
         self._arrived: dict[str, object] = {}
 
     def rank(self) -> int:
@@ -121,16 +121,16 @@ class MpiTransport:
     def start(self, out, name: str):
         if out.by_allreduce:
             raise HvdCompressError(f"{out.name}: the mpi4py transport gathers every payload")
-        return self._hold(name, ("bytes", out))
-
-    def average(self, value: float, name: str):
-        return self._hold(name, ("number", float(value)))
-
-    def _hold(self, name, item):
         if name in self._pending or name in self._arrived:
             raise HvdCompressError(f"{name!r} is already on its way over mpi4py this step")
-        self._pending[name] = item
+        self._pending[name] = out
         return lambda: self._take(name)
+
+    def gather_rows(self, row, name: str):
+        """Every rank's float64 ``row`` (numpy), stacked in rank order (blocking, now:
+        the frontend calls it where every rank is at the same point, in the flush)."""
+        from ..comm.mpi import gather_rows
+        return gather_rows(self.comm, row)
 
     def _take(self, name):
         if name not in self._arrived:
@@ -138,13 +138,12 @@ class MpiTransport:
         return self._arrived.pop(name)
 
     def _flush(self):
-        from ..comm.mpi import allgather_bytes, average_number
+        from ..comm.mpi import allgather_bytes
         if self.before_flush is not None:
             self.before_flush()
         for name in sorted(self._pending):
-            kind, item = self._pending[name]
-            self._arrived[name] = average_number(self.comm, item) if kind == "number" else \
-                allgather_bytes(self.comm, item.wire, item.codec.fixed_size)
+            out = self._pending[name]
+            self._arrived[name] = allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
         self._pending.clear()
 
 

@@ -17,7 +17,7 @@ SPECS = ["none",                                  # dense, one Allgather
          "qsgd",                                  # scales and codes
          "topk:0.1+ef21sgdm",                     # fixed-size sparse, feedback
          "threshold:lam=1.0,indices=varint",      # sizes differ: Allgatherv
-         "bernoulli+diana+dynamic:c0=5000",       # host-chosen budget, sizes differ
+         "bernoulli+dynamic:c0=5000",             # host-chosen budget, sizes differ
          "topk+ef14+dynamic:c0=2000,agree=true"]  # k agreed over the communicator
 
 

@@ -28,10 +28,9 @@ SPECS = ["sign",                                              # quantizer, in gr
          "randk:0.3,scaled=true+diana",                       # fixed-size sparse, in graph
          "topk:0.1,indices=varint,values=float16+ef14",       # variable-size, in graph
          "topk+ef21sgdm+dynamic:c0=2000,agree=true",          # level on the host, agreed
-         "bernoulli:0.2+dynamic+diana"]                       # host level, sizes vary
+         "bernoulli:0.2+dynamic"]                             # host level, sizes vary
 # Horovod's own tape finds each gradient's variable in its frames: one spec per route
-THROUGH_HOROVOD = ["topk:0.1+ef21sgdm:eta=0.5",                # packed, fixed size
-                   "threshold:lam=0.05+ef14",                  # packed, sizes vary
+THROUGH_HOROVOD = ["threshold:lam=0.05+ef14",                  # packed, sizes vary
                    "fp16",                                     # cast, allreduce
                    "bf16",                                     # cast, gathered
                    "topk:0.1+ef21+warmup:1"]                   # dense, then packed (tf.cond)

@@ -19,6 +19,11 @@ from hvd_compress.comm.mpi import SparseAllreduce
 hvd.init()
 torch.set_num_threads(1)
 rank, size = hvd.rank(), hvd.size()
+# 3 ranks (read by tests/test_multirank.py): odd and even ranks both run (hook orders and
+# gradients that differ by parity), sums of three have an order and 1/3 is inexact; one
+# launch instead of two keeps the suite in budget (test_oracles.py and test_mpi4py.py
+# still run with 2 and 4 ranks).
+MPI_RANKS = (3,)
 _tags = collections.Counter()
 
 
@@ -184,7 +189,8 @@ def train_in_another_hook_order(tag, spec, **kw):
     return same_on_every_rank(list(net.parameters()), f"{tag}.{spec}")
 
 
-@pytest.mark.parametrize("spec", ["topk:0.5+ef14", "fp16", "bf16", "qsgd"])
+@pytest.mark.parametrize("spec", ["topk:0.5+ef14", "fp16", "bf16", "qsgd",
+                                  "topk+ef14+dynamic:agree=true"])
 def test_lazy_binding_whatever_the_hook_order(spec):
     """The first gradient hook differs across ranks, and one parameter has no gradient on
     odd ranks: no deadlock, identical parameters."""
