@@ -171,6 +171,10 @@ def test_perturbation_noise_is_isotropic_over_the_model_and_private(xp):
     assert not np.allclose(draws[0]["weight"], draws[1]["weight"])  # independent across ranks
     with pytest.raises(hc.HvdCompressError, match="needs the model's size"):
         pipe.encode(bk, xp.asarray(np.zeros(4, np.float32)), None, Key(0, 0, "w", 0))
+    from hvd_compress.core.simulate import Workers
+    for bad in (0, -3, 2.5):
+        with pytest.raises(hc.HvdCompressError, match="model_size"):
+            Workers("none+perturb", 2, model_size=bad)
 
 
 def test_measured_error_is_the_compression_error():

@@ -183,6 +183,22 @@ def test_unbiased_levels_never_choose_a_step_that_ascends(spec, gradient):
     assert descent[level] == pytest.approx(max(descent.values()), rel=1e-4)
 
 
+def test_qsgd_level_where_no_level_descends_is_the_least_noisy():
+    """With a 600k-entry bucket even s = 255 has Var > ||g||^2 on a Gaussian vector: no
+    level guarantees descent, and the rule takes the least variance, not the dearest."""
+    v = np.random.RandomState(0).standard_normal(600_000).astype(np.float32)
+    pipe = hc.resolve("qsgd:bucket=1000000+dynamic:c0=1000")
+    assert exact_variance_qsgd(v, 255, 1_000_000) > np.sum(v.astype(np.float64) ** 2)
+    assert pipe.policy.choose_s(bk, v, pipe.compressor) == 255
+
+
+def exact_variance_qsgd(v, s, bucket):
+    a = np.abs(v.astype(np.float64))[:bucket]
+    r = s * a / np.sqrt(np.sum(a ** 2))
+    f = r - np.floor(r)
+    return np.sum(a ** 2) / s ** 2 * np.sum(f * (1 - f))
+
+
 @pytest.mark.parametrize("spec", ["qsgd+diana+dynamic", "bernoulli:0.5+diana+dynamic:cost=linear",
                                   "randk:0.1,scaled=true+diana+dynamic"])
 def test_dynamic_refuses_diana(spec):

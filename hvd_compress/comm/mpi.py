@@ -54,6 +54,11 @@ class SparseAllreduce:
         self.exchange = Exchange(spec, seed, allreduce_dtypes=(), nonfinite=nonfinite,
                                  transport="mpi4py", model_size=model_size)
         refuse_unmeasured(self.exchange.pipeline, "SparseAllreduce (mpi4py)")
+        if self.exchange.pipeline.perturbation is not None and model_size is None:
+            raise HvdCompressError(
+                f"{self.exchange.pipeline.spec()}: perturb spreads its noise over the whole "
+                "model; pass SparseAllreduce(..., model_size=<entries of every tensor you "
+                "reduce per step>)")
         self.telemetry = self.exchange.telemetry
         self.comm, self.average = comm, bool(average)
         self.cuda_aware = bool(cuda_aware)

@@ -141,8 +141,8 @@ class Pipeline:
             if not model_size:
                 raise HvdCompressError(
                     f"{self.spec()}: perturb spreads its noise over the whole model, so it "
-                    f"needs the model's size: the torch and TensorFlow frontends know it; "
-                    f"pass model_size= to SparseAllreduce or Exchange")
+                    f"needs the model's size (frontends bound to an optimizer or tape know "
+                    f"it; pass model_size= to SparseAllreduce, Exchange or Workers)")
             flat = self.perturbation.apply(bk, flat, key, model_size)
         if self.feedback is not None:
             payload, state = self.feedback.encode(compress, bk, flat, state)

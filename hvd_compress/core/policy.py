@@ -9,8 +9,9 @@ payload is applied as it is, unscaled, at the optimizer's step, which the rule t
 For an unbiased compressor Q (``qsgd``, ``bernoulli``) the update x - Q(g)/L guarantees
 f(x) - E f(x+) >= (||g||^2 - Var(g)) / (2L), Var(g) = E||Q(g) - g||^2 = omega(g) ||g||^2:
 a level whose variance exceeds ||g||^2 (omega(g) > 1) guarantees nothing, and the rule
-never prefers it to one that does (the densest level always does). The rule keeps the
-level with the most (||g||^2 - Var(g)) per bit. (Scoring ||g||^4 / E||Q(g)||^2 instead,
+never prefers it to one that does. The rule keeps the level with the most
+(||g||^2 - Var(g)) per bit; where no level descends (QSGD with buckets of more than about
+260k entries can have omega > 1 even at s = 255), the one with the least variance. (Scoring ||g||^4 / E||Q(g)||^2 instead,
 the descent at the step 1/(L(1 + omega(g))), would pick levels with omega(g) > 1 that the
 unscaled update at 1/L does not descend with.)
 
@@ -178,14 +179,17 @@ class Dynamic(Algorithm):
         inv = bk.reshape(bk.where(norms2 > 0, norms2, norms2 + 1) ** -0.5, (-1, 1))
         a = bk.abs(rows) * inv          # |g_j| / ||g_b||
         total = float(bk.sum(norms2))
-        best, best_eff = 1, -math.inf
+        best, best_eff = 1, (-1, -math.inf)
         for s in _QSGD_LEVELS:
             r = a * s
             f = r - bk.floor(r)
             var = float(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f)))) / s ** 2
             width = 1 + max(1, math.ceil(math.log2(s + 1)))
             bits = 64 + 32 * nb + 8 * width * ((d + 7) // 8)
-            eff = (total - var) / self.bits_cost(bits)
+            descent = total - var
+            # where nothing descends, the least variance (dividing a negative score by
+            # the cost would favour the dearest level)
+            eff = (1, descent / self.bits_cost(bits)) if descent > 0 else (0, descent)
             if eff > best_eff:
                 best, best_eff = s, eff
         return best

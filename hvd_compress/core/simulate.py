@@ -8,6 +8,7 @@ decodes the same mean into the same update.
 from __future__ import annotations
 
 from ..errors import HvdCompressError
+from .compressor import check_int
 from .exchange import Exchange
 from .ops import ITEMSIZE, backend_for
 from .pipeline import resolve_pipeline
@@ -35,7 +36,8 @@ class Workers:
                  model_size=None):
         self.pipe = resolve_pipeline(pipeline)
         self.n, self.seed, self.name = n, seed, name
-        self.model_size = model_size
+        self.model_size = None if model_size is None else \
+            check_int("Workers", "model_size", model_size, 1)
         self.states = None
         self.step_count = 0
         self.bits = []  # per step: bits each worker sent (list of n ints)
@@ -143,8 +145,8 @@ def threshold_for_budget(sent, budget: float, lo: float = 1e-8, hi: float = 1e2,
 
     ``sent(lam)`` runs training with ``threshold:lam=<lam>`` and returns what it sent in
     all (bits or entries, as ``budget``); it must not increase with lambda. Bisection on
-    log lambda in [lo, hi], at most ``rounds`` runs, until a run is within ``rtol`` of the
-    budget; returns the lambda of the closest run."""
+    log lambda in [lo, hi] (two runs at the ends, then at most ``rounds`` more) until a run
+    is within ``rtol`` of the budget; returns the lambda of the closest run."""
     import math
     if not 0 < lo < hi:
         raise HvdCompressError(f"threshold_for_budget: need 0 < lo < hi, got {lo}, {hi}")

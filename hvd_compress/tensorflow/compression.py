@@ -18,7 +18,6 @@ keyed by variable name (see :mod:`.exchange`). Stages that choose the level on t
 """
 from __future__ import annotations
 
-import math
 import re
 import sys
 import zlib
@@ -153,7 +152,8 @@ class Compression:
                     "bare hvd.allreduce")
             p = self.pipeline.compressor.compress(tensor, Key(self.exchange.seed, None, "", 0))
             return p.values, p
-        name, op, process_set = found
+        name, op, process_set, variables = found
+        self.exchange.model_size = model_size(variables)
         if self.host_stages:
             raise HvdCompressError(
                 f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
@@ -199,8 +199,7 @@ class Compression:
             return grads
         names = unique_names(variables)
         shapes = [tuple(v.shape) for v in variables]
-        # what perturb spreads its noise over: every variable reduced together
-        self.exchange.model_size = sum(math.prod(s) for s in shapes) or None
+        self.exchange.model_size = model_size(variables)
 
         def body(gs):
             out, dense = list(gs), []
@@ -371,9 +370,16 @@ def unique_names(variables) -> list:
     return out
 
 
+def model_size(variables):
+    """Entries of all ``variables`` together: what ``perturb`` spreads its noise over
+    (None where a shape is not fully known, which perturb then refuses)."""
+    sizes = [v.shape.num_elements() for v in variables]
+    return None if any(s is None for s in sizes) else (sum(sizes) or None)
+
+
 def _horovod_caller(tensor):
-    """(variable name, op, process set) when Horovod's gradient reduction is compressing
-    ``tensor``, from its frames; None for any other caller."""
+    """(variable name, op, process set, every variable reduced) when Horovod's gradient
+    reduction is compressing ``tensor``, from its frames; None for any other caller."""
     op = process_set = None
     frame = sys._getframe(2)
     while frame is not None:
@@ -385,7 +391,7 @@ def _horovod_caller(tensor):
                 isinstance(variables, (list, tuple)) and len(grads) == len(variables):
             for i, g in enumerate(grads):
                 if g is tensor:
-                    return unique_names(variables)[i], op, process_set
+                    return unique_names(variables)[i], op, process_set, variables
         frame = frame.f_back
     return None
 

@@ -36,7 +36,7 @@ class DistributedGradientTape:
         self.compression = _compression(compression)
         pipe = self.compression.pipeline
         if compression is not self.compression and (
-                pipe.feedback is not None or pipe.dense_steps or pipe.agrees):
+                pipe.feedback is not None or pipe.dense_steps):
             raise HvdCompressError(
                 f"{pipe.spec()} keeps state across steps: create "
                 "hvd_compress.tensorflow.compression(spec) once and pass that object to every "

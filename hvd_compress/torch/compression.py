@@ -182,6 +182,8 @@ class Compression:
         from horovod.torch.mpi_ops import Adasum
         if not hasattr(optimizer, "op") or optimizer.op == Adasum:
             raise _adasum_error(self.pipeline.spec())  # Adasum reduces model deltas
+        if self.pipeline.agrees and getattr(optimizer, "_groups", None):
+            raise _groups_agree_error(self.pipeline.spec())
         self.transport = HorovodTransport(optimizer) if self.comm is None else \
             MpiTransport(self.comm, before_flush=self._start_buckets)
         original = optimizer._allreduce_grad_async
@@ -254,7 +256,7 @@ class Compression:
 
             def gather(row):
                 calls.append(row)
-                return self.transport.gather_rows(row, f"{_PREFIX}k{len(calls)}.{name}")
+                return self.transport.gather_rows(row, f"{_PREFIX}k{len(calls)}:{name}")
         out = self.exchange.begin(bk, name, tensor, self.transport.rank(), gather=gather)
         finish = self.exchange.finish_allreduced if out.by_allreduce \
             else self.exchange.finish_gathered
@@ -305,7 +307,7 @@ class Compression:
         ex, dtype = self.exchange, str(tensor.dtype).replace("torch.", "")
         mine = ex.stamp(name, tensor.shape, dtype)
         gathered = hvd.allgather_async(torch.tensor([list(mine)], dtype=torch.int64),
-                                       name=f"{_PREFIX}check.{name}", process_set=ps)
+                                       name=f"{_PREFIX}check:{name}", process_set=ps)
 
         def check():
             for w in waits:
@@ -337,7 +339,7 @@ class Compression:
         import torch
         from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
 
-        tag, t = f"{_PREFIX}auto.{self._measured}", self.transport
+        tag, t = f"{_PREFIX}auto:{self._measured}", self.transport
         times = t.time_link(LINK_BYTES, tag, like.device)
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
@@ -430,11 +432,7 @@ class Compression:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
         if self.pipeline.agrees:
-            raise HvdCompressError(
-                f"{self.pipeline.spec()}: agree=true settles each tensor's k with the other "
-                "ranks at synchronize, one tensor after another in name order, which a "
-                "grouped collective launched from its hooks cannot wait for; drop groups= "
-                "or agree=true")
+            raise _groups_agree_error(self.pipeline.spec())
 
         checks = [self._introduce(opt, name, t) for name, t in named]
         for name, t in named:
@@ -465,6 +463,13 @@ def _placeholder(tensor):
     Horovod's allreduce has no bfloat16 kernel."""
     import torch
     return torch.zeros(1, dtype=torch.float32, device=tensor.device)
+
+
+def _groups_agree_error(spec):
+    return HvdCompressError(
+        f"{spec}: agree=true settles each tensor's k with the other ranks at synchronize, "
+        "one tensor after another in name order, which a grouped collective launched from "
+        "its hooks cannot wait for; drop groups= or agree=true")
 
 
 def _adasum_error(spec):

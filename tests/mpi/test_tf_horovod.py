@@ -30,7 +30,7 @@ SPECS = ["sign",                                              # quantizer, in gr
          "topk+ef21sgdm+dynamic:c0=2000,agree=true",          # level on the host, agreed
          "bernoulli:0.2+dynamic"]                             # host level, sizes vary
 # Horovod's own tape finds each gradient's variable in its frames: one spec per route
-THROUGH_HOROVOD = ["threshold:lam=0.05+ef14",                  # packed, sizes vary
+THROUGH_HOROVOD = ["threshold:lam=0.05+ef14+perturb:radius=0.05",  # packed, sizes vary
                    "fp16",                                     # cast, allreduce
                    "bf16",                                     # cast, gathered
                    "topk:0.1+ef21+warmup:1"]                   # dense, then packed (tf.cond)
@@ -85,7 +85,8 @@ def run_and_compare(spec, binding, steps=3, compiled=True, scale=1.0, **kwargs):
     model, comp = Model(), hctf.compression(spec, seed=7)
     names = ["dense/kernel", "dense/bias", "out/kernel"]
     ps = kwargs.get("process_set", hvd.global_process_set)
-    oracles = {n: Workers(spec, ps.size(), seed=7, name=n) for n in names}
+    oracles = {n: Workers(spec, ps.size(), seed=7, name=n, model_size=256)  # every variable
+               for n in names}
 
     def step_fn(x, y):
         with tf.GradientTape() as tape:

@@ -232,6 +232,13 @@ def test_sparse_allreduce_needs_names():
         reducer.allreduce(np.ones(8, np.float32))
 
 
+def test_sparse_allreduce_needs_the_model_size_for_perturb():
+    with pytest.raises(HvdCompressError, match="model_size="):
+        SparseAllreduce("topk:0.5+ef14+perturb:radius=0.1", MPI.COMM_WORLD)
+    with pytest.raises(HvdCompressError, match="model_size=0 must be a positive integer"):
+        SparseAllreduce("topk:0.5+ef14+perturb:radius=0.1", MPI.COMM_WORLD, model_size=0)
+
+
 def test_sparse_allreduce_mismatch_is_loud_on_every_rank():
     spec = "topk:0.5+ef14" if rank == 0 else "topk:0.5+ef21"
     reducer = SparseAllreduce(spec, MPI.COMM_WORLD)
