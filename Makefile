@@ -1,6 +1,6 @@
 # The two commands the README opens with: `make demo` and `make test`.
 # Each runs scripts/setup.sh first (idempotent: seconds once the stack is installed).
-VENV   ?= .venv
+VENV   ?= $(or $(HVD_COMPRESS_VENV),.venv)
 PY     := $(VENV)/bin/python
 NP     ?= 4
 ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)

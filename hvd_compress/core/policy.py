@@ -54,7 +54,9 @@ Cost models (``cost=``):
 
 ``b`` is the wire cost of one (index, value) pair, 64 bits for int32 indices with fp32
 values. Each rank chooses its own k (payload sizes then differ across ranks, and the
-frontends gather them with variable sizes).
+frontends gather them with variable sizes), unless ``agree=true``: then every rank takes
+the k best for the ranks together, k* = argmax_k sum_i S_k^i / C(k), settled within the
+step by two small allgathers (:meth:`Dynamic.agree_k`).
 """
 from __future__ import annotations
 
