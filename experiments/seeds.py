@@ -6,11 +6,14 @@ Every run goes through ``hvd_compress.core.simulate.Workers``: n simulated worke
 exactly the pipelines the frontends run (same compressors, feedback rules, policy and wire
 bit counts). Writes one PNG per claim and prints a Markdown table of the results.
 
-1. Dynamic top-k (Khirirat et al., AAAI 2021) against fixed k, under linear, affine and
-   packet costs: cost to reach a fixed suboptimality.
+1. Dynamic top-k (Khirirat et al., AAAI 2021) against every fixed k and against the k
+   carried over from another dataset or cost model, under linear, affine and packet
+   costs: cost to reach a fixed suboptimality, checked after every step.
 2. EF21-SGD against EF21-SGDM at batch size 1 (Fatkhullin et al., NeurIPS 2023).
-3. DIANA and ADIANA with independent against shared rand-k masks (He et al., NeurIPS 2023).
-4. Hard threshold against top-k at equal total bits, with EF14 (Sahu et al., NeurIPS 2021).
+3. DIANA and ADIANA with independent against shared rand-k masks on one problem split n
+   ways, beside uncompressed and accelerated gradient descent (He et al., NeurIPS 2023).
+4. Hard threshold against top-k at equal total entries, with EF14, from x* + 1e-4 and by
+   the total error, as Sahu et al. (NeurIPS 2021) compare them.
 5. Escape from a strict saddle with and without perturbation (Avdiukhin et al., 2021).
 6. Dynamic top-k on a neural network, whose gradient spectrum changes during training:
    does the per-step rule beat every fixed k?
@@ -26,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import hvd_compress as hc  # noqa: E402
-from hvd_compress.core.simulate import Workers, adiana  # noqa: E402
+from hvd_compress.core.simulate import Workers, adiana, threshold_for_budget  # noqa: E402
 from hvd_compress.datasets import load_libsvm  # noqa: E402
 
 
@@ -49,20 +52,33 @@ class Logistic:
         reg = self.lam * np.sum(x * x / (1 + x * x)) if self.nonconvex else self.lam / 2 * x @ x
         return np.mean(np.logaddexp(0, z)) + reg
 
+    def loss_grad(self, x):
+        """(f(x), grad f(x)) over all rows from one product A x."""
+        ax = self.A @ x
+        z = -self.b * ax
+        reg = self.lam * np.sum(x * x / (1 + x * x)) if self.nonconvex else self.lam / 2 * x @ x
+        s = -self.b / (1 + np.exp(self.b * ax))
+        dreg = self.lam * 2 * x / (1 + x * x) ** 2 if self.nonconvex else self.lam * x
+        return np.mean(np.logaddexp(0, z)) + reg, self.A.T @ s / len(self.b) + dreg
+
     def grad(self, x, rows=slice(None)):
         A, b = self.A[rows], self.b[rows]
         s = -b / (1 + np.exp(b * (A @ x)))
         reg = self.lam * 2 * x / (1 + x * x) ** 2 if self.nonconvex else self.lam * x
         return A.T @ s / len(b) + reg
 
-    def minimum(self):
-        """f* by Newton's method (convex case)."""
+    def argmin(self):
+        """x* by Newton's method (convex case)."""
         x = np.zeros(self.A.shape[1])
         for _ in range(50):
             p = 1 / (1 + np.exp(-self.A @ x))
             H = (self.A.T * (p * (1 - p))) @ self.A / len(p) + self.lam * np.eye(len(x))
             x -= np.linalg.solve(H, self.grad(x))
-        return self.loss(x)
+        return x
+
+    def minimum(self):
+        """f* (convex case)."""
+        return self.loss(self.argmin())
 
 
 def _save(fig, ax, out, name, xlabel, ylabel, **legend):
@@ -76,7 +92,7 @@ def _save(fig, ax, out, name, xlabel, ylabel, **legend):
 
 
 def _fmt(v):
-    return "not reached in 4000 steps" if v is None else f"{v:,}"
+    return "not reached" if v is None else f"{v:,}"
 
 
 def shards(m, n):
@@ -95,52 +111,86 @@ def cost_of(label, k):
 
 
 def run_topk_gd(prob, spec, fstar, tol, max_steps):
-    """Single-node compressed GD with step 1/L; returns (ks per step, gaps per step)."""
+    """Single-node compressed GD with step 1/L, the suboptimality checked after every step
+    (from the product A x the next gradient needs anyway): (k of each step, relative
+    suboptimality after each step)."""
     x = np.zeros(prob.A.shape[1])
     w = Workers(spec, 1)
-    gap0 = prob.loss(x) - fstar
-    ks, gaps = [], []
-    for t in range(max_steps):
-        x = x - w.step([prob.grad(x)]) / prob.L
-        ks.append(int(w.last[0].count))
-        if t % 10 == 9:  # the loss costs as much as a gradient: check every 10 steps
-            gaps.append((prob.loss(x) - fstar) / gap0)
-            if gaps[-1] <= tol:
+    ks, gaps, gap0 = [], [], None
+    for t in range(max_steps + 1):
+        f, g = prob.loss_grad(x)
+        if gap0 is None:
+            gap0 = f - fstar
+        else:
+            gaps.append((f - fstar) / gap0)
+            if gaps[-1] <= tol or t == max_steps:
                 break
+        x = x - w.step([g]) / prob.L
+        ks.append(int(w.last[0].count))
     return np.array(ks), np.array(gaps)
 
 
 def exp_dynamic(out, rows):
+    """Cost to (f - f*)/(f0 - f*) = 1e-3 of dynamic k against every fixed k, and against
+    the k that was best on the other dataset or under another cost model: the k a user
+    would carry over instead of retuning."""
     tol, max_steps = 1e-3, 20000
+    names = ("mushrooms", "a9a")
+    runs, best = {}, {}  # (dataset, spec) -> (ks, gaps); (dataset, cost) -> best fixed k
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for di, name in enumerate(("mushrooms", "a9a")):
+
+    def cost(name, label, spec):
+        ks, gaps = runs[name, spec]
+        return np.cumsum(cost_of(label, ks))[-1] if gaps[-1] <= tol else None
+
+    problems = {}
+    for name in names:
         A, y = load_libsvm(name)
         prob = Logistic(A, y, lam=1e-2)
-        fstar = prob.minimum()
+        problems[name] = (prob, prob.minimum())
         d = A.shape[1]
-        grid = sorted({1, 2, 4, 8, 16, 32, 64, max(1, d // 100), d // 10, d})
-        fixed = {k: run_topk_gd(prob, f"topk:k={k}", fstar, tol, max_steps) for k in grid}
+        for k in sorted({1, 2, 4, 8, 16, 32, 64, d // 10, d}):
+            runs[name, f"topk:k={k}"] = run_topk_gd(prob, f"topk:k={k}", problems[name][1],
+                                                     tol, max_steps)
+        for label in COSTS:
+            runs[name, "topk+" + COSTS[label]] = run_topk_gd(
+                prob, "topk+" + COSTS[label], problems[name][1], tol, max_steps)
+            reached = {spec: cost(name, label, spec) for (nm, spec) in list(runs)
+                       if nm == name and spec.startswith("topk:k=")}
+            best[name, label] = min((c, spec) for spec, c in reached.items() if c)[1]
+    for di, name in enumerate(names):
         for ci, label in enumerate(COSTS):
             ax = axes[di, ci]
-            best = None
-            for k, (ks, gaps) in fixed.items():
-                c = np.cumsum(cost_of(label, ks))[9::10]
-                ax.semilogy(c, gaps, lw=0.8, label=f"k={k}")
-                if gaps[-1] <= tol and (best is None or c[-1] < best[1]):
-                    best = (k, c[-1])
-            ks, gaps = run_topk_gd(prob, "topk+" + COSTS[label], fstar, tol, max_steps)
-            c = np.cumsum(cost_of(label, ks))[9::10]
-            ax.semilogy(c, gaps, "k", lw=2, label="dynamic")
+            for (nm, spec), (ks, gaps) in runs.items():
+                if nm == name and spec.startswith("topk:k="):
+                    ax.semilogy(np.cumsum(cost_of(label, ks)), gaps, lw=0.8, label=spec[5:])
+            ks, gaps = runs[name, "topk+" + COSTS[label]]
+            ax.semilogy(np.cumsum(cost_of(label, ks)), gaps, "k", lw=2, label="dynamic")
             ax.set_title(f"{name}: {label}")
             ax.set_xlabel("cost (bits)")
             ax.set_ylabel("(f - f*) / (f0 - f*)")
             ax.set_xscale("log")
             ax.legend(fontsize=6)
-            reached = gaps[-1] <= tol
-            rows.append(("dynamic k vs best fixed k", f"{name}, {label}",
-                         f"dynamic {c[-1]:,.0f} bits (k {ks.min()}..{ks.max()}), best fixed "
-                         f"k={best[0]} {best[1]:,.0f} bits: ratio "
-                         f"{c[-1] / best[1]:.2f}x" + ("" if reached else " (not reached)")))
+            dyn, hindsight = cost(name, label, "topk+" + COSTS[label]), best[name, label]
+            carried = {f"best on {other}": best[other, label] for other in names if other != name}
+            carried.update({f"best under {other.split(' ')[0]}": best[name, other]
+                            for other in COSTS if other != label})
+            for spec in set(carried.values()):  # a k this dataset's grid did not run
+                if (name, spec) not in runs:
+                    runs[name, spec] = run_topk_gd(problems[name][0], spec, problems[name][1],
+                                                   tol, max_steps)
+
+            def times_dynamic(spec):
+                c = cost(name, label, spec)
+                return "not reached" if c is None or dyn is None else f"{c / dyn:.2f}x"
+            summary = "dynamic not reached" if dyn is None else (
+                f"dynamic {dyn:,.0f} bits (k {ks.min()}..{ks.max()}) = "
+                f"{dyn / cost(name, label, hindsight):.2f}x the hindsight-best fixed "
+                f"{hindsight[5:]}")
+            rows.append(("dynamic k vs fixed k (checked every step)", f"{name}, {label}",
+                         summary + "; k carried over, its cost / dynamic's: " + ", ".join(
+                             f"{why} ({spec[5:]}) {times_dynamic(spec)}"
+                             for why, spec in carried.items())))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "1_dynamic_k.png"), dpi=90)
     plt.close(fig)
@@ -172,100 +222,161 @@ def exp_momentum(out, rows):
     _save(fig, ax, out, "2_ef21_sgdm.png", "step", "||grad f(x)||^2")
 
 
-# -- 3. DIANA: independent vs shared masks ---------------------------------------------
+# -- 3. DIANA and ADIANA: independent vs shared masks, one problem split n ways --------
+
+def _first_to(gaps, per_step, tol):
+    """Floats per worker when the relative suboptimality first reaches tol (or None)."""
+    hit = np.flatnonzero(np.asarray(gaps) <= tol)
+    return None if hit.size == 0 else int((hit[0] + 1) * per_step)
+
 
 def exp_diana(out, rows):
-    d, tol = 100, 1e-6
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n in (4, 16, 64):
-        rs = np.random.RandomState(n)
-        As = [rs.standard_normal((20, d)) * (1 + i % 4) for i in range(n)]  # heterogeneous
-        bs = [rs.standard_normal(20) for _ in range(n)]
-        H = sum(a.T @ a for a in As) / (20 * n) + 0.1 * np.eye(d)
-        c = sum(a.T @ b for a, b in zip(As, bs)) / (20 * n)
-        xstar = np.linalg.solve(H, c)
-        f = lambda x: 0.5 * x @ H @ x - c @ x  # noqa: E731
-        fstar = f(xstar)
-        L = np.linalg.eigvalsh(H).max()
-        omega = max(1.0, np.sqrt(n))
-        k = int(round(d / (1 + omega)))
-        sent = {}
+    """Ridge regression on the first 6,400 rows of a9a, the same problem for every n, its
+    rows split into n contiguous shards; l2 = lambda_max / 100, so kappa ~ 100 >= n.
+    Floats each worker sends to reach a relative suboptimality of 1e-4."""
+    A, y = load_libsvm("a9a")
+    A, b = A[:6400].astype(np.float64), 2.0 * y[:6400] - 1.0
+    m, d = A.shape
+    H0 = A.T @ A / m
+    l2 = np.linalg.eigvalsh(H0).max() / 100
+    H, c = H0 + l2 * np.eye(d), A.T @ b / m
+    ev = np.linalg.eigvalsh(H)
+    L, mu = ev.max(), ev.min()
+    xstar = np.linalg.solve(H, c)
+    f = lambda x: 0.5 * x @ H @ x - c @ x  # noqa: E731
+    fstar, tol = f(xstar), 1e-4
+    f0 = f(np.zeros(d)) - fstar
+    gap = lambda x: (f(x) - fstar) / f0  # noqa: E731
+    # uncompressed baselines (d floats per step, the same for every n)
+    x, gd = np.zeros(d), []
+    while not gd or gd[-1] > tol:
+        x = x - (H @ x - c) / L
+        gd.append(gap(x))
+    q = (np.sqrt(L / mu) - 1) / (np.sqrt(L / mu) + 1)  # Nesterov, strongly convex
+    x = prev = np.zeros(d)
+    agd = []
+    while not agd or agd[-1] > tol:
+        z = x + q * (x - prev)
+        prev, x = x, z - (H @ z - c) / L
+        agd.append(gap(x))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, n in zip(axes, (4, 16, 64)):
+        parts = np.array_split(np.arange(m), n)
+        grads = lambda i, x, parts=parts: (A[parts[i]].T @ (A[parts[i]] @ x - b[parts[i]])  # noqa: E731
+                                           / len(parts[i]) + l2 * x)
+        L_max = max(np.linalg.eigvalsh(A[p].T @ A[p] / len(p)).max() for p in parts) + l2
+        k = int(round(d / (1 + np.sqrt(n))))
+        omega = d / k - 1  # the compressor's own, about sqrt(n)
+        ax.semilogy(np.arange(1, len(gd) + 1) * d, gd, "k:", label="GD")
+        ax.semilogy(np.arange(1, len(agd) + 1) * d, agd, "k--", label="AGD (Nesterov)")
+        floats = {"GD": len(gd) * d, "AGD": len(agd) * d}
         for shared in (False, True):
-            spec = f"randk:k={k},scaled=true,shared={str(shared).lower()}+diana"
-            # the step each variant's variance allows: shared masks do not average out
-            gamma = 1 / (L * (1 + 4 * omega / (1 if shared else n)))
-            w = Workers(spec, n, seed=1)
-            x = np.zeros(d)
-            floats, gaps = 0, []
-            for _ in range(20000):
-                grads = [a.T @ (a @ x) / 20 + 0.1 * x - a.T @ b / 20 for a, b in zip(As, bs)]
-                x = x - gamma * w.step(grads)
-                floats += k
-                gaps.append((f(x) - fstar) / (f(np.zeros(d)) - fstar))
+            mask = "shared" if shared else "independent"
+            spec = f"randk:k={k},scaled=true,shared={str(shared).lower()}"
+            spread = 1 if shared else n  # shared masks do not average out
+            # DIANA at alpha = 1/(1 + omega) and gamma = 1/(L_max (1 + 2 omega/n)), the
+            # step of its (kappa + kappa omega/n + omega) log(1/eps) rate
+            gamma = 1 / (L_max * (1 + 2 * omega / spread))
+            w = Workers(spec + "+diana", n, seed=1)
+            x, gaps = np.zeros(d), []
+            for _ in range(4000):
+                x = x - gamma * w.step([grads(i, x) for i in range(n)])
+                gaps.append(gap(x))
                 if gaps[-1] <= tol:
                     break
-            sent[shared] = floats
-            ax.semilogy(np.arange(1, len(gaps) + 1) * k, gaps,
-                        ls="--" if shared else "-", label=f"n={n} {'shared' if shared else 'independent'}")
-            # ADIANA: two messages of k floats per step
-            grads = lambda i, x: As[i].T @ (As[i] @ x - bs[i]) / 20 + 0.1 * x  # noqa: E731
-            hit = []
+            floats[f"DIANA {mask}"] = _first_to(gaps, k, tol)
+            ax.semilogy(np.arange(1, len(gaps) + 1) * k, gaps, label=f"DIANA {mask}")
+            # ADIANA, two messages a step: the theorem's parameters (adiana's defaults),
+            # and the larger step 1/(2 L (1 + 4 omega/n)) that has no guarantee
+            for label, eta in (("theorem", None),
+                               ("eta=1/(2L(1+4w/n))", 1 / (2 * L * (1 + 4 * omega / spread)))):
+                agaps = []
 
-            def stop(step, y, bits, hit=hit):
-                if not hit and (f(y) - fstar) / (f(np.zeros(d)) - fstar) <= tol:
-                    hit.append(2 * k * (step + 1))
-            adiana(grads, np.zeros(d), L, np.linalg.eigvalsh(H).min(),
-                   f"randk:k={k},scaled=true,shared={str(shared).lower()}", n, 4000, seed=1,
-                   callback=stop)
-            sent[("adiana", shared)] = hit[0] if hit else None
-        rows.append(("DIANA, scaled rand-k, omega = sqrt(n)", f"n = {n}, k = {k} of {d}",
-                     f"floats per worker to 1e-6: independent {sent[False]:,}, shared "
-                     f"{sent[True]:,}: saving {sent[True] / sent[False]:.1f}x"))
-        ai, ash = sent[("adiana", False)], sent[("adiana", True)]
-        rows.append(("ADIANA, scaled rand-k, omega = sqrt(n)", f"n = {n}, k = {k} of {d}",
-                     f"floats per worker to 1e-6: independent {_fmt(ai)}, shared {_fmt(ash)}"
-                     + (f": saving {ash / ai:.1f}x" if ai and ash else "")))
-    _save(fig, ax, out, "3_diana_independent.png", "floats sent per worker",
-          "relative suboptimality", fontsize=7)
+                def track(step, yk, bits, agaps=agaps):
+                    agaps.append(gap(yk))
+                    return agaps[-1] <= tol
+                adiana(grads, np.zeros(d), L_max, mu, spec, n, 2000, seed=1, eta=eta,
+                       callback=track)
+                floats[f"ADIANA {label} {mask}"] = _first_to(agaps, 2 * k, tol)
+                ax.semilogy(np.arange(1, len(agaps) + 1) * 2 * k, agaps,
+                            ls="-." if eta is None else "-", label=f"ADIANA {label} {mask}")
+        ax.set_title(f"n = {n}: k = {k} of {d}, omega = {omega:.1f}, L_max / L = {L_max / L:.2f}")
+        ax.set_xlabel("floats sent per worker")
+        ax.set_xscale("log")
+        saving = [f"{name} {floats[f'{name} shared'] / floats[f'{name} independent']:.1f}x"
+                  for name in ("DIANA", "ADIANA eta=1/(2L(1+4w/n))")
+                  if floats[f"{name} shared"] and floats[f"{name} independent"]]
+        rows.append((f"DIANA / ADIANA, one ridge problem (a9a rows, kappa = {L / mu:.0f}) "
+                     "split n ways, scaled rand-k", f"n = {n}, k = {k} of {d}",
+                     "floats per worker to 1e-4: " + ", ".join(
+                         f"{name} {_fmt(v)}" for name, v in floats.items())
+                     + ("; shared / independent: " + ", ".join(saving) if saving else "")))
+    axes[0].set_ylabel("relative suboptimality")
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "3_diana_independent.png"), dpi=90)
+    plt.close(fig)
 
 
-# -- 4. hard threshold vs top-k at equal total bits ------------------------------------
+# -- 4. hard threshold vs top-k at equal total entries, in Sahu et al.'s setting -------
 
-def run_ef14(prob, spec, parts, fstar, steps):
+def run_ef14(prob, spec, parts, x0, fstar, steps, track=True):
+    """EF14 over the shards from x0 at step 1/L: (entries sent by all workers, the total
+    error sum_t sum_i ||e_t^i||^2 so far at each step, f - f* at each step)."""
     w = Workers(spec, len(parts))
-    x = np.zeros(prob.A.shape[1])
-    bits, gaps, nnz = [], [], 0
-    total = 0
+    x = x0.copy()
+    entries, error, errors, gaps = 0, 0.0, [], []
     for _ in range(steps):
         x = x - w.step([prob.grad(x, p) for p in parts]) / prob.L
-        total += sum(w.bits[-1]) / len(parts)
-        nnz += sum(int(p.count) for p in w.last)
-        bits.append(total)
-        gaps.append(prob.loss(x) - fstar)
-    return np.array(bits), np.array(gaps), nnz
+        entries += sum(int(p.count) for p in w.last)
+        if track:
+            error += sum(float(np.sum(np.asarray(st.residual, np.float64) ** 2))
+                         for st in w.states)
+            errors.append(error)
+            gaps.append(prob.loss(x) - fstar)
+    return entries, np.array(errors), np.array(gaps)
 
 
 def exp_threshold(out, rows):
+    """a9a logistic regression with l2 = L / 1e4, 20 workers, EF14, step 1/L, from
+    x* + 1e-4 (every coordinate), as Sahu et al. do; for each top-k and horizon T the
+    hard threshold is set (threshold_for_budget) to send as many entries over the T steps
+    as top-k does, and the two are compared by the total error and the final f - f*."""
     A, y = load_libsvm("a9a")
-    prob = Logistic(A, y, lam=1e-3)
-    fstar = prob.minimum()
+    prob = Logistic(A, y, lam=Logistic(A, y, lam=0.0).L / 1e4)
+    xstar = prob.argmin()
+    fstar, x0 = prob.loss(xstar), xstar + 1e-4
     parts = shards(len(y), 20)
-    steps = 600
-    bt, gt, nnz_top = run_ef14(prob, "topk:k=1+ef14", parts, fstar, steps)
-    lo, hi = 1e-6, 1.0
-    for _ in range(14):  # bisection: the threshold sending as many entries in total
-        lam = np.sqrt(lo * hi)
-        _, _, nnz = run_ef14(prob, f"threshold:lam={lam}+ef14", parts, fstar, steps)
-        lo, hi = (lam, hi) if nnz > nnz_top else (lo, lam)
-    bh, gh, nnz_thr = run_ef14(prob, f"threshold:lam={lam}+ef14", parts, fstar, steps)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(bt, gt, label="top-1 + EF14")
-    ax.semilogy(bh, gh, label=f"hard threshold {lam:.2e} + EF14")
-    _save(fig, ax, out, "4_threshold_vs_topk.png", "bits sent per worker", "f - f*")
-    rows.append(("hard threshold vs top-1, EF14, a9a, n=20", f"{steps} steps, equal entries "
-                 f"({nnz_thr:,} vs {nnz_top:,})",
-                 f"final f - f*: threshold {gh[-1]:.2e}, top-1 {gt[-1]:.2e}; "
-                 f"bits {bh[-1]:,.0f} vs {bt[-1]:,.0f}"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in (1, 4):
+        for steps in (100, 1000):
+            e_top, err_top, gap_top = run_ef14(prob, f"topk:k={k}+ef14", parts, x0, fstar, steps)
+            lam = threshold_for_budget(
+                lambda lam: run_ef14(prob, f"threshold:lam={lam}+ef14", parts, x0, fstar,
+                                     steps, track=False)[0],
+                e_top, lo=1e-12, hi=1.0, rtol=0.01, rounds=25)
+            e_thr, err_thr, gap_thr = run_ef14(prob, f"threshold:lam={lam}+ef14", parts, x0,
+                                               fstar, steps)
+            if steps == 1000:
+                for ax, top, thr in ((left, gap_top, gap_thr), (right, err_top, err_thr)):
+                    ax.semilogy(top, label=f"top-{k} + EF14")
+                    ax.semilogy(thr, "--", label=f"threshold {lam:.1e} + EF14 (same entries)")
+            rows.append(("hard threshold vs top-k at equal total entries, EF14, a9a, n = 20, "
+                         "from x* + 1e-4",
+                         f"k = {k}, T = {steps}: {e_thr:,} vs {e_top:,} entries",
+                         f"total error sum ||e||^2: threshold {err_thr[-1]:.3g}, top-k "
+                         f"{err_top[-1]:.3g} ({err_top[-1] / err_thr[-1]:.2f}x); mean f - f* "
+                         f"over the last {steps // 2} steps: threshold "
+                         f"{gap_thr[steps // 2:].mean():.2e}, top-k "
+                         f"{gap_top[steps // 2:].mean():.2e}"))
+    left.set_ylabel("f - f*")
+    right.set_ylabel("total error so far, sum_t sum_i ||e_t^i||^2")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "4_threshold_vs_topk.png"), dpi=90)
+    plt.close(fig)
 
 
 # -- 5. escaping a strict saddle -------------------------------------------------------
