@@ -6,7 +6,7 @@ NP     ?= 4
 ROOT   := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 MPIRUN := mpirun $(ROOT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 -np $(NP)
 
-.PHONY: setup demo demo-tf test bench bench-link experiments
+.PHONY: setup demo demo-tf test bench bench-link experiments docs
 
 setup:
 	@bash scripts/setup.sh
@@ -29,3 +29,8 @@ bench-link: setup
 
 experiments: setup
 	$(PY) experiments/seeds.py --out docs/img
+
+# the API reference, generated from the docstrings into build/api (tests/test_docs.py
+# builds it too, so it cannot rot)
+docs: setup
+	$(PY) -m hvd_compress.apidoc build/api

