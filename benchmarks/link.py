@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from docs_section import replace_between
+
 ROOT = Path(__file__).resolve().parent.parent
 MARK = ("<!-- bench-link: begin -->", "<!-- bench-link: end -->")
 RATE_BITS = {"unshaped": None, "10gbit": 10e9, "1gbit": 1e9, "100mbit": 100e6}
@@ -139,11 +141,7 @@ def main():
         plot(results, args.specs, img)
         print(f"\nplot: {img.relative_to(ROOT)}")
     if args.write_docs:
-        doc = ROOT / "docs" / "BENCHMARKS.md"
-        s = doc.read_text()
-        a, b = s.index(MARK[0]) + len(MARK[0]), s.index(MARK[1])
-        doc.write_text(s[:a] + "\n" + text + "\n" + s[b:])
-        print(f"written into {doc.relative_to(ROOT)}")
+        replace_between(MARK, text)
 
 
 if __name__ == "__main__":

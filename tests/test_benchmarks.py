@@ -40,3 +40,9 @@ def test_step_time_benchmark_runs_under_mpirun(tmp_path):
         "--specs", "none", "topk:0.001+ef14", "auto", "--json", str(tmp_path / "t.json")]
     out = run(cmd)
     assert "topk:0.001+ef14" in out and (tmp_path / "t.json").exists()
+
+
+def test_tree_benchmark_runs_and_plots(tmp_path):
+    out = run([sys.executable, "benchmarks/tree.py", "--no-netns", "--ranks", "2", "--d",
+               "2000", "--steps", "1", "--out", str(tmp_path)])
+    assert "tree / allgather" in out and (tmp_path / "tree_bytes_vs_ranks.png").exists()

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..core.auto import refuse_unmeasured
 from ..core.exchange import Exchange
+from ..core.gtopk import check_pipeline
 from ..core.ops import backend_for
 from ..errors import HvdCompressError
 
@@ -39,6 +40,10 @@ class SparseAllreduce:
         result and leaves the state as it was) or "raise" (HvdCompressError everywhere).
       model_size: entries of the whole model (all the tensors reduced per step), which
         ``perturb`` spreads its noise over; required with it.
+      transport: ``"allgather"`` (default: every rank receives every rank's payload,
+        O(k n) bytes per rank) or ``"tree"``: global top-k merged up a binomial tree and
+        broadcast, O(k log n) bytes at most per rank, for many ranks; needs
+        ``topk:RATIO+ef14`` (see :mod:`hvd_compress.core.gtopk`).
 
     Feedback state is kept per tensor ``name`` (required); ``state_dict()`` checkpoints it.
     Every rank must call :meth:`allreduce` for the same names in the same order: each
@@ -47,13 +52,21 @@ class SparseAllreduce:
     """
 
     def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False,
-                 nonfinite="propagate", model_size=None):
+                 nonfinite="propagate", model_size=None, transport="allgather"):
+        if transport not in ("allgather", "tree"):
+            raise HvdCompressError(
+                f"SparseAllreduce: transport={transport!r} must be 'allgather' or 'tree'")
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
         self.exchange = Exchange(spec, seed, allreduce_dtypes=(), nonfinite=nonfinite,
-                                 transport="mpi4py", model_size=model_size)
+                                 transport="mpi4py" + ("/tree" if transport == "tree" else ""),
+                                 model_size=model_size)
         refuse_unmeasured(self.exchange.pipeline, "SparseAllreduce (mpi4py)")
+        self.tree = transport == "tree"
+        if self.tree:
+            check_pipeline(self.exchange.pipeline, "SparseAllreduce")
+            comm = comm.Dup()  # point-to-point messages never meet the user's
         if self.exchange.pipeline.perturbation is not None and model_size is None:
             raise HvdCompressError(
                 f"{self.exchange.pipeline.spec()}: perturb spreads its noise over the whole "
@@ -92,6 +105,11 @@ class SparseAllreduce:
         bk = backend_for(tensor)
         out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank(),
                                   gather=lambda row: gather_rows(self.comm, row))
+        if self.tree:
+            from .tree import tree_allreduce
+            merged = tree_allreduce(self.comm, out, self.cuda_aware)
+            return self.exchange.finish_merged(bk, merged, out, self.comm.Get_size(),
+                                               summed=not self.average)
         gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)

@@ -214,6 +214,24 @@ class Exchange:
             bad = tf.logical_or(tf.reduce_any(flags > 0), tf.logical_not(finite))
         return self._decode(bk, mean, outgoing, n if summed else 1, bad, ranks)
 
+    def finish_merged(self, bk, merged, outgoing: Outgoing, n: int, summed: bool):
+        """The update from the tree transport (gTop-k, :mod:`hvd_compress.core.gtopk`):
+        ``merged`` (a :class:`~hvd_compress.comm.tree.Merged`) holds the merged sum every
+        rank received, what the merges on this rank dropped (it joins this rank's EF14
+        residual) and the status every rank received with it."""
+        self.world_size = n
+        name = outgoing.name
+        if merged.disagree is not None:
+            self.states[name] = outgoing.prior
+            self.commit_state(name, outgoing.prior)
+            raise HvdCompressError(merged.disagree)
+        mean, finite = outgoing.codec.mean(bk, [merged.payload], n)
+        bad = bool(merged.nonfinite) or not finite
+        if not bad and merged.leftover is not None:
+            self.states[name] = self.pipeline.feedback.absorb(bk, self.states[name],
+                                                              merged.leftover)
+        return self._decode(bk, mean, outgoing, n if summed else 1, bad, merged.nonfinite)
+
     def _decode(self, bk, mean, outgoing, scale, bad, ranks):
         """Apply the feedback rule's decode to the mean, unless the step is void (a rank's
         tensor was not finite): then the state stays as it was before this step and the

@@ -88,6 +88,11 @@ class EF14(Feedback):
     def decode(self, bk, mean, state):
         return mean, state
 
+    def absorb(self, bk, state, leftover):
+        """The state with ``leftover`` (entries of other ranks' payloads that a merge on
+        this rank dropped, see :mod:`hvd_compress.core.gtopk`) added to the residual."""
+        return EF14State(state.residual + bk.astype(leftover, bk.dtype(state.residual)))
+
 
 class EF21State(NamedTuple):
     local: object         # g_i: this rank's running estimate of its gradient

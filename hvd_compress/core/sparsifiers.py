@@ -36,9 +36,9 @@ class _Sparse(Compressor):
         vals = bk.gather(flat, idx)
         if scale is not None:
             vals = vals * scale
-        return self._pack(bk, vals, idx, shape, dtype, d)
+        return self.pack_at(bk, vals, idx, shape, dtype, d)
 
-    def _pack(self, bk, vals, idx, shape, dtype, d):
+    def pack_at(self, bk, vals, idx, shape, dtype, d):
         """The payload of ``vals`` at sorted positions ``idx``, in this codec's formats."""
         if self.values is not None:
             vals = bk.astype(vals, self.values)
@@ -286,7 +286,7 @@ class Bernoulli(_Sparse):
         u = uniform(bk, d, key._replace(seed=key.seed ^ self.seed), v)
         idx = bk.nonzero(u < p)
         vals = bk.astype(bk.gather(v, idx) / bk.gather(p, idx), dtype)
-        return self._pack(bk, vals, idx, shape, dtype, d)
+        return self.pack_at(bk, vals, idx, shape, dtype, d)
 
     def omega(self, d):
         return max(0.0, 1.0 / self.ratio - 1.0)

@@ -32,12 +32,13 @@ import sys
 from ..core.auto import Auto, refuse_unmeasured
 from ..core.compressor import check_int
 from ..core.exchange import Exchange
+from ..core.gtopk import check_pipeline
 from ..core.pipeline import Pipeline
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.rng import Key
 from ..errors import HvdCompressError
-from .transports import HorovodTransport, MpiTransport, best_of, scale_factors
+from .transports import HorovodTransport, MpiTransport, TreeTransport, best_of, scale_factors
 
 _PREFIX = "hvd_compress."
 
@@ -80,6 +81,12 @@ class Compression:
         round each; the large tensors still travel one by one during the backward pass.
         Default 0: every tensor alone. 65536 suits most models; on a slow link with many
         small tensors, larger. Part of the fingerprint: every rank must use the same.
+      transport: ``"allgather"`` (default: every rank receives every rank's payload, by
+        Horovod's allgather or the ``comm``'s) or ``"tree"``: global top-k (gTop-k,
+        :mod:`hvd_compress.core.gtopk`), payloads merged up a binomial tree and broadcast
+        over mpi4py point-to-point messages (on ``comm``, default ``MPI.COMM_WORLD``,
+        whose ranks must be the optimizer's), so each rank moves O(k log n) bytes at most
+        instead of O(k n): for many ranks. Needs ``topk:RATIO+ef14``.
       nonfinite: ``"propagate"`` (default: a NaN or infinity in any rank's gradient gives
         every rank a NaN gradient for that parameter and leaves the feedback state as it
         was, like dense Horovod, so ``torch.amp.GradScaler`` skips the step) or
@@ -100,18 +107,29 @@ class Compression:
     """
 
     def __init__(self, spec, seed: int = 0, measure_error: bool = False, comm=None,
-                 whole_model: bool = False, nonfinite: str = "propagate", fuse_below: int = 0):
+                 whole_model: bool = False, nonfinite: str = "propagate", fuse_below: int = 0,
+                 transport: str = "allgather"):
+        if transport not in ("allgather", "tree"):
+            raise HvdCompressError(
+                f"compression: transport={transport!r} must be 'allgather' or 'tree'")
+        self.tree = transport == "tree"
+        if self.tree and comm is None:
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
         # over mpi4py everything is gathered
         dtypes = () if comm is not None else ("float16", "float32", "float64")
         self.fuse_below = check_int("compression", "fuse_below", fuse_below, 0)
-        transport = ("mpi4py" if comm is not None else "horovod") + \
+        route = ("mpi4py" if comm is not None else "horovod") + \
+            ("/tree" if self.tree else "") + \
             ("/whole-model" if whole_model else "") + \
             (f"/fuse-below={self.fuse_below}" if self.fuse_below else "")
         self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error,
-                                 nonfinite=nonfinite, transport=transport)
+                                 nonfinite=nonfinite, transport=route)
         if comm is not None:
             refuse_unmeasured(self.exchange.pipeline, "comm= (the mpi4py transport)")
+        if self.tree:
+            check_pipeline(self.exchange.pipeline, "compression(transport='tree')")
         self._auto = self.exchange.pipeline.policy if \
             isinstance(self.exchange.pipeline.policy, Auto) else None
         self._round, self._round_names = 0, set()  # steps launched, and this one's names
@@ -184,8 +202,16 @@ class Compression:
             raise _adasum_error(self.pipeline.spec())  # Adasum reduces model deltas
         if self.pipeline.agrees and getattr(optimizer, "_groups", None):
             raise _groups_agree_error(self.pipeline.spec())
-        self.transport = HorovodTransport(optimizer) if self.comm is None else \
-            MpiTransport(self.comm, before_flush=self._start_buckets)
+        if self.comm is not None and self.comm.Get_size() != optimizer.process_set.size():
+            raise HvdCompressError(
+                f"the mpi4py communicator has {self.comm.Get_size()} ranks, the optimizer's "
+                f"process set {optimizer.process_set.size()}: payloads must travel between "
+                "the ranks the optimizer averages over")
+        if self.comm is None:
+            self.transport = HorovodTransport(optimizer)
+        else:
+            kind = TreeTransport if self.tree else MpiTransport
+            self.transport = kind(self.comm, before_flush=self._start_buckets)
         original = optimizer._allreduce_grad_async
 
         def _allreduce_grad_async(p):
@@ -258,9 +284,8 @@ class Compression:
                 calls.append(row)
                 return self.transport.gather_rows(row, f"{_PREFIX}k{len(calls)}:{name}")
         out = self.exchange.begin(bk, name, tensor, self.transport.rank(), gather=gather)
-        finish = self.exchange.finish_allreduced if out.by_allreduce \
-            else self.exchange.finish_gathered
-        return out, lambda output: finish(bk, output, out, n, summed)
+        return out, lambda output: self.transport.finish(self.exchange, bk, output, out, n,
+                                                         summed)
 
     def _send(self, opt, name, tensor):
         """Compress ``tensor`` and hand it to the transport; returns a function that waits
@@ -489,7 +514,7 @@ def _named_grad(opt, p):
 
 def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
                 comm=None, whole_model: bool = False, nonfinite: str = "propagate",
-                fuse_below: int = 0) -> Compression:
+                fuse_below: int = 0, transport: str = "allgather") -> Compression:
     """What to pass as ``compression=`` to ``horovod.torch.DistributedOptimizer``.
 
     Args:
@@ -502,11 +527,14 @@ def compression(spec_or_object, seed: int = 0, measure_error: bool = False,
       nonfinite: "propagate" (like dense Horovod) or "raise" (see Compression).
       fuse_below: fuse gathered gradients with fewer entries into one message per dtype
         (see Compression).
+      transport: "allgather" (default) or "tree", global top-k for many ranks (see
+        Compression).
     """
     if isinstance(spec_or_object, Compression):
         return spec_or_object
     return Compression(spec_or_object, seed=seed, measure_error=measure_error, comm=comm,
-                       whole_model=whole_model, nonfinite=nonfinite, fuse_below=fuse_below)
+                       whole_model=whole_model, nonfinite=nonfinite, fuse_below=fuse_below,
+                       transport=transport)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression="none", **kwargs):

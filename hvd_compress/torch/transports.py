@@ -12,13 +12,28 @@ vector); the transport only moves it, so the two vary independently.
 * :class:`MpiTransport`: an mpi4py communicator. MPI matches collectives by the order
   ranks issue them, and hook order differs across ranks, so everything waits until the
   first ``wait()`` of a step and then moves in sorted name order, the same on every rank.
+* :class:`TreeTransport`: like :class:`MpiTransport`, but each payload is merged up a
+  binomial tree and broadcast (global top-k, :mod:`hvd_compress.core.gtopk`) instead of
+  gathered: O(k log n) bytes per rank at most instead of O(k n), for many ranks.
+
+:meth:`finish` turns what ``wait()`` gave into the update, through the
+:class:`~hvd_compress.core.exchange.Exchange` method that reads that kind of result.
 """
 from __future__ import annotations
 
 from ..errors import HvdCompressError
 
 
-class HorovodTransport:
+class Transport:
+    """What every transport shares: how its results become updates."""
+
+    def finish(self, exchange, bk, result, out, n: int, summed: bool):
+        """The update from what ``wait()`` returned for ``out``."""
+        read = exchange.finish_allreduced if out.by_allreduce else exchange.finish_gathered
+        return read(bk, result, out, n, summed)
+
+
+class HorovodTransport(Transport):
     """Horovod's collectives on the optimizer's process set, with its op and scaling."""
 
     name = "horovod"
@@ -97,7 +112,7 @@ class HorovodTransport:
                              process_set=self.opt.process_set).tolist()
 
 
-class MpiTransport:
+class MpiTransport(Transport):
     """An mpi4py communicator: every payload of a step moves at the step's first
     ``wait()``, in sorted name order on every rank.
 
@@ -138,13 +153,37 @@ class MpiTransport:
         return self._arrived.pop(name)
 
     def _flush(self):
-        from ..comm.mpi import allgather_bytes
         if self.before_flush is not None:
             self.before_flush()
         for name in sorted(self._pending):
-            out = self._pending[name]
-            self._arrived[name] = allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
+            self._arrived[name] = self._move(self._pending[name])
         self._pending.clear()
+
+    def _move(self, out):
+        from ..comm.mpi import allgather_bytes
+        return allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
+
+
+class TreeTransport(MpiTransport):
+    """Global top-k over an mpi4py communicator (a duplicate of the one given, so its
+    point-to-point messages never meet the user's): each payload is merged up a binomial
+    tree and broadcast (see :mod:`hvd_compress.comm.tree`), at the step's first
+    ``wait()``, in sorted name order on every rank."""
+
+    name = "tree"
+
+    def __init__(self, comm, before_flush=None):
+        super().__init__(comm, before_flush)
+        self._own = None  # the duplicate, made at the first flush, where every rank is
+
+    def _move(self, out):
+        from ..comm.tree import tree_allreduce
+        if self._own is None:
+            self._own = self.comm.Dup()
+        return tree_allreduce(self._own, out)
+
+    def finish(self, exchange, bk, result, out, n: int, summed: bool):
+        return exchange.finish_merged(bk, result, out, n, summed)
 
 
 def best_of(repeats, fn):

@@ -1,0 +1,160 @@
+"""The tree transport: gTop-k's reduction and broadcast over mpi4py point-to-point messages.
+
+:func:`tree_allreduce` runs one tensor's exchange (see :mod:`hvd_compress.core.gtopk` for
+the algorithm and why nothing is lost): each rank receives its children's messages in
+:func:`~hvd_compress.core.gtopk.schedule` order, merges their payloads into its own, sends
+the result to its parent, and rank 0 broadcasts the final payload. Each message is a small
+int64 status followed by a packed payload (24-byte header with the sender's fingerprints).
+
+Every rank takes the same branch. A rank that finds its child's fingerprints differ from
+its own (another spec, seed, shape or name: ranks that call tensors in another order) or
+a malformed payload does not merge it, and passes the finding up in its status; a rank
+whose gradient held a NaN or an infinity is listed there too. Rank 0 broadcasts the
+status with the payload, so every rank raises the same error, or applies the same NaN
+update, at the same tensor and step -- none waits for a partner that gave up.
+
+Messages travel on a duplicate of the user's communicator, so they never match the
+user's own receives. Buffers go to MPI as in :mod:`hvd_compress.comm.mpi`: numpy arrays
+and CPU tensors in place, device tensors through ``__cuda_array_interface__`` with
+``cuda_aware=True``, staged through host memory otherwise.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..core.gtopk import merge, schedule
+from ..core.payload import (_STAMP_FIELDS, FLAG_NONFINITE, HEADER_BYTES, pack, read_header,
+                            unpack)
+from ..core.ops import backend_for
+from ..errors import HvdCompressError
+from .mpi import _host_view
+
+_TAG_STATUS, _TAG_PAYLOAD = 71, 72
+_FOREIGN = 1 << len(_STAMP_FIELDS)   # status bit: a payload that could not be read
+
+
+class Merged(NamedTuple):
+    """One tensor's result of the tree, the same on every rank except ``leftover``."""
+    payload: object        # the merged k-sparse sum, as a payload like this rank's
+    leftover: object       # what merges on this rank dropped (dense, flat), or None
+    nonfinite: list        # ranks whose gradient held a NaN or an infinity
+    disagree: object       # None, or the error every rank raises (ranks configured apart)
+
+
+def tree_allreduce(comm, out, cuda_aware: bool = False) -> Merged:
+    """Merge every rank's top-k payload ``out.payload`` (an :class:`Outgoing`) up the tree
+    and broadcast the result; blocking, and every rank of ``comm`` must call it for the
+    same tensor at the same point (the frontends go in sorted name order)."""
+    bk = backend_for(out.wire)
+    rank, n = comm.Get_rank(), comm.Get_size()
+    mine = current = out.payload
+    own = read_header(_head(bk, out.wire), out.name, rank)
+    culprit, fields = -1, 0
+    bad = [rank] if own.flags & FLAG_NONFINITE else []
+    leftover = None
+    for op, peer in schedule(rank, n):
+        if op == "send":
+            wire = out.wire if current is mine else pack(bk, current, out.stamp)
+            _send(comm, np.array([culprit, fields, *bad], np.int64), peer, _TAG_STATUS)
+            _send_buffer(bk, comm, wire, peer, cuda_aware)
+            break
+        status = _recv(comm, peer, _TAG_STATUS, np.int64)
+        buf = _recv_buffer(bk, comm, peer, out.wire, cuda_aware)
+        bad += [int(r) for r in status[2:]]
+        if culprit < 0 and status[0] >= 0:
+            culprit, fields = int(status[0]), int(status[1])
+        if culprit >= 0:
+            continue  # every rank raises at the end; keep the message pattern intact
+        theirs, why = _read(bk, buf, mine, out)
+        if theirs is None:
+            culprit, fields = peer, why
+            continue
+        current, dropped = merge(bk, out.codec, current, theirs)
+        leftover = dropped if leftover is None else leftover + dropped
+    # rank 0 broadcasts the status and the merged payload
+    if rank == 0:
+        status = np.array([culprit, fields, *sorted(bad)], np.int64)
+        final = out.wire if current is mine else pack(bk, current, out.stamp)
+        sizes = np.array([status.size, bk.size(final)], np.int64)
+    else:
+        sizes, status, final = np.empty(2, np.int64), None, None
+    comm.Bcast(sizes, root=0)
+    if rank:
+        status = np.empty(int(sizes[0]), np.int64)
+    comm.Bcast(status, root=0)
+    if rank:
+        final = _bcast_buffer(bk, comm, None, int(sizes[1]), out.wire, cuda_aware)
+        current = unpack(bk, final, mine, None, out.name)
+    else:
+        _bcast_buffer(bk, comm, final, int(sizes[1]), out.wire, cuda_aware)
+    disagree = None
+    if status[0] >= 0:
+        disagree = _disagreement(out.name, int(status[0]), int(status[1]))
+    return Merged(current, leftover, [int(r) for r in status[2:]], disagree)
+
+
+def _read(bk, buf, template, out):
+    """(the child's payload, 0), or (None, status bits saying what differs)."""
+    try:
+        h = read_header(_head(bk, buf), out.name)
+    except HvdCompressError:
+        return None, _FOREIGN
+    differ = sum(1 << i for i, (a, b) in enumerate(zip(h.stamp, out.stamp)) if a != b)
+    if differ:
+        return None, differ
+    try:
+        return unpack(bk, buf, template, None, out.name), 0
+    except HvdCompressError:
+        return None, _FOREIGN
+
+
+def _disagreement(name, culprit, fields) -> str:
+    what = [f for i, f in enumerate(_STAMP_FIELDS) if fields & (1 << i)] or \
+        ["payload layout"]
+    return (f"tensor {name!r}: ranks disagree on the {' and '.join(what)} of this tensor "
+            f"(rank {culprit}'s payload differs from the rank it merges into); every rank "
+            "must compress it with the same spec, seed and shape, and exchange tensors in "
+            "the same order")
+
+
+def _head(bk, wire):
+    return bk.to_numpy(wire[:HEADER_BYTES + 8] if bk.size(wire) >= HEADER_BYTES + 8 else wire)
+
+
+def _send(comm, array, dest, tag):
+    from mpi4py import MPI
+    comm.Send([array, MPI.BYTE], dest=dest, tag=tag)
+
+
+def _recv(comm, source, tag, dtype):
+    from mpi4py import MPI
+    st = MPI.Status()
+    comm.Probe(source=source, tag=tag, status=st)
+    buf = np.empty(st.Get_count(MPI.BYTE) // np.dtype(dtype).itemsize, dtype)
+    comm.Recv([buf, MPI.BYTE], source=source, tag=tag)
+    return buf
+
+
+def _send_buffer(bk, comm, wire, dest, cuda_aware):
+    from mpi4py import MPI
+    send, _ = _host_view(bk, wire, cuda_aware)
+    comm.Send([send, MPI.BYTE], dest=dest, tag=_TAG_PAYLOAD)
+
+
+def _recv_buffer(bk, comm, source, like, cuda_aware):
+    _, restore = _host_view(bk, like, cuda_aware)
+    return restore(_recv(comm, source, _TAG_PAYLOAD, np.uint8))
+
+
+def _bcast_buffer(bk, comm, wire, nbytes, like, cuda_aware):
+    from mpi4py import MPI
+    if wire is not None:
+        send, _ = _host_view(bk, wire, cuda_aware)
+        comm.Bcast([send, MPI.BYTE], root=0)
+        return wire
+    _, restore = _host_view(bk, like, cuda_aware)
+    buf = np.empty(nbytes, np.uint8)
+    comm.Bcast([buf, MPI.BYTE], root=0)
+    return restore(buf)
