@@ -25,7 +25,6 @@ from .pipeline import resolve_pipeline
 from .rng import Key
 from .telemetry import Record, Telemetry
 
-
 NONFINITE = ("propagate", "raise")
 
 
@@ -379,7 +378,8 @@ def _flags(bk, finite):
     tensor inside a graph."""
     if isinstance(finite, bool):
         return 0 if finite else FLAG_NONFINITE
-    return bk.where(finite, bk.constant(0, "uint8", None), bk.constant(FLAG_NONFINITE, "uint8", None))
+    return bk.where(finite, bk.constant(0, "uint8", None),
+                    bk.constant(FLAG_NONFINITE, "uint8", None))
 
 
 def _select_state(bk, bad, prior, state):

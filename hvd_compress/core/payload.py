@@ -257,8 +257,8 @@ def check_header(h: Header, template: Payload, expect, name: str = "", rank=None
     mine = (_index_width(template), _DTYPE_CODE[None if template.values is None else
                                                 _value_dtype_name(bk, template.values)])
     if (h.index_width, h.value_code) != mine:
-        raise HvdCompressError(f"{where}: index width / value dtype code {h.index_width, h.value_code}"
-                               f" differ from this rank's {mine}")
+        raise HvdCompressError(f"{where}: index width / value dtype code "
+                               f"{h.index_width, h.value_code} differ from this rank's {mine}")
     if template.level:
         if not 1 <= h.level or not 2 <= h.code_bits <= 16 or (1 << (h.code_bits - 1)) <= h.level:
             raise HvdCompressError(f"{where}: level {h.level} does not fit {h.code_bits}-bit codes")

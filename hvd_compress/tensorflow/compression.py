@@ -22,10 +22,10 @@ import re
 import sys
 import zlib
 
+from ..core.auto import refuse_unmeasured
 from ..core.exchange import Exchange
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
-from ..core.auto import refuse_unmeasured
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
@@ -132,6 +132,7 @@ class Compression:
         """(rank, world size, allgather of picklable objects) of ``process_set`` (default:
         Horovod's global set); None where Horovod is not initialized."""
         import horovod.tensorflow as hvd
+
         from ..checkpoint import allgather_objects
         if not hvd.is_initialized():
             return None

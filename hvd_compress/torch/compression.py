@@ -32,9 +32,9 @@ import sys
 from ..core.auto import Auto, refuse_unmeasured
 from ..core.compressor import check_int
 from ..core.exchange import Exchange
-from ..core.pipeline import Pipeline
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
+from ..core.pipeline import Pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
 from .transports import HorovodTransport, MpiTransport, best_of, scale_factors
@@ -157,8 +157,9 @@ class Compression:
         global set; None where Horovod is not initialized."""
         if self.comm is not None:
             return self.comm.Get_rank(), self.comm.Get_size(), self.comm.allgather
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
+
         from ..checkpoint import allgather_objects
         if not hvd.is_initialized():
             return None
@@ -289,8 +290,8 @@ class Compression:
         the module docstring) unless Horovod issued it, and the gather of every rank's
         fingerprint. Returns a function that waits for both and raises on disagreement
         (None after the first exchange)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
 
         if name in self._introduced and name not in self._unchecked:
             return None
@@ -337,6 +338,7 @@ class Compression:
         step is compressed, whatever its hook order, and takes the slowest rank's figures:
         every rank routes every tensor alike."""
         import torch
+
         from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
 
         tag, t = f"{_PREFIX}auto:{self._measured}", self.transport

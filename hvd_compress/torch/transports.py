@@ -4,8 +4,9 @@ A transport takes this rank's :class:`~hvd_compress.core.exchange.Outgoing` (a s
 payload for an allreduce, or packed bytes for an allgather) and a collective name, and
 starts moving it: :meth:`start` returns ``wait()``, which gives the collective's output.
 :meth:`gather_rows` is a blocking allgather of a few float64s (how dynamic:agree=true
-settles k within a step). The frontend decides what to send and when (per tensor, in fused buckets, as one model
-vector); the transport only moves it, so the two vary independently.
+settles k within a step). The frontend decides what to send and when (per tensor, in
+fused buckets, as one model vector); the transport only moves it, so the two vary
+independently.
 
 * :class:`HorovodTransport`: Horovod's asynchronous collectives, matched across ranks by
   name, so each starts from its gradient hook and overlaps the backward pass.
@@ -66,8 +67,8 @@ class HorovodTransport:
 
     def gather_rows(self, row, name: str):
         """Every rank's float64 ``row`` (numpy), stacked in rank order (blocking)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         return hvd.allgather(torch.from_numpy(row.reshape(1, -1)), name=name,
                              process_set=self.opt.process_set).numpy()
 
@@ -75,8 +76,8 @@ class HorovodTransport:
         """Seconds of a whole allreduce, then of a whole allgather, of each size in bytes
         handed in by every rank (the best of two, after one more); blocking, so every rank
         must call it at the same point of its sequence of collectives."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         ps, times = self.opt.process_set, []
         for kind in ("allreduce", "allgather"):
             for nbytes in sizes:
@@ -91,8 +92,8 @@ class HorovodTransport:
 
     def max_over_ranks(self, values, name: str) -> list:
         """Every rank's ``values``, elementwise max over the ranks (blocking)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
                              process_set=self.opt.process_set).tolist()
 
