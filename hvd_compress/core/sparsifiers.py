@@ -274,10 +274,10 @@ class Bernoulli(_Sparse):
         top = bk.to_numpy(bk.topk_values(a, m_max + 1)).astype(np.float64)
         total = float(bk.sum(bk.astype(a, "float64")))
         m = np.arange(m_max + 1)
-        lam = (total - np.concatenate([[0.0], np.cumsum(top[:-1])])) / (budget - m)
-        ok = top < lam
-        ok[1:] &= top[:-1] >= lam[1:]
-        lam = float(lam[int(np.argmax(ok))])
+        lams = (total - np.concatenate([[0.0], np.cumsum(top[:-1])])) / (budget - m)  # per m
+        ok = top < lams
+        ok[1:] &= top[:-1] >= lams[1:]
+        lam = float(lams[int(np.argmax(ok))])
         return bk.where(a >= lam, a * 0.0 + 1.0, a * (1.0 / lam))
 
     def compress(self, x, key: Key = Key()):

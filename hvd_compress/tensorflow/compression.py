@@ -21,10 +21,11 @@ from __future__ import annotations
 import re
 import sys
 import zlib
+from typing import cast
 
 from ..core.auto import refuse_unmeasured
 from ..core.exchange import Exchange
-from ..core.ops import backend_named
+from ..core.ops import TensorflowBackend, backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
@@ -93,7 +94,7 @@ class Compression:
         codec = self.pipeline.compressor
         self._plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
             not codec.stochastic
-        self._bk = backend_named("tensorflow")
+        self._bk = cast(TensorflowBackend, backend_named("tensorflow"))
         self._compiled: dict = {}
 
     def __repr__(self):

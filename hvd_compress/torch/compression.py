@@ -28,6 +28,7 @@ at Horovod's synchronize) is decided here; moving it is a transport's job
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from ..core.auto import Auto, refuse_unmeasured
 from ..core.compressor import check_int
@@ -114,7 +115,8 @@ class Compression:
             refuse_unmeasured(self.exchange.pipeline, "comm= (the mpi4py transport)")
         self._auto = self.exchange.pipeline.policy if \
             isinstance(self.exchange.pipeline.policy, Auto) else None
-        self._round, self._round_names = 0, set()  # steps launched, and this one's names
+        self._round = 0          # steps launched
+        self._round_names: set[str] = set()  # ... and this one's names
         self._measure_at = 1     # auto: the step that measures the costs next
         self._measured = 0       # ... and how many measurements ran (collective names)
         self._introduced: set = set()  # parameters whose placeholder allreduce was issued
@@ -122,12 +124,12 @@ class Compression:
         self.comm = comm
         self.transport = None  # how payloads travel, chosen when bound to an optimizer
         self.whole_model = bool(whole_model)
-        self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
+        self._model_grads: dict[str, Any] = {}       # name -> gradient, fused or whole-model
         self._buckets: list = []                     # this step's started buckets
-        self._agreed_grads: dict[str, object] = {}   # name -> gradient, dynamic:agree=true
-        self._agreed: dict[str, object] = {}         # name -> wait() of a started one
+        self._agreed_grads: dict[str, Any] = {}      # name -> gradient, dynamic:agree=true
+        self._agreed: dict[str, Any] = {}            # name -> wait() of a started one
         self._held_checks: list = []   # first-exchange checks of held gradients, pending
-        self._model_updates: dict[str, object] = {}  # name -> its slice of the update
+        self._model_updates: dict[str, Any] = {}     # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
@@ -408,12 +410,12 @@ class Compression:
         for name in sorted(agreed):
             self._agreed[name] = self._send(opt, name, agreed[name])
 
-    def _start_fused(self, opt):
+    def _start_fused(self, opt) -> None:
         import torch
 
         if not self._model_grads:
             return
-        by_dtype: dict[object, list] = {}
+        by_dtype: dict[Any, list[str]] = {}  # torch dtype -> parameter names
         for n in sorted(self._model_grads):
             by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
         if self.whole_model and len(by_dtype) > 1:

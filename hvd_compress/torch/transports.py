@@ -16,6 +16,8 @@ independently.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import HvdCompressError
 
 
@@ -107,11 +109,11 @@ class MpiTransport:
 
     name = "mpi4py"
 
-    def __init__(self, comm, before_flush=None):
+    def __init__(self, comm, before_flush=None) -> None:
         self.comm = comm
         self.before_flush = before_flush
-        self._pending: dict[str, object] = {}   # name -> outgoing
-        self._arrived: dict[str, object] = {}
+        self._pending: dict[str, Any] = {}   # name -> Outgoing
+        self._arrived: dict[str, Any] = {}   # name -> the gathered bytes
 
     def rank(self) -> int:
         return self.comm.Get_rank()
