@@ -6,10 +6,11 @@ bench-link`; needs root, for network namespaces):
 For each link rate it makes a network namespace whose loopback is shaped with a token
 bucket (tc tbf; the ranks then talk over TCP through it, and the rate caps their combined
 traffic, so it is not the per-node rate of a switched cluster), runs
-`benchmarks/step_time.py` there under mpirun, and deletes the namespace. It prints the step-time table (dense and fp16 are Horovod's own) with each
-spec's speed against dense on the same link and the bits each rank sent per step, plots
-step time against link rate (docs/img/step_time_vs_link.png) and, with --write-docs,
-replaces the table in docs/BENCHMARKS.md between its markers.
+`benchmarks/step_time.py` there under mpirun, and deletes the namespace. It prints the
+step-time table (dense and fp16 are Horovod's own) with each spec's speed against dense
+on the same link and the bits each rank sent per step, plots step time against link rate
+(docs/img/step_time_vs_link.png) and, with --write-docs, replaces the table in
+docs/BENCHMARKS.md between its markers.
 """
 import argparse
 import json

@@ -22,16 +22,15 @@ import argparse
 import os
 import time
 
+import matplotlib
 import numpy as np
 
-import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import hvd_compress as hc  # noqa: E402
 from hvd_compress.core.simulate import Workers, adiana, threshold_for_budget  # noqa: E402
 from hvd_compress.datasets import load_libsvm  # noqa: E402
-
 
 # -- problems -------------------------------------------------------------------------
 

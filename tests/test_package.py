@@ -8,15 +8,16 @@ import hvd_compress
 def test_import_needs_no_framework():
     code = ("import sys, hvd_compress, hvd_compress.core, hvd_compress.torch, "
             "hvd_compress.tensorflow, hvd_compress.comm.mpi\n"
-            "heavy = [m for m in ('torch', 'tensorflow', 'horovod', 'mpi4py') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'tensorflow', 'horovod', 'mpi4py')"
+            " if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_registry_lists_every_compressor():
     assert hvd_compress.available("compressor") == [
-        "bernoulli", "bf16", "fp16", "natural", "none", "qsgd", "randk", "sign", "terngrad", "threshold",
-        "topk"]
+        "bernoulli", "bf16", "fp16", "natural", "none", "qsgd", "randk", "sign", "terngrad",
+        "threshold", "topk"]
 
 
 def test_registry_lists_every_feedback_rule():

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from hvd_compress.core.payload import HEADER_BYTES
 import hvd_compress as hc
 from hvd_compress.core.ops import backend_named
+from hvd_compress.core.payload import HEADER_BYTES
 from hvd_compress.core.policy import Dynamic, calibrate
 from hvd_compress.core.simulate import Workers
 
@@ -88,6 +88,7 @@ def test_qsgd_level_maximises_improvement_per_bit():
     """s* against brute force: the descent at step 1/L, ||v||^2 - Var_s(v) = 2 ||v||^2 -
     E||Q_s(v)||^2 (the second moment by Monte Carlo), per bit."""
     import math
+
     from hvd_compress.core.quantizers import QSGD
     v = decaying(3000, 300)
     for spec in ("dynamic:cost=affine,c0=1000", "dynamic:cost=affine,c0=1e6",

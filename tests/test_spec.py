@@ -69,5 +69,6 @@ def test_bad_specs_raise_one_error_type(spec, message):
 
 
 def test_resolve_rejects_other_objects():
-    with pytest.raises(HvdCompressError, match="expected a spec string, a Compressor or a Pipeline"):
+    with pytest.raises(HvdCompressError,
+                       match="expected a spec string, a Compressor or a Pipeline"):
         hc.resolve(42)

@@ -10,8 +10,15 @@ from hypothesis import strategies as st
 import hvd_compress as hc
 from hvd_compress import HvdCompressError
 from hvd_compress.core.ops import backend_for, backend_named
-from hvd_compress.core.payload import (HEADER_BYTES, MAGIC, VERSION, Stamp, pack,
-                                       split_gathered, unpack)
+from hvd_compress.core.payload import (
+    HEADER_BYTES,
+    MAGIC,
+    VERSION,
+    Stamp,
+    pack,
+    split_gathered,
+    unpack,
+)
 from hvd_compress.core.rng import Key
 from hvd_compress.core.simulate import Workers
 from hvd_compress.core.varint import decode_sorted, encode_sorted

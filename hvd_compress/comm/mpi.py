@@ -95,7 +95,7 @@ class SparseAllreduce:
             raise HvdCompressError("SparseAllreduce runs over its comm: process_set does not apply")
         return self.comm.Get_rank(), self.comm.Get_size(), self.comm.allgather
 
-    def allreduce(self, tensor, name: str = None):
+    def allreduce(self, tensor, name: str | None = None):
         """The compressed average (or sum) of ``tensor`` over all ranks; each call for a
         given ``name`` is one step of that tensor's pipeline."""
         if not isinstance(name, str) or not name:

@@ -2,8 +2,8 @@
 from . import auto, casts, feedback, perturbation, policy, quantizers, sparsifiers  # noqa: F401  (register algorithms)
 from .compressor import Compressor
 from .feedback import Feedback
-from .pipeline import Pipeline, resolve, resolve_pipeline
 from .payload import Payload, pack, unpack
+from .pipeline import Pipeline, resolve, resolve_pipeline
 from .registry import available, register
 from .rng import Key
 from .spec import parse, resolve_compressor

@@ -14,7 +14,7 @@ from .rng import Key
 class _Cast(Compressor):
     bias = "exact"
     summable = True
-    wire_dtype = None  # None: keep the gradient dtype
+    wire_dtype: str | None = None  # None: keep the gradient dtype
 
     def __init__(self):
         pass

@@ -165,7 +165,8 @@ def check_int(owner: str, name: str, value, low=-math.inf, high=math.inf) -> int
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value % 1 != 0 \
             or not low <= value <= high:  # nan % 1 and inf % 1 are nan
         raise HvdCompressError(f"{owner}: {name}={value!r} must be {what}")
-    return int(value)
+    # int() takes any real number, but typeshed's numbers.Real declares no __int__
+    return int(value)  # type: ignore[call-overload]
 
 
 def check_bool(owner: str, name: str, value) -> bool:

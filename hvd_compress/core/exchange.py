@@ -15,9 +15,10 @@ once and run many times (TensorFlow graphs) overrides :meth:`next_step`,
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
+from .auto import Costs
 from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
 from .payload import FLAG_NONFINITE, Stamp, pack, split_gathered
@@ -25,20 +26,21 @@ from .pipeline import resolve_pipeline
 from .rng import Key
 from .telemetry import Record, Telemetry
 
-
 NONFINITE = ("propagate", "raise")
 
 
 class Outgoing(NamedTuple):
+    """What :meth:`Exchange.begin` hands a frontend. ``payload`` and ``codec`` are None on
+    auto's dense route (``dense_route``); tensors are any backend's, hence ``Any``."""
     name: str
-    step: int
-    wire: object          # what to hand to the collective
+    step: Any             # an int, or a step-counter tensor inside a graph
+    wire: Any             # what to hand to the collective
     by_allreduce: bool    # summable payload values (allreduce) or packed bytes (allgather)
-    payload: object       # the local payload (a template for the received ones)
-    codec: object         # the compressor that produced it
+    payload: Any          # the local Payload (a template for the received ones)
+    codec: Any            # the Compressor that produced it
     shape: tuple
     dtype: str
-    prior: object = None  # the pipeline state before this step (kept if the step is void)
+    prior: Any = None     # the pipeline state before this step (kept if the step is void)
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
     dense_route: bool = False  # auto sent the tensor as it is, by a plain allreduce
 
@@ -76,17 +78,20 @@ class Exchange:
         if nonfinite not in NONFINITE:
             raise HvdCompressError(f"nonfinite={nonfinite!r} must be one of {NONFINITE}")
         self.nonfinite, self.transport = nonfinite, str(transport)
-        self.rank = self.world_size = None  # this rank and the group size, once known
+        self.rank: int | None = None        # this rank, once known
+        self.world_size: int | None = None  # and the group size
         self.seed = int(seed)
         self.measure_error = bool(measure_error)
         self.allreduce_dtypes = tuple(allreduce_dtypes)
         self.telemetry = Telemetry()
-        self.states: dict[str, object] = {}
+        self.states: dict[str, Any] = {}  # name -> feedback state (a NamedTuple) or None
         self.steps: dict[str, int] = {}
-        self.costs = None  # measured costs every rank agrees on, for auto (see core/auto.py)
+        # measured costs every rank agrees on, for auto (see core/auto.py)
+        self.costs: Costs | None = None
         self.model_size = None if model_size is None else \
             check_int("exchange", "model_size", model_size, 1)
-        self._spec, self._stamps = None, {}  # the fingerprints of each tensor, once made
+        self._spec: str | None = None          # the pipeline's spec, once asked for
+        self._stamps: dict[tuple, Stamp] = {}  # the fingerprints of each tensor, once made
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
               gather=None) -> Outgoing:
@@ -397,7 +402,8 @@ def _flags(bk, finite):
     tensor inside a graph."""
     if isinstance(finite, bool):
         return 0 if finite else FLAG_NONFINITE
-    return bk.where(finite, bk.constant(0, "uint8", None), bk.constant(FLAG_NONFINITE, "uint8", None))
+    return bk.where(finite, bk.constant(0, "uint8", None),
+                    bk.constant(FLAG_NONFINITE, "uint8", None))
 
 
 def _select_state(bk, bad, prior, state):

@@ -21,7 +21,7 @@ family need contractive (or absolute, for EF14) compressors, DIANA unbiased ones
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
@@ -59,7 +59,7 @@ def _zeros(bk, x):
 
 
 class EF14State(NamedTuple):
-    residual: object      # e_i: what was not sent yet
+    residual: Any         # e_i: what was not sent yet
 
 
 @register("feedback", "ef14")
@@ -95,8 +95,8 @@ class EF14(Feedback):
 
 
 class EF21State(NamedTuple):
-    local: object         # g_i: this rank's running estimate of its gradient
-    aggregate: object     # g = mean_i g_i, identical on every rank
+    local: Any            # g_i: this rank's running estimate of its gradient
+    aggregate: Any        # g = mean_i g_i, identical on every rank
 
 
 @register("feedback", "ef21")
@@ -131,10 +131,10 @@ class EF21(Feedback):
 
 
 class EF21SGDMState(NamedTuple):
-    momentum: object      # v_i = (1 - eta) v_i + eta grad (never sent)
-    local: object
-    aggregate: object
-    count: int
+    momentum: Any         # v_i = (1 - eta) v_i + eta grad (never sent)
+    local: Any
+    aggregate: Any
+    count: Any            # steps taken: an int, or a tensor where TF keeps state in variables
 
 
 @register("feedback", "ef21sgdm")
@@ -174,11 +174,11 @@ class EF21SGDM(EF21):
 
 
 class EF21SGD2MState(NamedTuple):
-    momentum: object
-    momentum2: object     # u_i = (1 - eta) u_i + eta v_i
-    local: object
-    aggregate: object
-    count: int
+    momentum: Any
+    momentum2: Any        # u_i = (1 - eta) u_i + eta v_i
+    local: Any
+    aggregate: Any
+    count: Any            # steps taken: an int, or a tensor where TF keeps state in variables
 
 
 @register("feedback", "ef21sgd2m")
@@ -200,8 +200,8 @@ class EF21SGD2M(EF21SGDM):
 
 
 class DIANAState(NamedTuple):
-    shift: object         # h_i: this rank's learned shift
-    aggregate: object     # h = mean_i h_i, identical on every rank
+    shift: Any            # h_i: this rank's learned shift
+    aggregate: Any        # h = mean_i h_i, identical on every rank
     alpha: float
 
 

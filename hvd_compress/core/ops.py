@@ -215,7 +215,8 @@ class TorchBackend(Backend):
         if x.storage_offset() % ITEMSIZE[dtype]:  # a slice of a gathered byte buffer
             x = x.clone()
         return x.view(self._dt[dtype])
-    def zeros(self, n, dtype, like): return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)
+    def zeros(self, n, dtype, like):
+        return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)
     def arange(self, n, like, dtype="int64"):
         return self.t.arange(n, dtype=self._dt[dtype], device=like.device)
     def constant(self, values, dtype, like):
@@ -316,7 +317,8 @@ class TensorflowBackend(Backend):
     def isfinite(self, x): return self.tf.math.is_finite(x)
     def finite_or_zero(self, x):
         return self.tf.where(self.tf.math.is_finite(x), x, self.tf.zeros_like(x))
-    def nan_like(self, x): return self.tf.fill(self.tf.shape(x), self.tf.constant(float("nan"), x.dtype))
+    def nan_like(self, x):
+        return self.tf.fill(self.tf.shape(x), self.tf.constant(float("nan"), x.dtype))
     def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
     def gather(self, x, idx): return self.tf.gather(x, idx)
     def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values

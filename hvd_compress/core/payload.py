@@ -37,7 +37,7 @@ from __future__ import annotations
 import struct
 import sys
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -106,17 +106,20 @@ class Payload(NamedTuple):
       index_code: the varint bytes of ``indices`` when ``index_dtype == "varint"``.
       level: a compressor's level when it can change per step and per rank (QSGD's s under
         the dynamic policy), 0 otherwise; travels in the header with ``code_bits``.
+
+    The segments are tensors of whichever framework the gradient came from (numpy, torch
+    or TensorFlow), hence ``Any``; so is ``count``, an int or, inside a graph, a tensor.
     """
     shape: tuple
     dtype: str
-    count: object
-    values: object = None
-    indices: object = None
-    codes: object = None
-    scales: object = None
+    count: Any
+    values: Any = None
+    indices: Any = None
+    codes: Any = None
+    scales: Any = None
     code_bits: int = 0
     index_dtype: str = "int32"
-    index_code: object = None
+    index_code: Any = None
     level: int = 0
 
     @property
@@ -139,14 +142,14 @@ class Payload(NamedTuple):
         segs.sort(key=lambda s: -_itemsize(s[2]))
         return segs
 
-    def wire_bytes(self, bk) -> object:
+    def wire_bytes(self, bk) -> Any:
         """Bytes this payload occupies on the wire, header included."""
         total = _header_bytes(self)
         for _, t, dt in self.segments(bk):
             total = total + bk.size(t) * _itemsize(dt)
         return total
 
-    def wire_bits(self, bk) -> object:
+    def wire_bits(self, bk) -> Any:
         return 8 * self.wire_bytes(bk)
 
 
@@ -212,7 +215,7 @@ class Header(NamedTuple):
     value_code: int
     code_bits: int
     level: int
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count on purpose
     stamp: Stamp
     varint_bytes: int = 0
 
@@ -257,8 +260,8 @@ def check_header(h: Header, template: Payload, expect, name: str = "", rank=None
     mine = (_index_width(template), _DTYPE_CODE[None if template.values is None else
                                                 _value_dtype_name(bk, template.values)])
     if (h.index_width, h.value_code) != mine:
-        raise HvdCompressError(f"{where}: index width / value dtype code {h.index_width, h.value_code}"
-                               f" differ from this rank's {mine}")
+        raise HvdCompressError(f"{where}: index width / value dtype code "
+                               f"{h.index_width, h.value_code} differ from this rank's {mine}")
     if template.level:
         if not 1 <= h.level or not 2 <= h.code_bits <= 16 or (1 << (h.code_bits - 1)) <= h.level:
             raise HvdCompressError(f"{where}: level {h.level} does not fit {h.code_bits}-bit codes")

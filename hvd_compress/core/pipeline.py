@@ -12,23 +12,25 @@ feedback state exactly).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
 from .casts import Identity
 from .compressor import Compressor, check_int
 from .feedback import Feedback
+from .ops import Backend
+from .payload import Payload
 from .registry import lookup
 from .rng import Key
 from .spec import build, parse, resolve_compressor
 
 
 class Encoded(NamedTuple):
-    payload: object
-    codec: object     # the compressor that produced the payload (decodes every rank's)
-    state: object
-    error: object     # (||C(v) - v||^2 / ||v||^2, ||C(v) - v||^2) of the vector v
-    #                   compressed, if measured
+    payload: Payload
+    codec: Compressor  # the compressor that produced the payload (decodes every rank's)
+    state: Any         # the feedback rule's state (a NamedTuple of tensors), or None
+    error: Any         # (||C(v) - v||^2 / ||v||^2, ||C(v) - v||^2) of the vector v
+    #                    compressed, if measured
 
 
 class Pipeline:
@@ -163,9 +165,9 @@ class Sent(NamedTuple):
     """What a payload stands for, applied without decoding it to a dense tensor where
     the codec can (sparse payloads touch only their entries): what the feedback rules
     move their residuals and estimates by."""
-    bk: object
-    codec: object
-    payload: object
+    bk: Backend
+    codec: Compressor
+    payload: Payload
 
     def subtract_from(self, v, owned: bool = False):
         """``v - C(v)``; ``owned``: v is a fresh tensor that may be overwritten."""

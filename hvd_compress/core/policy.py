@@ -11,9 +11,9 @@ f(x) - E f(x+) >= (||g||^2 - Var(g)) / (2L), Var(g) = E||Q(g) - g||^2 = omega(g)
 a level whose variance exceeds ||g||^2 (omega(g) > 1) guarantees nothing, and the rule
 never prefers it to one that does. The rule keeps the level with the most
 (||g||^2 - Var(g)) per bit; where no level descends (QSGD with buckets of more than about
-260k entries can have omega > 1 even at s = 255), the one with the least variance. (Scoring ||g||^4 / E||Q(g)||^2 instead,
-the descent at the step 1/(L(1 + omega(g))), would pick levels with omega(g) > 1 that the
-unscaled update at 1/L does not descend with.)
+260k entries can have omega > 1 even at s = 255), the one with the least variance.
+(Scoring ||g||^4 / E||Q(g)||^2 instead, the descent at the step 1/(L(1 + omega(g))), would
+pick levels with omega(g) > 1 that the unscaled update at 1/L does not descend with.)
 
 For QSGD the level is s, and Var(g) = sum over buckets of (||g_b||^2 / s^2) sum_j
 f_j (1 - f_j), f_j the fractional part of s |g_j| / ||g_b||: exact, no sampling. The rule

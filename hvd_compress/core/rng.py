@@ -13,7 +13,7 @@ lanes: two's-complement wrapping multiplies and masked logical shifts). Conseque
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
 
@@ -33,7 +33,7 @@ class Key(NamedTuple):
     seed: int = 0
     rank: int | None = 0
     name: str = ""
-    step: object = 0  # a Python int, or an integer scalar tensor inside tf.function
+    step: Any = 0  # a Python int, or an integer scalar tensor inside tf.function
 
     def stream(self, salt: int = 0) -> int:
         """The static part of the key, folded into one 32-bit integer."""

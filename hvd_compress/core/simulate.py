@@ -11,6 +11,7 @@ from ..errors import HvdCompressError
 from .compressor import check_int
 from .exchange import Exchange
 from .ops import ITEMSIZE, backend_for
+from .payload import Payload
 from .pipeline import resolve_pipeline
 from .rng import Key
 
@@ -40,8 +41,9 @@ class Workers:
             check_int("Workers", "model_size", model_size, 1)
         self.states = None
         self.step_count = 0
-        self.bits = []  # per step: bits each worker sent (list of n ints)
-        self.last = []  # the payloads of the latest step, one per worker
+        self.bits: list[list[int]] = []  # per step: bits each worker sent (list of n ints)
+        # the payloads of the latest step, one per worker (None: auto sent that one dense)
+        self.last: list[Payload | None] = []
         self.exchanges = [Exchange(self.pipe, seed, transport="simulated")
                           for _ in range(n)] if wire else None
 

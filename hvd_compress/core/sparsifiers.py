@@ -2,18 +2,18 @@
 
 All three travel as int32 indices (int64 when d >= 2**31) plus values in the gradient dtype
 (or a cast given by ``values=``), so the wire cost is ``192 + k * (32 + value bits)`` bits
-with the 24-byte header (:mod:`hvd_compress.core.payload`). ``indices=varint`` sends the gaps between sorted
-positions as varints instead: about 10 bits per index at 1% density (plus a 64-bit
-length), at the price of payload sizes that differ across ranks. Positions differ across
-ranks, so sparse payloads go through an allgather, never through a dense allreduce.
+with the 24-byte header (:mod:`hvd_compress.core.payload`). ``indices=varint`` sends the
+gaps between sorted positions as varints instead: about 10 bits per index at 1% density
+(plus a 64-bit length), at the price of payload sizes that differ across ranks. Positions
+differ across ranks, so sparse payloads go through an allgather, never through a dense
+allreduce.
 """
 from __future__ import annotations
 
 import math
 
 from ..errors import HvdCompressError
-from .compressor import (Compressor, check_bool, check_float, check_int, check_ratio,
-                         resolve_k)
+from .compressor import Compressor, check_bool, check_float, check_int, check_ratio, resolve_k
 from .payload import Payload
 from .registry import register
 from .rng import Key, random_bits, uniform
@@ -256,7 +256,8 @@ class Bernoulli(_Sparse):
 
     def __init__(self, ratio=0.01, seed=0, values=None, indices=None):
         _check_formats("bernoulli", values, indices)
-        self.ratio, self.seed = check_ratio("bernoulli", ratio), check_int("bernoulli", "seed", seed)
+        self.ratio = check_ratio("bernoulli", ratio)
+        self.seed = check_int("bernoulli", "seed", seed)
         self.values, self.indices = values, indices
 
     def probabilities(self, bk, a, budget: float):
@@ -273,10 +274,10 @@ class Bernoulli(_Sparse):
         top = bk.to_numpy(bk.topk_values(a, m_max + 1)).astype(np.float64)
         total = float(bk.sum(bk.astype(a, "float64")))
         m = np.arange(m_max + 1)
-        lam = (total - np.concatenate([[0.0], np.cumsum(top[:-1])])) / (budget - m)
-        ok = top < lam
-        ok[1:] &= top[:-1] >= lam[1:]
-        lam = float(lam[int(np.argmax(ok))])
+        lams = (total - np.concatenate([[0.0], np.cumsum(top[:-1])])) / (budget - m)  # per m
+        ok = top < lams
+        ok[1:] &= top[:-1] >= lams[1:]
+        lam = float(lams[int(np.argmax(ok))])
         return bk.where(a >= lam, a * 0.0 + 1.0, a * (1.0 / lam))
 
     def compress(self, x, key: Key = Key()):

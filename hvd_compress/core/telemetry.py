@@ -17,18 +17,20 @@ class Record(NamedTuple):
     step: int
     name: str
     bits: int          # bits this rank handed to the collective for this tensor
-    count: int         # entries encoded (k for sparse payloads)
+    # entries encoded (k for sparse payloads). The name shadows tuple.count on purpose
+    # (rows are read as r.count); mypy flags any field that overrides a tuple method.
+    count: int  # type: ignore[assignment]
     numel: int         # entries of the dense tensor
     dense_bits: int    # bits the uncompressed tensor would take
-    seconds: object    # time spent compressing (host wall clock); None inside a TF graph
-    error: object = None  # ||C(v) - v||^2 / ||v||^2 when measured, else None
-    error_sq: object = None  # ||C(v) - v||^2 when measured, else None
+    seconds: float | None  # time spent compressing (host wall clock); None inside a TF graph
+    error: float | None = None  # ||C(v) - v||^2 / ||v||^2 when measured, else None
+    error_sq: float | None = None  # ||C(v) - v||^2 when measured, else None
 
 
 class Telemetry:
     """A thread-safe log of :class:`Record` rows (autograd hooks may run on threads)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._rows: list[Record] = []
         self._lock = threading.Lock()
 

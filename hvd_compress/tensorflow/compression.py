@@ -21,11 +21,12 @@ from __future__ import annotations
 import re
 import sys
 import zlib
+from typing import cast
 
-from ..core.exchange import Exchange
-from ..core.ops import backend_named
-from ..core.payload import Stamp, check_stamps
 from ..core.auto import refuse_unmeasured
+from ..core.exchange import Exchange
+from ..core.ops import TensorflowBackend, backend_named
+from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
@@ -93,7 +94,7 @@ class Compression:
         codec = self.pipeline.compressor
         self._plain_cast = self.pipeline.spec() == codec.spec() and codec.summable and \
             not codec.stochastic
-        self._bk = backend_named("tensorflow")
+        self._bk = cast(TensorflowBackend, backend_named("tensorflow"))
         self._compiled: dict = {}
 
     def __repr__(self):
@@ -132,6 +133,7 @@ class Compression:
         """(rank, world size, allgather of picklable objects) of ``process_set`` (default:
         Horovod's global set); None where Horovod is not initialized."""
         import horovod.tensorflow as hvd
+
         from ..checkpoint import allgather_objects
         if not hvd.is_initialized():
             return None

@@ -11,6 +11,7 @@ not every trace.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ..core.exchange import Exchange
 from ..errors import HvdCompressError
@@ -28,11 +29,11 @@ def _scope_name(name: str) -> str:
 class VariableExchange(Exchange):
     """Exchange with per-name step counters and feedback state in ``tf.Variable``s."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.variables: dict[str, object] = {}   # name -> state NamedTuple of variables
-        self.step_vars: dict[str, object] = {}   # name -> int64 step counter
-        self._restored: dict = {}                # from load_state_dict, before creation
+        self.variables: dict[str, Any] = {}   # name -> state NamedTuple of variables
+        self.step_vars: dict[str, Any] = {}   # name -> int64 step counter
+        self._restored: dict = {}             # from load_state_dict, before creation
 
     def next_step(self, name: str):
         tf = _tf()

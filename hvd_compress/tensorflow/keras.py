@@ -90,7 +90,7 @@ _LOSS_SCALING = (
 
 
 def _inside_loss_scaling() -> bool:
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return False

@@ -28,14 +28,15 @@ at Horovod's synchronize) is decided here; moving it is a transport's job
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from ..core.auto import Auto, refuse_unmeasured
 from ..core.compressor import check_int
 from ..core.exchange import Exchange
 from ..core.gtopk import check_pipeline
-from ..core.pipeline import Pipeline
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
+from ..core.pipeline import Pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
 from .transports import HorovodTransport, MpiTransport, TreeTransport, best_of, scale_factors
@@ -132,7 +133,8 @@ class Compression:
             check_pipeline(self.exchange.pipeline, "compression(transport='tree')")
         self._auto = self.exchange.pipeline.policy if \
             isinstance(self.exchange.pipeline.policy, Auto) else None
-        self._round, self._round_names = 0, set()  # steps launched, and this one's names
+        self._round = 0          # steps launched
+        self._round_names: set[str] = set()  # ... and this one's names
         self._measure_at = 1     # auto: the step that measures the costs next
         self._measured = 0       # ... and how many measurements ran (collective names)
         self._introduced: set = set()  # parameters whose placeholder allreduce was issued
@@ -140,12 +142,12 @@ class Compression:
         self.comm = comm
         self.transport = None  # how payloads travel, chosen when bound to an optimizer
         self.whole_model = bool(whole_model)
-        self._model_grads: dict[str, object] = {}    # name -> gradient, fused or whole-model
+        self._model_grads: dict[str, Any] = {}       # name -> gradient, fused or whole-model
         self._buckets: list = []                     # this step's started buckets
-        self._agreed_grads: dict[str, object] = {}   # name -> gradient, dynamic:agree=true
-        self._agreed: dict[str, object] = {}         # name -> wait() of a started one
+        self._agreed_grads: dict[str, Any] = {}      # name -> gradient, dynamic:agree=true
+        self._agreed: dict[str, Any] = {}            # name -> wait() of a started one
         self._held_checks: list = []   # first-exchange checks of held gradients, pending
-        self._model_updates: dict[str, object] = {}  # name -> its slice of the update
+        self._model_updates: dict[str, Any] = {}     # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
@@ -175,8 +177,9 @@ class Compression:
         global set; None where Horovod is not initialized."""
         if self.comm is not None:
             return self.comm.Get_rank(), self.comm.Get_size(), self.comm.allgather
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
+
         from ..checkpoint import allgather_objects
         if not hvd.is_initialized():
             return None
@@ -314,8 +317,8 @@ class Compression:
         the module docstring) unless Horovod issued it, and the gather of every rank's
         fingerprint. Returns a function that waits for both and raises on disagreement
         (None after the first exchange)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
 
         if name in self._introduced and name not in self._unchecked:
             return None
@@ -362,6 +365,7 @@ class Compression:
         step is compressed, whatever its hook order, and takes the slowest rank's figures:
         every rank routes every tensor alike."""
         import torch
+
         from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
 
         tag, t = f"{_PREFIX}auto:{self._measured}", self.transport
@@ -431,12 +435,12 @@ class Compression:
         for name in sorted(agreed):
             self._agreed[name] = self._send(opt, name, agreed[name])
 
-    def _start_fused(self, opt):
+    def _start_fused(self, opt) -> None:
         import torch
 
         if not self._model_grads:
             return
-        by_dtype: dict[object, list] = {}
+        by_dtype: dict[Any, list[str]] = {}  # torch dtype -> parameter names
         for n in sorted(self._model_grads):
             by_dtype.setdefault(self._model_grads[n].dtype, []).append(n)
         if self.whole_model and len(by_dtype) > 1:

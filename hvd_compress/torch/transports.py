@@ -4,8 +4,9 @@ A transport takes this rank's :class:`~hvd_compress.core.exchange.Outgoing` (a s
 payload for an allreduce, or packed bytes for an allgather) and a collective name, and
 starts moving it: :meth:`start` returns ``wait()``, which gives the collective's output.
 :meth:`gather_rows` is a blocking allgather of a few float64s (how dynamic:agree=true
-settles k within a step). The frontend decides what to send and when (per tensor, in fused buckets, as one model
-vector); the transport only moves it, so the two vary independently.
+settles k within a step). The frontend decides what to send and when (per tensor, in
+fused buckets, as one model vector); the transport only moves it, so the two vary
+independently.
 
 * :class:`HorovodTransport`: Horovod's asynchronous collectives, matched across ranks by
   name, so each starts from its gradient hook and overlaps the backward pass.
@@ -20,6 +21,8 @@ vector); the transport only moves it, so the two vary independently.
 :class:`~hvd_compress.core.exchange.Exchange` method that reads that kind of result.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from ..errors import HvdCompressError
 
@@ -81,8 +84,8 @@ class HorovodTransport(Transport):
 
     def gather_rows(self, row, name: str):
         """Every rank's float64 ``row`` (numpy), stacked in rank order (blocking)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         return hvd.allgather(torch.from_numpy(row.reshape(1, -1)), name=name,
                              process_set=self.opt.process_set).numpy()
 
@@ -90,8 +93,8 @@ class HorovodTransport(Transport):
         """Seconds of a whole allreduce, then of a whole allgather, of each size in bytes
         handed in by every rank (the best of two, after one more); blocking, so every rank
         must call it at the same point of its sequence of collectives."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         ps, times = self.opt.process_set, []
         for kind in ("allreduce", "allgather"):
             for nbytes in sizes:
@@ -106,8 +109,8 @@ class HorovodTransport(Transport):
 
     def max_over_ranks(self, values, name: str) -> list:
         """Every rank's ``values``, elementwise max over the ranks (blocking)."""
-        import horovod.torch as hvd
         import torch
+        import horovod.torch as hvd
         return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
                              process_set=self.opt.process_set).tolist()
 
@@ -121,11 +124,11 @@ class MpiTransport(Transport):
 
     name = "mpi4py"
 
-    def __init__(self, comm, before_flush=None):
+    def __init__(self, comm, before_flush=None) -> None:
         self.comm = comm
         self.before_flush = before_flush
-        self._pending: dict[str, object] = {}   # name -> outgoing
-        self._arrived: dict[str, object] = {}
+        self._pending: dict[str, Any] = {}   # name -> Outgoing
+        self._arrived: dict[str, Any] = {}   # name -> the gathered bytes
 
     def rank(self) -> int:
         return self.comm.Get_rank()

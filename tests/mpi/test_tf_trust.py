@@ -13,7 +13,8 @@ from hvd_compress import HvdCompressError
 
 hvd.init()
 rank, size = hvd.rank(), hvd.size()
-MPI_RANKS = (2,)  # TF start-up dominates; the checks are rank-count independent (torch runs 2 and 4)
+# TF start-up dominates; the checks are rank-count independent (torch runs 2 and 4)
+MPI_RANKS = (2,)
 _ids = itertools.count()
 
 

@@ -217,9 +217,10 @@ def test_bf16_model_through_the_lazy_binding(spec):
 
 def test_adasum_is_refused_clearly():
     m = model("adasum")
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
-                                   named_parameters=m.named_parameters(),
-                                   compression=hct.compression("topk:0.2"), op=hvd.Adasum)
+    # bound to a name so the optimizer, whose hooks raise, lives through backward()
+    _opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                    named_parameters=m.named_parameters(),
+                                    compression=hct.compression("topk:0.2"), op=hvd.Adasum)
     x, y = batch(0)
     with pytest.raises(HvdCompressError, match="op=Adasum is not supported"):
         torch.nn.functional.mse_loss(m(x), y).backward()
