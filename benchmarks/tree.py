@@ -16,7 +16,8 @@ Beside the measurements it plots an alpha-beta model of both transports to 1,024
 stated as a model (ring allgather: each rank sends (n - 1) m bytes; binomial tree: each
 rank sends its m bytes up once and the broadcast forwards them, 2 m (n - 1) / n on
 average, rank 0 receiving ceil(log2 n) m), and with ``--accuracy`` trains the a9a example
-at the largest rank count with dense, allgather and tree, printing held-out accuracy.
+at 8 ranks (``--accuracy-ranks``) with dense, allgather and tree, printing held-out
+accuracy.
 """
 import argparse
 import json
@@ -122,7 +123,7 @@ def model_bytes(n, m, d):
 
 
 # the model's link and compute, stated (not fitted to this machine): 50 us per message,
-# 10 Gbit/s, and a merge of four passes over d float32 at 10 GB/s
+# 10 Gbit/s, and a merge of four passes over the two payloads at 10 GB/s
 ALPHA, BETA = 50e-6, 8 / 10e9
 
 
@@ -130,7 +131,7 @@ def model_seconds(n, m, d):
     """Seconds per step in the same model: ring allreduce 2 (n - 1) messages of 4d/n
     bytes; ring allgather (n - 1) messages of m bytes; the tree ceil(log2 n) rounds up (a
     message and a merge each) and as many down."""
-    merge = 4 * 4 * d / 10e9
+    merge = 4 * 2 * m / 10e9
     return {"dense": 2 * (n - 1) * (ALPHA + 4 * d / n * BETA),
             "allgather": (n - 1) * (ALPHA + m * BETA),
             "tree": _rounds(n) * (2 * (ALPHA + m * BETA) + merge)}
@@ -141,16 +142,19 @@ def _rounds(n):
 
 
 def table(results, m):
-    lines = [f"| ranks | dense allreduce | allgather | tree | tree / allgather | model (allgather, tree) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| ranks | dense allreduce | allgather | tree | tree / allgather "
+             "| model (allgather, tree) |", "|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r):
+        return f"{r['bytes_per_rank'] / 1e3:,.1f} kB, {r['seconds'] * 1e3:.1f} ms"
+
     for n, r in results.items():
         mod = model_bytes(n, m, r["d"])
+        tree, gather = r["tree"], r["allgather"]
         lines.append(
-            f"| {n} | {r['dense']['bytes_per_rank'] / 1e3:,.1f} kB, {r['dense']['seconds'] * 1e3:.1f} ms "
-            f"| {r['allgather']['bytes_per_rank'] / 1e3:,.1f} kB, {r['allgather']['seconds'] * 1e3:.1f} ms "
-            f"| {r['tree']['bytes_per_rank'] / 1e3:,.1f} kB, {r['tree']['seconds'] * 1e3:.1f} ms "
-            f"| {r['tree']['bytes_per_rank'] / r['allgather']['bytes_per_rank']:.2f}x bytes, "
-            f"{r['tree']['seconds'] / r['allgather']['seconds']:.2f}x time "
+            f"| {n} | {cell(r['dense'])} | {cell(gather)} | {cell(tree)} "
+            f"| {tree['bytes_per_rank'] / gather['bytes_per_rank']:.2f}x bytes, "
+            f"{tree['seconds'] / gather['seconds']:.2f}x time "
             f"| {mod['allgather'] / 1e3:,.1f} kB, {mod['tree'] / 1e3:,.1f} kB |")
     return "\n".join(lines)
 
@@ -212,6 +216,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-netns", action="store_true")
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--accuracy-ranks", type=int, default=8)
     ap.add_argument("--acc-ratio", type=float, default=0.01)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=900)
@@ -238,7 +243,7 @@ def main():
             f"step{' (no namespace: other loopback traffic included)' if args.no_netns else ''}"
             f"; `python benchmarks/tree.py`\n\n" + table(results, m))
     if args.accuracy:
-        n = max(args.ranks)
+        n = args.accuracy_ranks
         text += f"\n\na9a, MLP 123-64-1, {n} ranks, {args.epochs} epochs:\n\n" + \
             "\n".join(f"    {line}" for line in accuracy(n, args))
     print("\n" + text)

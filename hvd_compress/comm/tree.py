@@ -25,20 +25,19 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.gtopk import merge, schedule
-from ..core.payload import (_STAMP_FIELDS, FLAG_NONFINITE, HEADER_BYTES, pack, read_header,
-                            unpack)
 from ..core.ops import backend_for
+from ..core.payload import FLAG_NONFINITE, HEADER_BYTES, STAMP_FIELDS, pack, read_header, unpack
 from ..errors import HvdCompressError
 from .mpi import _host_view
 
 _TAG_STATUS, _TAG_PAYLOAD = 71, 72
-_FOREIGN = 1 << len(_STAMP_FIELDS)   # status bit: a payload that could not be read
+_FOREIGN = 1 << len(STAMP_FIELDS)   # status bit: a payload that could not be read
 
 
 class Merged(NamedTuple):
     """One tensor's result of the tree, the same on every rank except ``leftover``."""
     payload: object        # the merged k-sparse sum, as a payload like this rank's
-    leftover: object       # what merges on this rank dropped (dense, flat), or None
+    leftover: list         # what merges on this rank dropped: (positions, values) pairs
     nonfinite: list        # ranks whose gradient held a NaN or an infinity
     disagree: object       # None, or the error every rank raises (ranks configured apart)
 
@@ -53,7 +52,7 @@ def tree_allreduce(comm, out, cuda_aware: bool = False) -> Merged:
     own = read_header(_head(bk, out.wire), out.name, rank)
     culprit, fields = -1, 0
     bad = [rank] if own.flags & FLAG_NONFINITE else []
-    leftover = None
+    leftover = []
     for op, peer in schedule(rank, n):
         if op == "send":
             wire = out.wire if current is mine else pack(bk, current, out.stamp)
@@ -72,7 +71,7 @@ def tree_allreduce(comm, out, cuda_aware: bool = False) -> Merged:
             culprit, fields = peer, why
             continue
         current, dropped = merge(bk, out.codec, current, theirs)
-        leftover = dropped if leftover is None else leftover + dropped
+        leftover.append(dropped)
     # rank 0 broadcasts the status and the merged payload
     if rank == 0:
         status = np.array([culprit, fields, *sorted(bad)], np.int64)
@@ -111,7 +110,7 @@ def _read(bk, buf, template, out):
 
 
 def _disagreement(name, culprit, fields) -> str:
-    what = [f for i, f in enumerate(_STAMP_FIELDS) if fields & (1 << i)] or \
+    what = [f for i, f in enumerate(STAMP_FIELDS) if fields & (1 << i)] or \
         ["payload layout"]
     return (f"tensor {name!r}: ranks disagree on the {' and '.join(what)} of this tensor "
             f"(rank {culprit}'s payload differs from the rank it merges into); every rank "

@@ -232,9 +232,10 @@ class Exchange:
             raise HvdCompressError(merged.disagree)
         mean, finite = outgoing.codec.mean(bk, [merged.payload], n)
         bad = bool(merged.nonfinite) or not finite
-        if not bad and merged.leftover is not None:
-            self.states[name] = self.pipeline.feedback.absorb(bk, self.states[name],
-                                                              merged.leftover)
+        if not bad:
+            for positions, values in merged.leftover:
+                self.states[name] = self.pipeline.feedback.absorb(bk, self.states[name],
+                                                                  positions, values)
         return self._decode(bk, mean, outgoing, n if summed else 1, bad, merged.nonfinite)
 
     def _decode(self, bk, mean, outgoing, scale, bad, ranks):

@@ -88,10 +88,13 @@ class EF14(Feedback):
     def decode(self, bk, mean, state):
         return mean, state
 
-    def absorb(self, bk, state, leftover):
-        """The state with ``leftover`` (entries of other ranks' payloads that a merge on
-        this rank dropped, see :mod:`hvd_compress.core.gtopk`) added to the residual."""
-        return EF14State(state.residual + bk.astype(leftover, bk.dtype(state.residual)))
+    def absorb(self, bk, state, positions, values):
+        """The state with ``values`` added to the residual at ``positions``: entries of
+        the ranks' payloads that a merge on this rank dropped (see
+        :mod:`hvd_compress.core.gtopk`)."""
+        residual = state.residual  # made by this step's encode: no one else holds it
+        return EF14State(bk.scatter_add_into(residual, positions,
+                                             bk.astype(values, bk.dtype(residual))))
 
 
 class EF21State(NamedTuple):

@@ -38,13 +38,14 @@ from __future__ import annotations
 from ..errors import HvdCompressError
 from .feedback import EF14
 from .select import topk_indices
-from .sparsifiers import TopK
+from .sparsifiers import TopK, _wide
 
 
 def schedule(rank: int, n: int) -> list:
     """This rank's part of the reduction, in order: ``("recv", peer)`` for each round in
     which it merges a partner's payload, then ``("send", peer)`` once (every rank but 0)."""
-    steps, bit = [], 1
+    steps: list = []
+    bit = 1
     while bit < n:
         if rank & bit:
             return steps + [("send", rank - bit)]
@@ -61,17 +62,21 @@ def rounds(n: int) -> int:
 
 def merge(bk, codec: TopK, mine, theirs):
     """(the k largest entries of the sum of two payloads, as a payload like ``mine``; the
-    rest of the sum as a dense flat tensor) -- what the merging rank forwards and what it
-    keeps in its residual. Their sum is exactly ``decode(mine) + decode(theirs)`` (in the
-    payloads' compute dtype)."""
-    d = _numel(mine.shape)
-    k = codec.k_for(d)
-    total = codec.add_sent(bk, codec.decode_flat(bk, mine), theirs, 1.0, owned=True)
-    idx = topk_indices(bk, bk.abs(total), k)
+    rest of the sum as (positions, values)) -- what the merging rank forwards and what it
+    keeps in its residual. Forwarded plus kept is exactly ``decode(mine) + decode(theirs)``
+    (in the payloads' compute dtype). Only the at most 2k positions the payloads hold are
+    touched: a merge costs O(k log k), not a pass over the tensor."""
+    k = codec.k_for(_numel(mine.shape))
+    positions, where = bk.unique(bk.concat([mine.indices, theirs.indices]))
+    total = bk.scatter_add(bk.size(positions), where,  # the receiver's values, then the sender's
+                           bk.concat([_wide(bk, mine.values), _wide(bk, theirs.values)]))
+    keep = topk_indices(bk, bk.abs(total), k)  # positions are sorted: ties go low, as in top-k
     # in the tensor's dtype, then the codec's wire cast, as a local payload is formed
-    forward = codec.pack_at(bk, bk.astype(bk.gather(total, idx), mine.dtype), idx, mine.shape,
-                          mine.dtype, d)
-    return forward, codec.add_sent(bk, total, forward, -1.0, owned=True)
+    forward = codec.pack_at(bk, bk.astype(bk.gather(total, keep), mine.dtype),
+                            bk.gather(positions, keep), mine.shape, mine.dtype,
+                            _numel(mine.shape))
+    sent = bk.astype(_wide(bk, forward.values), bk.dtype(total))
+    return forward, (positions, bk.scatter_add_into(total, keep, -sent))
 
 
 def check_pipeline(pipeline, where: str):

@@ -92,6 +92,10 @@ class Backend:
 
     # -- selection -------------------------------------------------------------------
     def nonzero(self, mask): raise NotImplementedError
+    def unique(self, x):
+        """(the sorted distinct values of the 1-D int tensor x, each entry's position
+        among them)."""
+        raise NotImplementedError
     def gather(self, x, idx): raise NotImplementedError
     def topk_values(self, x, k: int): raise NotImplementedError
     def topk_positions(self, x, k: int):
@@ -158,6 +162,9 @@ class NumpyBackend(Backend):
     def isfinite(self, x): return np.isfinite(x)
     def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
+    def unique(self, x):
+        values, inverse = np.unique(x, return_inverse=True)
+        return values, inverse.reshape(-1).astype(np.int64)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k):
         return -np.sort(-np.partition(x, len(x) - k)[len(x) - k:])
@@ -239,6 +246,7 @@ class TorchBackend(Backend):
     def finite_or_zero(self, x): return self.t.nan_to_num(x, 0.0, 0.0, 0.0)
     def nan_like(self, x): return self.t.full_like(x, float("nan"))
     def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
+    def unique(self, x): return self.t.unique(x, sorted=True, return_inverse=True)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
     def cumsum(self, x): return self.t.cumsum(x, 0)
@@ -320,6 +328,12 @@ class TensorflowBackend(Backend):
     def nan_like(self, x):
         return self.tf.fill(self.tf.shape(x), self.tf.constant(float("nan"), x.dtype))
     def nonzero(self, mask): return self.tf.reshape(self.tf.where(mask), (-1,))
+    def unique(self, x):
+        tf = self.tf
+        values, first = tf.unique(x, out_idx=tf.int64)  # in order of first appearance
+        order = tf.cast(tf.argsort(values), tf.int64)
+        rank = tf.math.invert_permutation(order)
+        return tf.gather(values, order), tf.gather(rank, first)
     def gather(self, x, idx): return self.tf.gather(x, idx)
     def topk_values(self, x, k): return self.tf.math.top_k(x, k, sorted=True).values
     def topk_positions(self, x, k):

@@ -57,7 +57,7 @@ if sys.byteorder != "little":  # segments are bitcast in place, so the host orde
     raise HvdCompressError("hvd_compress's wire format is little-endian; this host is not")
 
 
-_STAMP_FIELDS = ("compression spec", "name, shape or dtype",
+STAMP_FIELDS = ("compression spec", "name, shape or dtype",
                  "seed, transport or nonfinite policy")
 
 
@@ -81,7 +81,7 @@ def check_stamps(what: str, stamps, mine: str):
     describes this rank's configuration for the message."""
     if all(s == stamps[0] for s in stamps):
         return
-    differ = [f for i, f in enumerate(_STAMP_FIELDS) if len({s[i] for s in stamps}) > 1]
+    differ = [f for i, f in enumerate(STAMP_FIELDS) if len({s[i] for s in stamps}) > 1]
     groups: dict = {}
     for r, s in enumerate(stamps):
         groups.setdefault(tuple(s), []).append(r)
@@ -251,7 +251,7 @@ def check_header(h: Header, template: Payload, expect, name: str = "", rank=None
     ``expect`` is the receiver's :class:`Stamp` (None skips the fingerprints)."""
     where = _where(name, rank)
     if expect is not None and h.stamp != expect:
-        differ = [what for what, a, b in zip(_STAMP_FIELDS, h.stamp, expect) if a != b]
+        differ = [what for what, a, b in zip(STAMP_FIELDS, h.stamp, expect) if a != b]
         raise HvdCompressError(
             f"{where}: ranks disagree on the {' and '.join(differ)} of this tensor; every "
             f"rank must compress it with the same spec, seed and shape")
