@@ -24,6 +24,7 @@ from ..core.auto import refuse_unmeasured
 from ..core.exchange import Exchange
 from ..core.gtopk import check_pipeline
 from ..core.ops import backend_for
+from ..core.payload import Stamp, check_stamps
 from ..errors import HvdCompressError
 
 
@@ -46,9 +47,11 @@ class SparseAllreduce:
         ``topk:RATIO+ef14`` (see :mod:`hvd_compress.core.gtopk`).
 
     Feedback state is kept per tensor ``name`` (required); ``state_dict()`` checkpoints it.
-    Every rank must call :meth:`allreduce` for the same names in the same order: each
-    payload's header carries the tensor's name, so a rank that calls them in another
-    order raises on every rank instead of adding another tensor's values.
+    Every rank must call :meth:`allreduce` for the same names in the same order. On a
+    name's first call every rank's fingerprint (spec, seed, transport, non-finite policy,
+    name, shape, dtype) is gathered before anything of it moves, so ranks configured apart,
+    or calling names in another order, raise on every rank instead of waiting on each
+    other; afterwards each payload's header carries them, and is checked on arrival.
     """
 
     def __init__(self, spec, comm=None, average=True, seed=0, cuda_aware=False,
@@ -66,7 +69,6 @@ class SparseAllreduce:
         self.tree = transport == "tree"
         if self.tree:
             check_pipeline(self.exchange.pipeline, "SparseAllreduce")
-            comm = comm.Dup()  # point-to-point messages never meet the user's
         if self.exchange.pipeline.perturbation is not None and model_size is None:
             raise HvdCompressError(
                 f"{self.exchange.pipeline.spec()}: perturb spreads its noise over the whole "
@@ -75,6 +77,8 @@ class SparseAllreduce:
         self.telemetry = self.exchange.telemetry
         self.comm, self.average = comm, bool(average)
         self.cuda_aware = bool(cuda_aware)
+        self._agreed: set = set()  # names whose first-call fingerprints every rank shares
+        self._tree_comm = None     # the tree's own duplicate of comm, made at its first call
 
     def state_dict(self) -> dict:
         """Feedback state and step counters, and who wrote them (format, rank, world
@@ -103,16 +107,32 @@ class SparseAllreduce:
                 "SparseAllreduce.allreduce needs name=: each tensor's feedback state, random "
                 "stream and payload check are keyed by it (e.g. the parameter's name)")
         bk = backend_for(tensor)
+        if name not in self._agreed:
+            self._agree(bk, name, tensor)
         out = self.exchange.begin(bk, name, tensor, self.comm.Get_rank(),
                                   gather=lambda row: gather_rows(self.comm, row))
         if self.tree:
             from .tree import tree_allreduce
-            merged = tree_allreduce(self.comm, out, self.cuda_aware)
+            if self._tree_comm is None:  # every rank is here: they agreed on the transport
+                self._tree_comm = self.comm.Dup()  # messages never meet the user's
+            merged = tree_allreduce(self._tree_comm, out, self.cuda_aware)
             return self.exchange.finish_merged(bk, merged, out, self.comm.Get_size(),
                                                summed=not self.average)
         gathered = allgather_bytes(self.comm, out.wire, out.codec.fixed_size, self.cuda_aware)
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)
+
+
+    def _agree(self, bk, name, tensor):
+        """Raise on every rank unless every rank's fingerprint of tensor ``name`` equals
+        this rank's (one small Allgather, on the name's first call only)."""
+        ex = self.exchange
+        shape, dtype = bk.shape(tensor), bk.dtype(tensor)
+        rows = gather_rows(self.comm, np.array(ex.stamp(name, shape, dtype), np.float64))
+        check_stamps(f"tensor {name!r}", [Stamp(*map(int, row)) for row in rows],
+                     f"spec {ex.pipeline.spec()!r}, seed {ex.seed}, shape {tuple(shape)}, "
+                     f"dtype {dtype}, transport {ex.transport}, nonfinite={ex.nonfinite!r}")
+        self._agreed.add(name)
 
 
 def allgather_bytes(comm, buf, fixed_size: bool, cuda_aware: bool = False):

@@ -9,9 +9,13 @@ int64 status followed by a packed payload (24-byte header with the sender's fing
 Every rank takes the same branch. A rank that finds its child's fingerprints differ from
 its own (another spec, seed, shape or name: ranks that call tensors in another order) or
 a malformed payload does not merge it, and passes the finding up in its status; a rank
-whose gradient held a NaN or an infinity is listed there too. Rank 0 broadcasts the
-status with the payload, so every rank raises the same error, or applies the same NaN
-update, at the same tensor and step -- none waits for a partner that gave up.
+whose gradient held a NaN or an infinity is listed there too, and so is a merge whose
+sum was not finite (inf - inf, or a partial sum past the range of the tensor's dtype or
+of a ``values=`` cast: partial sums travel in those). Rank 0 broadcasts the status with
+the payload, so every rank raises the same error, or applies the same NaN update, at the
+same tensor and step, and no rank stops moving its other tensors while others wait. (A
+rank that raises before it reaches the tree, on input only it has, still leaves the
+others waiting; the frontends check the ranks' fingerprints before anything moves.)
 
 Messages travel on a duplicate of the user's communicator, so they never match the
 user's own receives. Buffers go to MPI as in :mod:`hvd_compress.comm.mpi`: numpy arrays
@@ -36,62 +40,94 @@ _FOREIGN = 1 << len(STAMP_FIELDS)   # status bit: a payload that could not be re
 
 class Merged(NamedTuple):
     """One tensor's result of the tree, the same on every rank except ``leftover``."""
-    payload: object        # the merged k-sparse sum, as a payload like this rank's
+    payload: object        # the merged k-sparse sum, as a payload like this rank's (None
+    #                        when ranks disagree)
     leftover: list         # what merges on this rank dropped: (positions, values) pairs
     nonfinite: list        # ranks whose gradient held a NaN or an infinity
+    overflow: bool         # a merge's sum was not finite (the step is void, as for a NaN)
     disagree: object       # None, or the error every rank raises (ranks configured apart)
+
+
+class _Status:
+    """What travels up with each payload and down with the result: the first pair of
+    ranks found to disagree (child, parent, which fingerprints), the first rank whose
+    merge overflowed, and the ranks whose gradient was not finite."""
+
+    def __init__(self):
+        self.child = self.parent = self.what = self.overflow = -1
+        self.nonfinite: list = []
+
+    def array(self):
+        return np.array([self.child, self.parent, self.what, self.overflow,
+                         *sorted(self.nonfinite)], np.int64)
+
+    def absorb(self, a):
+        if self.child < 0 and a[0] >= 0:
+            self.child, self.parent, self.what = int(a[0]), int(a[1]), int(a[2])
+        if self.overflow < 0 and a[3] >= 0:
+            self.overflow = int(a[3])
+        self.nonfinite += [int(r) for r in a[4:]]
+
+    @property
+    def void(self) -> bool:
+        """Nothing more can be merged meaningfully (every rank raises or applies NaN)."""
+        return self.child >= 0 or self.overflow >= 0
 
 
 def tree_allreduce(comm, out, cuda_aware: bool = False) -> Merged:
     """Merge every rank's top-k payload ``out.payload`` (an :class:`Outgoing`) up the tree
     and broadcast the result; blocking, and every rank of ``comm`` must call it for the
-    same tensor at the same point (the frontends go in sorted name order)."""
+    same tensor at the same point (the frontends go in sorted name order). Never raises
+    for what the ranks sent: disagreements and non-finite values come back in the result,
+    the same on every rank, so every rank moves every tensor of its step."""
     bk = backend_for(out.wire)
     rank, n = comm.Get_rank(), comm.Get_size()
     mine = current = out.payload
-    own = read_header(_head(bk, out.wire), out.name, rank)
-    culprit, fields = -1, 0
-    bad = [rank] if own.flags & FLAG_NONFINITE else []
+    status = _Status()
+    if read_header(_head(bk, out.wire), out.name, rank).flags & FLAG_NONFINITE:
+        status.nonfinite.append(rank)
     leftover = []
     for op, peer in schedule(rank, n):
         if op == "send":
             wire = out.wire if current is mine else pack(bk, current, out.stamp)
-            _send(comm, np.array([culprit, fields, *bad], np.int64), peer, _TAG_STATUS)
+            _send(comm, status.array(), peer, _TAG_STATUS)
             _send_buffer(bk, comm, wire, peer, cuda_aware)
             break
-        status = _recv(comm, peer, _TAG_STATUS, np.int64)
+        status.absorb(_recv(comm, peer, _TAG_STATUS, np.int64))
         buf = _recv_buffer(bk, comm, peer, out.wire, cuda_aware)
-        bad += [int(r) for r in status[2:]]
-        if culprit < 0 and status[0] >= 0:
-            culprit, fields = int(status[0]), int(status[1])
-        if culprit >= 0:
-            continue  # every rank raises at the end; keep the message pattern intact
+        if status.void:
+            continue  # keep the message pattern intact; every rank learns why at the end
         theirs, why = _read(bk, buf, mine, out)
         if theirs is None:
-            culprit, fields = peer, why
+            status.child, status.parent, status.what = peer, rank, why
             continue
         current, dropped = merge(bk, out.codec, current, theirs)
+        if not (bk.all_finite(current.values) and bk.all_finite(dropped[1])):
+            status.overflow = rank  # e.g. inf - inf, or a sum past a float16 cast's range
         leftover.append(dropped)
     # rank 0 broadcasts the status and the merged payload
     if rank == 0:
-        status = np.array([culprit, fields, *sorted(bad)], np.int64)
+        head = status.array()
         final = out.wire if current is mine else pack(bk, current, out.stamp)
-        sizes = np.array([status.size, bk.size(final)], np.int64)
+        sizes = np.array([head.size, bk.size(final)], np.int64)
     else:
-        sizes, status, final = np.empty(2, np.int64), None, None
+        sizes, final = np.empty(2, np.int64), None
     comm.Bcast(sizes, root=0)
     if rank:
-        status = np.empty(int(sizes[0]), np.int64)
-    comm.Bcast(status, root=0)
+        head = np.empty(int(sizes[0]), np.int64)
+    comm.Bcast(head, root=0)
     if rank:
         final = _bcast_buffer(bk, comm, None, int(sizes[1]), out.wire, cuda_aware)
-        current = unpack(bk, final, mine, None, out.name)
     else:
         _bcast_buffer(bk, comm, final, int(sizes[1]), out.wire, cuda_aware)
-    disagree = None
-    if status[0] >= 0:
-        disagree = _disagreement(out.name, int(status[0]), int(status[1]))
-    return Merged(current, leftover, [int(r) for r in status[2:]], disagree)
+    agreed = _Status()
+    agreed.absorb(head)
+    if agreed.child >= 0:  # rank 0's payload may not even fit this rank's layout
+        return Merged(None, [], [], False,
+                      _disagreement(out.name, agreed.child, agreed.parent, agreed.what))
+    if rank:
+        current = unpack(bk, final, mine, None, out.name)
+    return Merged(current, leftover, agreed.nonfinite, agreed.overflow >= 0, None)
 
 
 def _read(bk, buf, template, out):
@@ -109,11 +145,11 @@ def _read(bk, buf, template, out):
         return None, _FOREIGN
 
 
-def _disagreement(name, culprit, fields) -> str:
-    what = [f for i, f in enumerate(STAMP_FIELDS) if fields & (1 << i)] or \
+def _disagreement(name, child, parent, what) -> str:
+    fields = [f for i, f in enumerate(STAMP_FIELDS) if what & (1 << i)] or \
         ["payload layout"]
-    return (f"tensor {name!r}: ranks disagree on the {' and '.join(what)} of this tensor "
-            f"(rank {culprit}'s payload differs from the rank it merges into); every rank "
+    return (f"tensor {name!r}: ranks disagree on the {' and '.join(fields)} of this tensor "
+            f"(found where rank {child}'s payload merges into rank {parent}'s); every rank "
             "must compress it with the same spec, seed and shape, and exchange tensors in "
             "the same order")
 

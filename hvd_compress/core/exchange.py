@@ -231,7 +231,7 @@ class Exchange:
             self.commit_state(name, outgoing.prior)
             raise HvdCompressError(merged.disagree)
         mean, finite = outgoing.codec.mean(bk, [merged.payload], n)
-        bad = bool(merged.nonfinite) or not finite
+        bad = bool(merged.nonfinite) or merged.overflow or not finite
         if not bad:
             for positions, values in merged.leftover:
                 self.states[name] = self.pipeline.feedback.absorb(bk, self.states[name],

@@ -8,9 +8,11 @@ tensor, which at 32 ranks and 1% is a third of a dense ring allreduce, and more 
 100. gTop-k reduces up a binomial tree instead (:func:`schedule`): in round j = 0, 1, ...
 every rank r with r mod 2^(j+1) = 2^j sends its current k pairs to rank r - 2^j, which adds
 them to its own and keeps the k entries of largest magnitude of the sum (:func:`merge`).
-After ceil(log2 n) rounds rank 0 holds k pairs, which it broadcasts. Every other rank sends
-k pairs once and receives k pairs once; rank 0 receives k pairs per round. Any n works:
-a rank whose partner would be n or beyond skips that round.
+After ceil(log2 n) rounds rank 0 holds k pairs, which it broadcasts. Every rank but 0
+sends k pairs up once, and receives one payload per rank that merges into it (rank 0:
+one per round) and the broadcast's; on average a rank sends about 2k pairs per tensor
+whatever n (rank 0 forwards the broadcast ceil(log2 n) times). Any n works: a rank whose
+partner would be n or beyond skips that round.
 
 Nothing is lost. A merge drops entries of the sum that several ranks contributed to; the
 merging rank adds what it dropped (the whole sum at those positions, and the rounding of a
@@ -19,6 +21,8 @@ step keeps the conservation EF14's analysis rests on,
 
     sum_i e_i(after) + G = sum_i (e_i(before) + g_i),
 
+exactly in exact arithmetic (in floating point, up to the rounding of the sums, as for
+any sum over ranks),
 G being the k-sparse sum every rank applies (divided by n for the average): the virtual
 iterate x - step * sum_i e_i / n moves by the true average gradient. The residuals are
 not those of per-rank EF14 (a merging rank holds mass of the ranks below it); their sum is.
@@ -27,8 +31,12 @@ This is why the tree needs top-k with ``ef14`` and refuses other pipelines
 
 Ties at the k-th magnitude go to lower positions, as in local top-k, and a merge adds the
 receiver's vector and then the sender's, so G is a deterministic function of the ranks'
-gradients, identical on every rank. Tune k as for top-k + EF14; the global k is the same
-k, so a step applies k entries where the allgather applies up to k n.
+gradients, identical on every rank. Partial sums travel in the tensor's dtype (or the
+``values=`` cast): with float16 gradients a partial sum can overflow where the allgather,
+which adds in float32, would not; the step is then void on every rank, as for a NaN.
+
+Tune k as for top-k + EF14; the global k is the same k, so a step applies k entries where
+the allgather applies up to k n.
 
 The transport that moves the messages is :mod:`hvd_compress.comm.tree` (mpi4py
 point-to-point).

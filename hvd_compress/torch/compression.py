@@ -310,6 +310,11 @@ class Compression:
             if introduce is not None:  # run before any bucket forms (see _start_buckets)
                 self._held_checks.append(introduce)
             return lambda: self._model_update(name)
+        if self.comm is not None and introduce is not None:
+            # over mpi4py the checks run before the flush moves anything: payloads of
+            # ranks configured apart would otherwise break the transport, not raise
+            self._held_checks.append(introduce)
+            introduce = None
         return _after(introduce, self._send(opt, name, tensor))
 
     def _introduce(self, opt, name, tensor):
@@ -408,15 +413,18 @@ class Compression:
                 for n, wait in agreed.items():
                     self._model_updates[n] = wait()
             except BaseException:
-                # nothing of this step may leak into the next one (an elastic reset, or a
-                # caught nonfinite='raise' error, starts the next step afresh)
-                for held in (self._model_grads, self._model_updates, self._agreed_grads,
-                             self._agreed):
-                    held.clear()
-                self._buckets.clear()
-                self._held_checks.clear()
+                self._drop_step()
                 raise
         return self._model_updates.pop(name)
+
+    def _drop_step(self):
+        """Forget everything held for this step: nothing of a failed step may leak into
+        the next one (an elastic reset, or a caught error, starts the next step afresh)."""
+        for held in (self._model_grads, self._model_updates, self._agreed_grads,
+                     self._agreed):
+            held.clear()
+        self._buckets.clear()
+        self._held_checks.clear()
 
     def _start_buckets(self):
         """Compress and start the held gradients: fused ones as one vector per bucket (one
@@ -427,8 +435,12 @@ class Compression:
         holds the same gradients here. Idempotent within a step: the mpi4py transport
         calls it before it moves anything."""
         checks, self._held_checks = self._held_checks, []
-        for check in checks:  # ranks that disagree on a member raise before buckets form
-            check()
+        try:
+            for check in checks:  # ranks that disagree on a member raise before buckets form
+                check()
+        except BaseException:
+            self._drop_step()
+            raise
         opt = self._optimizer
         self._start_fused(opt)
         agreed, self._agreed_grads = self._agreed_grads, {}

@@ -156,11 +156,16 @@ class MpiTransport(Transport):
         return self._arrived.pop(name)
 
     def _flush(self):
-        if self.before_flush is not None:
-            self.before_flush()
-        for name in sorted(self._pending):
-            self._arrived[name] = self._move(self._pending[name])
-        self._pending.clear()
+        try:
+            if self.before_flush is not None:
+                self.before_flush()
+            for name in sorted(self._pending):
+                self._arrived[name] = self._move(self._pending[name])
+        except BaseException:  # a failed step leaves nothing behind for the next one
+            self._arrived.clear()
+            raise
+        finally:
+            self._pending.clear()
 
     def _move(self, out):
         from ..comm.mpi import allgather_bytes

@@ -106,10 +106,51 @@ def test_ranks_that_compress_differently_all_raise():
     red = SparseAllreduce(f"topk:k={k}+ef14", comm, transport="tree")
     with pytest.raises(HvdCompressError, match="ranks disagree on the compression spec"):
         red.allreduce(integers(64, rank), name="x")
-    # the state is as before the failed step, and the next tensor still pairs up
-    assert float(np.abs(np.asarray(red.exchange.states["x"].residual)).sum()) == 0.0
+    # caught by the first call's fingerprint check: nothing began, and the next tensor
+    # still pairs up
+    assert "x" not in red.exchange.states
     ok = SparseAllreduce("topk:k=5+ef14", comm, transport="tree")
     assert ok.allreduce(integers(64, rank), name="y").shape == (64,)
+
+
+def test_a_rank_that_changes_dtype_later_makes_every_rank_raise():
+    """Past the first call the fingerprints travel in the headers: rank 0 (the root, whose
+    payload every rank would unpack) sends float64 at step 2; every rank raises the same
+    error and keeps its state."""
+    red = SparseAllreduce("topk:k=4+ef14", comm, transport="tree")
+    red.allreduce(integers(32, rank), name="t")
+    before = np.asarray(red.exchange.states["t"].residual).copy()
+    g = integers(32, 7 + rank)
+    with pytest.raises(HvdCompressError, match="ranks disagree on the name, shape or dtype"):
+        red.allreduce(g.astype(np.float64) if rank == 0 else g, name="t")
+    np.testing.assert_array_equal(np.asarray(red.exchange.states["t"].residual), before)
+
+
+def test_ranks_that_move_payloads_differently_all_raise():
+    transport = "tree" if rank == 0 else "allgather"
+    red = SparseAllreduce("topk:k=4+ef14", comm, transport=transport)
+    with pytest.raises(HvdCompressError, match="seed, transport"):
+        red.allreduce(integers(32, rank), name="m")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy says so too
+@pytest.mark.parametrize("nonfinite", ["propagate", "raise"])
+def test_a_partial_sum_past_the_casts_range_voids_the_step_everywhere(nonfinite):
+    """float16 values on the wire: 40,000 fits, the sum of two does not. The step is void
+    on every rank (NaN, or the error) and the residuals stay as they were."""
+    red = SparseAllreduce("topk:k=3,values=float16+ef14", comm, transport="tree",
+                          nonfinite=nonfinite)
+    red.allreduce(integers(16, rank), name="o")
+    before = np.asarray(red.exchange.states["o"].residual).copy()
+    g = integers(16, 3 + rank)
+    g[5] = 40000.0
+    if nonfinite == "raise":
+        with pytest.raises(HvdCompressError, match="not finite"):
+            red.allreduce(g, name="o")
+    else:
+        assert np.isnan(red.allreduce(g, name="o")).all()
+    np.testing.assert_array_equal(np.asarray(red.exchange.states["o"].residual), before)
+    assert np.isfinite(red.allreduce(integers(16, 9 + rank), name="o")).all()
 
 
 @pytest.mark.parametrize("nonfinite", ["propagate", "raise"])
@@ -150,6 +191,23 @@ def test_horovod_optimizer_with_the_tree_matches_the_oracle():
             dopt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert (everyone(flat.numpy()) == flat.numpy()).all(), "replicas differ"
+
+
+@pytest.mark.parametrize("transport", ["tree", "allgather"])
+def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(transport):
+    """Over mpi4py the first-exchange fingerprints are compared before the flush moves
+    anything (the allgather used to fail inside MPI, the tree to stop halfway)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    if rank == 0:
+        model.bias = torch.nn.Parameter(model.bias.detach().double())
+    dopt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+        compression=hct.compression("topk:k=3+ef14", comm=comm, transport=transport))
+    sum((p * torch.ones_like(p)).sum() for p in model.parameters()).backward()
+    with pytest.raises(HvdCompressError, match="disagree on the name, shape or dtype of "
+                                               "parameter 'bias'"):
+        dopt.synchronize()
 
 
 def test_the_tree_needs_topk_with_ef14():
