@@ -1,6 +1,6 @@
 """The Docker images (docker/): linted with hadolint, and built only by the set-up script
-the README and CI run, so an image cannot drift from what the tests exercise. No Docker
-engine runs here; the images themselves are built elsewhere."""
+the README and CI run, so an image cannot drift from what the tests exercise. CI does not
+build them (the README's Docker section says when the CPU image was last built, and how)."""
 import re
 import shutil
 import subprocess
