@@ -193,6 +193,32 @@ def test_horovod_optimizer_with_the_tree_matches_the_oracle():
     assert (everyone(flat.numpy()) == flat.numpy()).all(), "replicas differ"
 
 
+@pytest.mark.parametrize("mode", [{"whole_model": True}, {"fuse_below": 100}])
+def test_one_vector_for_the_model_through_the_tree(mode):
+    """Whole-model and fused buckets: one vector, the gradients concatenated in sorted
+    name order (here both modes make the same single bucket), merged up the tree."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    dopt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+        compression=hct.compression("topk:k=5+ef14", transport="tree", **mode))
+    names = sorted(n for n, _ in model.named_parameters())
+    params = dict(model.named_parameters())
+    oracle = Oracle(sum(p.numel() for p in model.parameters()), 5)
+    for step in range(3):
+        dopt.zero_grad()
+        grads = {n: torch.from_numpy(integers(params[n].numel(), 20 * rank + step))
+                 .reshape(params[n].shape) for n in names}
+        sum((params[n] * grads[n]).sum() for n in names).backward()
+        dopt.synchronize()
+        want = oracle.step(everyone(np.concatenate([grads[n].numpy().reshape(-1)
+                                                     for n in names])))
+        got = np.concatenate([params[n].grad.numpy().reshape(-1) for n in names])
+        np.testing.assert_array_equal(got, want)
+        with dopt.skip_synchronize():
+            dopt.step()
+
+
 @pytest.mark.parametrize("transport", ["tree", "allgather"])
 def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(transport):
     """Over mpi4py the first-exchange fingerprints are compared before the flush moves
