@@ -113,6 +113,15 @@ def test_ranks_that_compress_differently_all_raise():
     assert ok.allreduce(integers(64, rank), name="y").shape == (64,)
 
 
+@pytest.mark.parametrize("transport", ["tree", "allgather"])
+def test_a_rank_with_another_shape_raises_everywhere_before_compressing(transport):
+    """k = 5 does not fit the last rank's 4 entries: compressing would raise on that rank
+    only and leave the others waiting; the first call's fingerprints stop every rank."""
+    red = SparseAllreduce("topk:k=5+ef14", comm, transport=transport)
+    with pytest.raises(HvdCompressError, match=r"name, shape or dtype of tensor 's'"):
+        red.allreduce(integers(4 if rank == size - 1 else 64, rank), name="s")
+
+
 def test_a_rank_that_changes_dtype_later_makes_every_rank_raise():
     """Past the first call the fingerprints travel in the headers: rank 0 (the root, whose
     payload every rank would unpack) sends float64 at step 2; every rank raises the same
