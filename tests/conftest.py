@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-collect_ignore = [] if os.environ.get("HVD_COMPRESS_UNDER_MPI") else ["mpi"]
+# tests/mpi and tests/cuda run under mpirun only (tests/test_multirank.py, tests/test_cuda.py)
+collect_ignore = [] if os.environ.get("HVD_COMPRESS_UNDER_MPI") else ["mpi", "cuda"]
 
 BACKENDS = ("numpy", "torch", "tensorflow")
 
@@ -38,6 +39,20 @@ class XP:
 @pytest.fixture(params=BACKENDS)
 def xp(request):
     return XP(request.param)
+
+
+if os.environ.get("HVD_COMPRESS_UNDER_MPI"):
+    def pytest_runtest_logreport(report):
+        """Under mpirun a failing test on one rank would leave the others waiting in a
+        collective forever: abort the whole job at the first failure, after printing it."""
+        if report.failed:
+            import sys
+
+            from mpi4py import MPI
+            sys.stderr.write(f"\n[rank {MPI.COMM_WORLD.Get_rank()}] FAILED {report.nodeid}\n"
+                             f"{report.longreprtext}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
 
 
 def pytest_configure(config):

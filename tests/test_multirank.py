@@ -55,7 +55,7 @@ def mpirun_command(np_, target):
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     for var in ("HVD_COMPRESS_UNDER_MPI", "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL",
-                "PYTHONPATH", "HOROVOD_CYCLE_TIME"):
+                "PYTHONPATH", "HOROVOD_CYCLE_TIME", "HVD_COMPRESS_TEST_DEVICE"):
         cmd += ["-x", var]
     return cmd + [sys.executable, "-m", "mpi4py", "-m", "pytest", "-v", "--color=no", "-p",
                   "no:cacheprovider", "-o", "addopts=", f"--timeout={PER_TEST_S}",
@@ -86,10 +86,18 @@ def test_every_mpi_file_is_run():
 
 @pytest.mark.parametrize("name,np_", CASES, ids=[f"{n}-{k}" for n, k in CASES])
 def test_under_mpirun(name, np_):
+    run_file(np_, HERE / "mpi" / name)
+
+
+def run_file(np_, path, extra_env=None):
+    """Run the test file ``path`` under ``mpirun -np np_``; fail unless every rank passed
+    the same tests, none skipped."""
+    name = path.name
     env = dict(os.environ, HVD_COMPRESS_UNDER_MPI="1", OMP_NUM_THREADS="1",
                TF_CPP_MIN_LOG_LEVEL="3", HOROVOD_CYCLE_TIME="1",
-               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(mpirun_command(np_, HERE / "mpi" / name), env=env,
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(extra_env or {}))
+    proc = subprocess.Popen(mpirun_command(np_, path), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=HERE.parent)
     try:

@@ -13,43 +13,14 @@ import hvd_compress.torch as hct
 from hvd_compress import HvdCompressError
 from hvd_compress.comm.mpi import SparseAllreduce
 
+from gtopk_oracle import gtopk
+
 hvd.init()
 torch.set_num_threads(1)
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 # read by tests/test_multirank.py: odd sizes leave ranks without a partner in some round
 MPI_RANKS = (2, 3, 4, 8)
-
-
-# -- the oracle: gTop-k with EF14, restated ------------------------------------------------
-def top(v, k):
-    """Sorted positions of the k largest |v| (ties to lower positions)."""
-    order = np.lexsort((np.arange(v.size), -np.abs(v)))
-    return np.sort(order[:k])
-
-
-def keep(v, k):
-    out = np.zeros_like(v)
-    pos = top(v, k)
-    out[pos] = v[pos]
-    return out
-
-
-def gtopk(compensated, k):
-    """(G, residuals): the global sum every rank applies and each rank's new EF14
-    residual, from every rank's compensated gradient (rows)."""
-    n = compensated.shape[0]
-    current = np.stack([keep(c, k) for c in compensated])
-    residual = compensated - current
-    bit = 1
-    while bit < n:
-        for r in range(0, n, 2 * bit):
-            if r + bit < n:
-                total = current[r] + current[r + bit]
-                current[r] = keep(total, k)
-                residual[r] += total - current[r]
-        bit *= 2
-    return current[0], residual
 
 
 class Oracle:
