@@ -46,3 +46,9 @@ def test_tree_benchmark_runs_and_plots(tmp_path):
     out = run([sys.executable, "benchmarks/tree.py", "--no-netns", "--ranks", "2", "--d",
                "2000", "--steps", "1", "--out", str(tmp_path)])
     assert "tree / allgather" in out and (tmp_path / "tree_bytes_vs_ranks.png").exists()
+
+
+def test_host_sync_count_runs():
+    out = run([sys.executable, "benchmarks/host_syncs.py", "--d", "1000", "--specs",
+               "topk:0.01+ef14", "fp16"])
+    assert "| topk:0.01+ef14 |" in out and "values read on the host" in out
