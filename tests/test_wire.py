@@ -154,3 +154,22 @@ def test_cuda_aggregation_is_bit_identical_across_runs():
     first = c.aggregate(bk, parts)
     for _ in range(5):
         assert torch.equal(c.aggregate(bk, parts), first)
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_an_index_outside_the_tensor_names_its_rank(xp, bad):
+    """Every rank's indices are checked at once; the error names the rank that sent one
+    outside the tensor."""
+    c = hc.resolve("topk:k=2")
+    x = xp.asarray(np.arange(10, dtype=np.float32))
+    p = c.compress(x)
+    bk = backend_for(p.values)
+    bufs = [np.asarray(xp.numpy(pack(bk, p))) for _ in range(3)]
+    bufs[2] = bufs[2].copy()
+    bufs[2][24:28] = np.frombuffer(np.int32(bad).tobytes(), np.uint8)  # its first index
+    gathered = xp.asarray(np.concatenate(bufs))
+    with pytest.raises(HvdCompressError, match="from rank 2: an index lies outside"):
+        split_gathered(bk, gathered, p, 3, c.fixed_size)
+    parts, _ = split_gathered(bk, xp.asarray(np.concatenate(bufs[:2])), p, 2,
+                              c.fixed_size)
+    assert [xp.numpy(q.indices).tolist() for q in parts] == [[8, 9], [8, 9]]

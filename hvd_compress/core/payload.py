@@ -290,13 +290,17 @@ def unpack(bk, buf, template: Payload, expect=None, name: str = ""):
     return unpack_flagged(bk, buf, template, expect, name)[0]
 
 
-def unpack_flagged(bk, buf, template: Payload, expect=None, name: str = "", rank=None):
+def unpack_flagged(bk, buf, template: Payload, expect=None, name: str = "", rank=None,
+                   raw=None, check_indices: bool = True):
     """:func:`unpack`, also returning the header's flags (``rank`` names the sender in
-    errors)."""
+    errors). ``raw``: the header's bytes, already on the host (numpy); ``check_indices``
+    false leaves the bounds of plain indices to the caller (:func:`split_gathered` checks
+    every rank's at once)."""
     if not bk.eager():
         return _unpack_graph(bk, buf, template, expect, name, rank)
-    raw = bk.to_numpy(buf[:HEADER_BYTES + 8]) if bk.size(buf) >= HEADER_BYTES + 8 \
-        else bk.to_numpy(buf)
+    if raw is None:
+        raw = bk.to_numpy(buf[:HEADER_BYTES + 8]) if bk.size(buf) >= HEADER_BYTES + 8 \
+            else bk.to_numpy(buf)
     h = read_header(raw, name, rank)
     check_header(h, template, expect, name, rank, bk)
     t = template._replace(code_bits=h.code_bits, level=h.level) if template.level else template
@@ -311,11 +315,8 @@ def unpack_flagged(bk, buf, template: Payload, expect=None, name: str = "", rank
     numel = _numel(t.shape)
     if t.varint:
         check_stream(bk.to_numpy(fields["index_code"]), h.count, numel, _where(name, rank))
-    elif fields["indices"] is not None and h.count:
-        idx = fields["indices"]
-        if int(bk.min(idx)) < 0 or int(bk.max(idx)) >= numel:
-            raise HvdCompressError(f"{_where(name, rank)}: an index lies outside the tensor's "
-                                   f"{numel} entries")
+    elif check_indices and fields["indices"] is not None and h.count:
+        _check_bounds(bk, [fields["indices"]], numel, name, [rank])
     if t.varint:
         fields["indices"] = decode_sorted(bk, fields["index_code"], h.count)
     return t._replace(count=h.count, **fields), h.flags
@@ -374,27 +375,56 @@ def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool, ex
     turn. Every header is checked (see :func:`unpack`)."""
     nbytes = template.wire_bytes(bk)
     total = bk.size(gathered)
+    raws = None  # the headers, where reading them on the host found the cuts
     if fixed_size and (not bk.eager() or total == n * nbytes):
         cuts = [(r * nbytes, (r + 1) * nbytes) for r in range(n)]
     elif bk.eager():
-        cuts = _walk(bk, gathered, template, n, name)
+        cuts, raws = _walk(bk, gathered, template, n, name)
     else:
         cuts = _walk_graph(bk, gathered, template, n)
     payloads, flags = [], []
-    for r, (a, b) in enumerate(cuts):
-        p, f = unpack_flagged(bk, gathered[a:b], template, expect, name, r)
+    if not bk.eager():
+        for r, (a, b) in enumerate(cuts):
+            p, f = unpack_flagged(bk, gathered[a:b], template, expect, name, r)
+            payloads.append(p)
+            flags.append(f)
+        return payloads, bk.tf.stack(flags)
+    if raws is None:  # every header in one copy to the host
+        heads = [(a, min(b, a + HEADER_BYTES + 8)) for a, b in cuts]
+        raw = bk.to_numpy(bk.concat([gathered[a:b] for a, b in heads]))
+        offsets = np.cumsum([0] + [b - a for a, b in heads])
+        raws = [raw[offsets[r]:offsets[r + 1]] for r in range(n)]
+    for r, (a, b) in enumerate(cuts):  # every rank's indices are checked at once, below
+        p, f = unpack_flagged(bk, gathered[a:b], template, expect, name, r, raw=raws[r],
+                              check_indices=False)
         payloads.append(p)
         flags.append(f)
-    if not bk.eager():
-        flags = bk.tf.stack(flags)
+    plain = [(r, p.indices) for r, p in enumerate(payloads)
+             if not p.varint and p.indices is not None and p.count]
+    if plain:
+        _check_bounds(bk, [i for _, i in plain], _numel(template.shape), name,
+                      [r for r, _ in plain])
     return payloads, flags
 
 
+def _check_bounds(bk, indices, numel: int, name: str, ranks):
+    """Raise, naming the first offending rank, unless every index lies in [0, numel):
+    one read on the host for all of them."""
+    idx = indices[0] if len(indices) == 1 else bk.concat(indices)
+    if bool((bk.min(idx) < 0) | (bk.max(idx) >= numel)):
+        for r, i in zip(ranks, indices):
+            if bool((bk.min(i) < 0) | (bk.max(i) >= numel)):
+                raise HvdCompressError(f"{_where(name, r)}: an index lies outside the "
+                                       f"tensor's {numel} entries")
+
+
 def _walk(bk, gathered, template, n, name):
-    """Eager cut points of n variable-size buffers, read header by header."""
-    cuts, offset, total = [], 0, bk.size(gathered)
+    """Eager cut points of n variable-size buffers, read header by header, and the
+    headers' bytes (numpy)."""
+    cuts, raws, offset, total = [], [], 0, bk.size(gathered)
     for r in range(n):
         raw = bk.to_numpy(gathered[offset:offset + HEADER_BYTES + 8])
+        raws.append(raw)
         h = read_header(raw, name, r)
         t = template._replace(code_bits=h.code_bits, level=h.level) if template.level \
             else template
@@ -410,7 +440,7 @@ def _walk(bk, gathered, template, n, name):
     if offset != total:
         raise HvdCompressError(f"{_where(name, None)}: {total - offset} bytes left after "
                                f"{n} payloads")
-    return cuts
+    return cuts, raws
 
 
 def _walk_graph(bk, gathered, template, n):
