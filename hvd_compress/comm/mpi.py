@@ -122,7 +122,6 @@ class SparseAllreduce:
         return self.exchange.finish_gathered(bk, gathered, out, self.comm.Get_size(),
                                              summed=not self.average)
 
-
     def _agree(self, bk, name, tensor):
         """Raise on every rank unless every rank's fingerprint of tensor ``name`` equals
         this rank's (one small Allgather, on the name's first call only)."""
@@ -130,8 +129,7 @@ class SparseAllreduce:
         shape, dtype = bk.shape(tensor), bk.dtype(tensor)
         rows = gather_rows(self.comm, np.array(ex.stamp(name, shape, dtype), np.float64))
         check_stamps(f"tensor {name!r}", [Stamp(*map(int, row)) for row in rows],
-                     f"spec {ex.pipeline.spec()!r}, seed {ex.seed}, shape {tuple(shape)}, "
-                     f"dtype {dtype}, transport {ex.transport}, nonfinite={ex.nonfinite!r}")
+                     ex.describe(shape, dtype))
         self._agreed.add(name)
 
 

@@ -161,6 +161,13 @@ class Exchange:
                 f"{self.transport}/nonfinite={self.nonfinite}")
         return stamp
 
+    def describe(self, shape, dtype: str) -> str:
+        """This rank's configuration of a tensor, as the fingerprint checks name it when
+        ranks disagree."""
+        return (f"spec {self.pipeline.spec()!r}, seed {self.seed}, shape "
+                f"{tuple(shape)}, dtype {dtype}, transport {self.transport}, "
+                f"nonfinite={self.nonfinite!r}")
+
     # -- where state, step counters and telemetry live (frontends may override) ---------
     def next_step(self, name: str):
         """This tensor's step number (0, 1, ...), advancing the counter."""

@@ -313,8 +313,7 @@ class Compression:
         tf, ex = self._bk.tf, self.exchange
         stamps = hvd.allgather(tf.constant([list(out.stamp)], tf.int64), name=coll + ".check",
                                process_set=process_set, ignore_name_scope=True)
-        mine = (f"spec {self.pipeline.spec()!r}, seed {ex.seed}, shape {out.shape}, dtype "
-                f"{out.dtype}, transport {ex.transport}, nonfinite={ex.nonfinite!r}")
+        mine = ex.describe(out.shape, out.dtype)
 
         def check(rows):
             check_stamps(f"variable {out.name!r}", [Stamp(*map(int, r)) for r in rows], mine)

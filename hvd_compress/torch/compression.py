@@ -346,10 +346,7 @@ class Compression:
             for w in waits:
                 w()
             stamps = [Stamp(*map(int, row)) for row in hvd.synchronize(gathered).tolist()]
-            check_stamps(f"parameter {name!r}", stamps,
-                         f"spec {self.pipeline.spec()!r}, seed {ex.seed}, shape "
-                         f"{tuple(tensor.shape)}, dtype {dtype}, transport {ex.transport}, "
-                         f"nonfinite={ex.nonfinite!r}")
+            check_stamps(f"parameter {name!r}", stamps, ex.describe(tensor.shape, dtype))
         return check
 
     def _count_round(self, opt, name, like):
