@@ -389,3 +389,38 @@ def test_bernoulli_keeps_large_entries_and_meets_the_budget():
     assert np.all(p[np.argsort(-np.abs(x))[:20]] == 1.0)      # the largest always go
     counts = [c.compress(x, Key(0, 0, "b", t)).count for t in range(300)]
     assert np.mean(counts) == pytest.approx(200, rel=0.05)
+
+
+@pytest.fixture
+def accelerator_branch():
+    """torch takes, on CPU tensors, the branch it takes on a GPU (no host reads)."""
+    bk = backend_named("torch")
+    type(bk).avoid_syncs_on_cpu = True
+    yield bk
+    type(bk).avoid_syncs_on_cpu = False
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "constant", "spikes"])
+def test_the_accelerator_selection_equals_the_sampled_one(accelerator_branch, case):
+    """Without the sampled candidates and with a statically sized compaction, top-k
+    keeps the same positions, ties toward lower positions included."""
+    import torch
+    rs = np.random.RandomState(3)
+    x = {"normal": rs.standard_normal(1 << 17),
+         "ties": np.round(rs.standard_normal(1 << 17), 1),
+         "constant": np.ones(1 << 17),
+         "spikes": np.where(np.arange(1 << 17) % 2, 1.0, 0.0)}[case].astype(np.float32)
+    for k in (1, 1000, 5000):
+        want = topk_indices(backend_named("numpy"), np.abs(x), k)
+        got = topk_indices(accelerator_branch, torch.from_numpy(np.abs(x)), k)
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_the_accelerator_selection_of_a_nan_stays_in_the_tensor(accelerator_branch):
+    """A NaN makes the k-th value NaN: the k positions still lie in the tensor (the step
+    is void anyway, the sender's header says so)."""
+    import torch
+    x = torch.ones(1 << 17)
+    x[7] = float("nan")
+    got = topk_indices(accelerator_branch, x, 100)
+    assert got.numel() == 100 and 0 <= int(got.min()) and int(got.max()) < x.numel()

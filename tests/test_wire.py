@@ -173,3 +173,52 @@ def test_an_index_outside_the_tensor_names_its_rank(xp, bad):
     parts, _ = split_gathered(bk, xp.asarray(np.concatenate(bufs[:2])), p, 2,
                               c.fixed_size)
     assert [xp.numpy(q.indices).tolist() for q in parts] == [[8, 9], [8, 9]]
+
+
+DEVICE_CHECKED = ["topk:k=2", "randk:k=3", "qsgd", "sign", "fp16", "topk:k=2,values=float16"]
+
+
+def _gathered(xp, spec, n=3):
+    c = hc.resolve(spec)
+    p = c.compress(xp.asarray(np.arange(10, dtype=np.float32)), Key(0, 0, "w", 0))
+    bk = backend_for(next(s for s in (p.values, p.codes) if s is not None))
+    stamp = Stamp.of(spec, "w", (10,), "float32", 0, "test")
+    bufs = [np.asarray(xp.numpy(pack(bk, p, stamp))).copy() for _ in range(n)]
+    return c, p, bk, stamp, bufs
+
+
+@pytest.mark.parametrize("spec", DEVICE_CHECKED)
+def test_equal_size_payloads_are_checked_on_the_device(xp, spec):
+    """Deferred, the check of every header and index reads nothing on the host: it
+    returns one code per rank (the header's flags, or what is wrong), which
+    raise_for_verdict turns into the error the host check gives."""
+    from hvd_compress.core.payload import VERDICT_BOUNDS, VERDICT_HEADER, raise_for_verdict
+    c, p, bk, stamp, bufs = _gathered(xp, spec)
+    bufs[1][2] = 1                                   # rank 1: its tensor was not finite
+    parts, verdict = split_gathered(bk, xp.asarray(np.concatenate(bufs)), p, 3, True,
+                                    stamp, "w", defer=True)
+    assert [int(v) for v in xp.numpy(verdict)] == [0, 1, 0]
+    np.testing.assert_array_equal(xp.numpy(c.aggregate(bk, parts)),
+                                  3 * xp.numpy(c.decode_flat(bk, p)))
+    bufs[2][12] ^= 1                                 # rank 2: another spec
+    gathered = xp.asarray(np.concatenate(bufs))
+    parts, verdict = split_gathered(bk, gathered, p, 3, True, stamp, "w", defer=True)
+    codes = [int(v) for v in xp.numpy(verdict)]
+    assert codes == [0, 1, VERDICT_HEADER]
+    with pytest.raises(HvdCompressError, match="rank 2: ranks disagree on the compression"):
+        raise_for_verdict(bk, codes, gathered, p, 3, stamp, "w")
+    with pytest.raises(HvdCompressError, match="rank 2: ranks disagree on the compression"):
+        split_gathered(bk, gathered, p, 3, True, stamp, "w")  # the host's check
+    if p.indices is None:
+        return
+    bufs[2][12] ^= 1
+    bufs[0][24:28] = np.frombuffer(np.int32(10).tobytes(), np.uint8)  # rank 0: index 10
+    gathered = xp.asarray(np.concatenate(bufs))
+    parts, verdict = split_gathered(bk, gathered, p, 3, True, stamp, "w", defer=True)
+    codes = [int(v) for v in xp.numpy(verdict)]
+    assert codes == [VERDICT_BOUNDS, 1, 0]
+    assert int(xp.numpy(parts[0].indices).min()) >= 0 and \
+        int(xp.numpy(parts[0].indices).max()) < 10  # clamped: decoding stays in bounds
+    c.aggregate(bk, parts)
+    with pytest.raises(HvdCompressError, match="rank 0: an index lies outside"):
+        raise_for_verdict(bk, codes, gathered, p, 3, stamp, "w")

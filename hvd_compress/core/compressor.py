@@ -59,11 +59,11 @@ class Compressor(Algorithm):
 
     def mean(self, bk, payloads, n: int):
         """(the sum of the payloads' dense tensors times 1/n, whether it is finite): what
-        every rank applies. A bool eagerly, a boolean tensor inside a graph."""
+        every rank applies. The second is a boolean scalar of the framework, not read."""
         total = self.aggregate(bk, payloads)
         if n != 1:
             total = total * (1.0 / n)
-        return total, bk.all_finite(total)
+        return total, bk.finite_flag(total)
 
     def add_sent(self, bk, x, p: Payload, scale: float = 1.0, owned: bool = False):
         """``x + scale * (the flat tensor p stands for)``, in x's dtype: how feedback rules

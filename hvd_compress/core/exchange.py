@@ -18,10 +18,10 @@ import time
 from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
-from .auto import Costs
+from .auto import Auto, Costs
 from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
-from .payload import FLAG_NONFINITE, Stamp, pack, split_gathered
+from .payload import FLAG_NONFINITE, Stamp, pack, raise_for_verdict, split_gathered
 from .pipeline import resolve_pipeline
 from .rng import Key
 from .telemetry import Record, Telemetry
@@ -67,8 +67,12 @@ class Exchange:
         (frontends set ``exchange.model_size`` from the parameters they are bound to).
 
     Every rank takes the same branch: a rank whose tensor is not finite says so in its
-    payload header (its payload is built from the tensor with those entries zeroed, so it
-    has the usual size), and every rank decides from the same gathered headers.
+    payload header (its payload has the usual size: it is built from the tensor as it is,
+    or with those entries zeroed where encoding reads values on the host), and every rank
+    decides from the same gathered headers. On an accelerator, where every rank's payload
+    has the same size, the headers, indices and the average are checked on the device and
+    read once per tensor and step (``split_gathered(..., defer=True)``): nothing else
+    waits. On a CPU, where a read costs nothing, they are checked on the host.
     """
 
     def __init__(self, pipeline, seed: int = 0,
@@ -92,6 +96,12 @@ class Exchange:
             check_int("exchange", "model_size", model_size, 1)
         self._spec: str | None = None          # the pipeline's spec, once asked for
         self._stamps: dict[tuple, Stamp] = {}  # the fingerprints of each tensor, once made
+        # whether encoding reads values on the host (level policies, data-sized payloads):
+        # such pipelines, and every pipeline on a CPU, see a non-finite tensor with those
+        # entries zeroed; the others, on an accelerator, encode it as it is (the header
+        # says the step is void) and never wait for the device to say whether it is finite
+        self._reads_values = not (self.pipeline.compressor.fixed_size and (
+            self.pipeline.policy is None or isinstance(self.pipeline.policy, Auto)))
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
               gather=None) -> Outgoing:
@@ -113,8 +123,11 @@ class Exchange:
                 bk.size(tensor), bk.dtype(tensor), self.costs):
             return self._begin_dense(bk, name, tensor, step, t0)
         flat = bk.flatten(tensor)
-        finite = bk.all_finite(flat)
-        flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
+        finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
+        zeroed = not bk.eager() or self._reads_values or not bk.avoids_syncs(flat)
+        if zeroed:  # a read on the host, which costs nothing on a CPU
+            finite = bool(finite) if bk.eager() else finite  # no-op where already a bool
+            flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
         prior = self.load_state(bk, name, flat)
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
@@ -124,8 +137,11 @@ class Exchange:
             bk.dtype(payload.values) in self.allreduce_dtypes
         stamp = self.stamp(name, bk.shape(tensor), bk.dtype(tensor))
         if by_allreduce:
-            wire = bk.cond(finite, lambda: payload.values,
-                           lambda: bk.nan_like(payload.values))  # NaN reaches every rank
+            wire = payload.values
+            if zeroed:  # NaN stands for the zeroed entries in the sum
+                wire = bk.cond(finite, lambda: wire, lambda: bk.nan_like(wire))
+            elif bk.size(wire) != bk.size(flat):  # ... and for those a shared mask missed
+                wire = bk.where(finite, wire, bk.nan_like(wire))
             if bk.size(wire) == bk.size(flat):  # in the tensor's shape: Horovod checks it
                 wire = bk.reshape(wire, bk.shape(tensor))
             nbytes = bk.size(wire) * ITEMSIZE[bk.dtype(wire)]
@@ -215,9 +231,18 @@ class Exchange:
         against this rank's payload and fingerprints first."""
         self.world_size = n
         parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
-                                      outgoing.codec.fixed_size, outgoing.stamp, outgoing.name)
+                                      outgoing.codec.fixed_size, outgoing.stamp, outgoing.name,
+                                      defer=bk.avoids_syncs(gathered))
         mean, finite = outgoing.codec.mean(bk, parts, n)  # a sum can overflow: finite?
         if bk.eager():
+            if isinstance(flags, list):
+                finite = bool(finite)
+            else:  # checked on the device: one read for the verdict and the sum's finiteness
+                codes = [int(c) for c in bk.to_numpy(bk.concat(
+                    [flags, bk.reshape(bk.astype(finite, "int64"), (1,))]))]
+                flags, finite = codes[:n], bool(codes[n])
+                raise_for_verdict(bk, flags, gathered, outgoing.payload, n, outgoing.stamp,
+                                  outgoing.name)
             ranks = [r for r, f in enumerate(flags) if f & FLAG_NONFINITE]
             bad = bool(ranks) or not finite
         else:
@@ -238,7 +263,7 @@ class Exchange:
             self.commit_state(name, outgoing.prior)
             raise HvdCompressError(merged.disagree)
         mean, finite = outgoing.codec.mean(bk, [merged.payload], n)
-        bad = bool(merged.nonfinite) or merged.overflow or not finite
+        bad = bool(merged.nonfinite) or merged.overflow or not bool(finite)
         if not bad:
             for positions, values in merged.leftover:
                 self.states[name] = self.pipeline.feedback.absorb(bk, self.states[name],
@@ -406,12 +431,12 @@ def _first_tensor(fields: dict) -> str:
 
 
 def _flags(bk, finite):
-    """The header flags for a tensor that is (or is not) finite: an int eagerly, a uint8
-    tensor inside a graph."""
+    """The header flags for a tensor that is (or is not) finite: an int where that was
+    read on the host, else a uint8 scalar tensor beside the tensor."""
     if isinstance(finite, bool):
         return 0 if finite else FLAG_NONFINITE
-    return bk.where(finite, bk.constant(0, "uint8", None),
-                    bk.constant(FLAG_NONFINITE, "uint8", None))
+    assert FLAG_NONFINITE == 1
+    return bk.astype(~finite, "uint8")
 
 
 def _select_state(bk, bad, prior, state):

@@ -80,7 +80,13 @@ class Backend:
 
     # -- non-finite values -------------------------------------------------------------
     def all_finite(self, x):
-        """Whether no entry is NaN or infinite: a Python bool eagerly, a tensor in a graph."""
+        """Whether no entry is NaN or infinite: a Python bool eagerly (a read on the host),
+        a tensor in a graph."""
+        return bool(self.finite_flag(x)) if self.eager() else self.finite_flag(x)
+    def finite_flag(self, x):
+        """Whether no entry is NaN or infinite, as a boolean scalar of the framework left
+        on the device (reading it is the caller's choice; on a CPU it may be a bool
+        already). One pass over x."""
         raise NotImplementedError
     def finite_or_zero(self, x):
         """x with every NaN and infinity replaced by 0."""
@@ -92,6 +98,20 @@ class Backend:
 
     # -- selection -------------------------------------------------------------------
     def nonzero(self, mask): raise NotImplementedError
+    def nonzero_exactly(self, mask, k: int):
+        """Ascending positions of the true entries of a mask made to hold exactly k of
+        them: an output size known in advance, so a GPU need not report it to the host.
+        Where a NaN left fewer (its step is void), the rest are position 0."""
+        pos = self.nonzero(mask)
+        n = self.size(pos)
+        return pos if n == k else pos[:k] if n > k else \
+            self.concat([pos, self.zeros(k - n, "int64", pos)])
+    def avoids_syncs(self, x) -> bool:
+        """Whether work on x should take the branch without host synchronisations where
+        one exists (values read on the host, outputs sized by the data): true for tensors
+        on an accelerator, where each such read stalls the host until the device is done.
+        """
+        return False
     def unique(self, x):
         """(the sorted distinct values of the 1-D int tensor x, each entry's position
         among them)."""
@@ -153,12 +173,12 @@ class NumpyBackend(Backend):
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
     def min(self, x): return x.min()
-    def all_finite(self, x):
+    def finite_flag(self, x):
         # one read: a sum is finite exactly when no entry is NaN or infinite, unless
         # finite entries overflow it; only then look at every entry
         wide = np.float32 if x.dtype.itemsize < 4 else None  # 16-bit sums overflow early
         with np.errstate(over="ignore", invalid="ignore"):
-            return bool(np.isfinite(x.sum(dtype=wide))) or bool(np.isfinite(x).all())
+            return np.bool_(np.isfinite(x.sum(dtype=wide)) or np.isfinite(x).all())
     def isfinite(self, x): return np.isfinite(x)
     def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
@@ -238,14 +258,25 @@ class TorchBackend(Backend):
     def sum_rows(self, x): return x.sum(axis=1)
     def max(self, x): return x.max()
     def min(self, x): return x.min()
-    def all_finite(self, x):
-        # one read (see NumpyBackend.all_finite); a host sync, as any branch on values
-        wide = self.t.float32 if x.element_size() < 4 else None  # 16-bit sums overflow early
-        return bool(self.t.isfinite(x.sum(dtype=wide))) or bool(self.t.isfinite(x).all())
+    def finite_flag(self, x):
+        if not self.avoids_syncs(x):  # on a CPU a read costs nothing: the fewest operations
+            wide = self.t.float32 if x.element_size() < 4 else None  # 16-bit sums overflow
+            return bool(self.t.isfinite(x.sum(dtype=wide))) or bool(self.t.isfinite(x).all())
+        # on the device, the extremes: NaN propagates through min and max; no overflow
+        if x.numel() == 0:
+            return self.t.ones((), dtype=self.t.bool, device=x.device)
+        lo, hi = self.t.aminmax(x)
+        return self.t.isfinite(lo) & self.t.isfinite(hi)
     def isfinite(self, x): return self.t.isfinite(x)
     def finite_or_zero(self, x): return self.t.nan_to_num(x, 0.0, 0.0, 0.0)
     def nan_like(self, x): return self.t.full_like(x, float("nan"))
     def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
+    def nonzero_exactly(self, mask, k):
+        return self.t.nonzero_static(mask, size=k, fill_value=0).reshape(-1)
+    #: take the accelerator's branch on CPU tensors too (benchmarks/host_syncs.py counts
+    #: it there; tests compare it with the CPU branch)
+    avoid_syncs_on_cpu = False
+    def avoids_syncs(self, x): return x.device.type != "cpu" or self.avoid_syncs_on_cpu
     def unique(self, x): return self.t.unique(x, sorted=True, return_inverse=True)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
@@ -319,9 +350,7 @@ class TensorflowBackend(Backend):
     def sum_rows(self, x): return self.tf.reduce_sum(x, axis=1)
     def max(self, x): return self.tf.reduce_max(x)
     def min(self, x): return self.tf.reduce_min(x)
-    def all_finite(self, x):
-        ok = self.tf.reduce_all(self.tf.math.is_finite(x))
-        return bool(ok) if self.eager() else ok
+    def finite_flag(self, x): return self.tf.reduce_all(self.tf.math.is_finite(x))
     def isfinite(self, x): return self.tf.math.is_finite(x)
     def finite_or_zero(self, x):
         return self.tf.where(self.tf.math.is_finite(x), x, self.tf.zeros_like(x))

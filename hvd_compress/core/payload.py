@@ -175,7 +175,7 @@ def pack(bk, p: Payload, stamp: Stamp = Stamp(), flags=0):
     """Serialise a payload into one contiguous uint8 buffer on its device.
 
     ``stamp`` identifies the sender's configuration (see :class:`Stamp`); ``flags`` is an
-    int or, inside a graph, a uint8 tensor (``FLAG_NONFINITE``)."""
+    int or a uint8 scalar tensor (``FLAG_NONFINITE``), which is never read here."""
     like = p.values if p.values is not None else (p.codes if p.codes is not None else p.scales)
     value_code = _DTYPE_CODE[None if p.values is None else _value_dtype_name(bk, p.values)]
     if isinstance(p.count, int) and p.count > MAX_COUNT:
@@ -184,11 +184,13 @@ def pack(bk, p: Payload, stamp: Stamp = Stamp(), flags=0):
     if not 0 <= p.level < (1 << 16):
         raise HvdCompressError(f"payload level {p.level} does not fit the header's uint16")
     dynamic_flags = not isinstance(flags, int)
-    if isinstance(p.count, int) and not dynamic_flags:  # the common case: one constant
-        head = _HEAD.pack(MAGIC, VERSION, flags, _index_width(p), value_code, p.code_bits,
-                          p.level, p.count, *stamp)
-        parts = [bk.constant(list(head), "uint8", like)]
-    else:  # count or flags are graph tensors
+    if isinstance(p.count, int):  # the common case: one constant, and the flags
+        head = list(_HEAD.pack(MAGIC, VERSION, 0 if dynamic_flags else flags, _index_width(p),
+                               value_code, p.code_bits, p.level, p.count, *stamp))
+        parts = [bk.constant(head, "uint8", like)] if not dynamic_flags else \
+            [bk.constant(head[:2], "uint8", like), bk.reshape(bk.astype(flags, "uint8"), (1,)),
+             bk.constant(head[3:], "uint8", like)]
+    else:  # the count is a graph tensor
         count = bk.reshape(bk.astype(bk.constant([0], "int64", like) + p.count, "int64"), (1,))
         flag = bk.reshape(bk.astype(flags, "uint8"), (1,)) if dynamic_flags \
             else bk.constant([flags], "uint8", like)
@@ -366,16 +368,24 @@ def _unpack_graph(bk, buf, template, expect, name, rank):
 
 
 def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool, expect=None,
-                   name: str = ""):
+                   name: str = "", defer: bool = False):
     """Cut the concatenation of n ranks' buffers into n payloads shaped like ``template``.
 
     Returns ``(payloads, flags)``: flags per rank (ints, or a tensor inside a graph).
     Equal-size payloads (``fixed_size``) are cut at multiples of the local length; other
     ones (and equal-size ones whose total length is off) by reading each rank's header in
-    turn. Every header is checked (see :func:`unpack`)."""
+    turn. Every header is checked (see :func:`unpack`).
+
+    ``defer``: where the payloads are equal-size, check them on the device instead
+    (:func:`_split_on_device`) and return the verdict as ``flags``, an int64 tensor that
+    the caller reads when it likes and hands to :func:`raise_for_verdict` before it uses
+    anything; elsewhere ``flags`` are ints as without it."""
     nbytes = template.wire_bytes(bk)
     total = bk.size(gathered)
     raws = None  # the headers, where reading them on the host found the cuts
+    if defer and bk.eager() and fixed_size and total == n * nbytes and expect is not None \
+            and not template.varint and not template.level and isinstance(template.count, int):
+        return _split_on_device(bk, gathered, template, n, expect)
     if fixed_size and (not bk.eager() or total == n * nbytes):
         cuts = [(r * nbytes, (r + 1) * nbytes) for r in range(n)]
     elif bk.eager():
@@ -405,6 +415,64 @@ def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool, ex
         _check_bounds(bk, [i for _, i in plain], _numel(template.shape), name,
                       [r for r, _ in plain])
     return payloads, flags
+
+
+#: bits of a device verdict (see :func:`_split_on_device`) beside the header's flags
+VERDICT_HEADER = 64    # the header differs from this rank's, flags aside
+VERDICT_BOUNDS = 128   # an index lies outside the tensor
+
+
+def _split_on_device(bk, gathered, template: Payload, n: int, expect: Stamp):
+    """Equal-size payloads cut and checked on the device, with nothing read on the host.
+
+    Every header must equal the one this rank would send (its :class:`Stamp` ``expect``,
+    layout and count), flags aside; every plain index must lie in the tensor. Returns
+    ``(payloads, verdict)``, the verdict an int64 tensor of one code per rank: the
+    header's flags, plus :data:`VERDICT_HEADER` or :data:`VERDICT_BOUNDS`. Indices outside
+    the tensor are clamped to 0, so decoding never reads out of bounds; nothing here is
+    valid until :func:`raise_for_verdict` has passed on the codes."""
+    nbytes = template.wire_bytes(bk)
+    rows = bk.reshape(gathered, (n, nbytes))
+    mine = list(_HEAD.pack(MAGIC, VERSION, 0, _index_width(template),
+                           _DTYPE_CODE[None if template.values is None else
+                                       _value_dtype_name(bk, template.values)],
+                           template.code_bits, template.level, template.count, *expect))
+    wrong = lambda a, b: bk.astype(rows[:, a:b] != bk.constant(mine[a:b], "uint8", gathered),  # noqa: E731
+                                   "int64")
+    flags = bk.astype(rows[:, 2], "int64")
+    unlike = bk.sum_rows(wrong(0, 2)) + bk.sum_rows(wrong(3, HEADER_BYTES)) + \
+        bk.astype(flags > FLAG_NONFINITE, "int64")
+    verdict = flags + VERDICT_HEADER * bk.astype(unlike > 0, "int64")
+    sizes = template_sizes(template, template.count)
+    payloads = [template._replace(**_segments(bk, gathered[r * nbytes:(r + 1) * nbytes],
+                                              template, sizes, template.count))
+                for r in range(n)]
+    if template.indices is not None and template.count:
+        numel = _numel(template.shape)
+        every = bk.reshape(bk.concat([p.indices for p in payloads]), (n, template.count))
+        outside = (every < 0) | (every >= numel)
+        verdict = verdict + VERDICT_BOUNDS * bk.astype(
+            bk.sum_rows(bk.astype(outside, "int64")) > 0, "int64")
+        every = bk.where(outside, bk.zeros(1, "int64", every), every)
+        payloads = [p._replace(indices=every[r]) for r, p in enumerate(payloads)]
+    return payloads, verdict
+
+
+def raise_for_verdict(bk, codes, gathered, template: Payload, n: int, expect, name: str):
+    """Raise, naming the first offending rank and what it sent, where a device verdict's
+    ``codes`` (ints, read by the caller) found a header unlike this rank's or an index
+    outside the tensor; the error path reads the headers on the host."""
+    nbytes = template.wire_bytes(bk)
+    for r, code in enumerate(codes):
+        if code & VERDICT_HEADER:
+            raw = bk.to_numpy(gathered[r * nbytes:r * nbytes + HEADER_BYTES + 8])
+            check_header(read_header(raw, name, r), template, expect, name, r, bk)
+            raise HvdCompressError(f"{_where(name, r)}: its header differs from this rank's "
+                                   f"(entry count {read_header(raw).count}, this rank's "
+                                   f"{template.count})")
+        if code & VERDICT_BOUNDS:
+            raise HvdCompressError(f"{_where(name, r)}: an index lies outside the tensor's "
+                                   f"{_numel(template.shape)} entries")
 
 
 def _check_bounds(bk, indices, numel: int, name: str, ranks):

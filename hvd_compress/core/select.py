@@ -10,6 +10,13 @@ compare and one compaction pass), and run the exact top-k on the candidates only
 sample was unlucky and fewer than k candidates survive, we fall back to the full top-k, so
 the result is always exact. The full top-k is the framework's own where it promises the tie
 rule (TensorFlow), else a k-th value, a compare and a prefix count of the ties.
+
+On an accelerator (``bk.avoids_syncs``) the sampled path is skipped: its candidate count is
+known only once the device has counted them, which would stall the host. The full top-k
+there needs no host read: exactly k entries are kept, so their positions have a size known
+in advance. (A NaN in the score can leave fewer; the positions are then padded to k, so
+the payload keeps its size, and the step is void anyway: the sender's header says its
+tensor was not finite.)
 """
 from __future__ import annotations
 
@@ -44,7 +51,8 @@ def topk_indices(bk, score, k: int):
     if k >= d:
         return bk.arange(d, score)
     cand = None
-    if bk.eager() and d >= _SAMPLED_MIN_D and k * 16 <= d:
+    sync_free = bk.avoids_syncs(score)
+    if bk.eager() and d >= _SAMPLED_MIN_D and k * 16 <= d and not sync_free:
         cand = _candidates(bk, score, k, d)
     if cand is None:
         pos = bk.topk_positions(score, k)
@@ -58,6 +66,6 @@ def topk_indices(bk, score, k: int):
     ties = sub == v
     n_above = bk.sum(bk.astype(above, "int64"))  # stays on the device: no sync here
     tie_rank = bk.cumsum(bk.astype(ties, "int64"))
-    keep = above | (ties & (tie_rank <= k - n_above))
-    pos = bk.nonzero(keep)
+    keep = above | (ties & (tie_rank <= k - n_above))  # exactly k entries, unless a NaN
+    pos = bk.nonzero_exactly(keep, k)
     return pos if cand is None else bk.gather(cand, pos)

@@ -68,7 +68,7 @@ class _Sparse(Compressor):
             else payloads[0].indices
         if n != 1:
             total = bk.scale_at(total, at, 1.0 / n)
-        return total, bk.all_finite(bk.gather(total, at))
+        return total, bk.finite_flag(bk.gather(total, at))
 
     def aggregate(self, bk, payloads):
         # rank by rank, in rank order: within one payload every position is distinct, so

@@ -5,7 +5,9 @@ the code under test), and updates that stay on the gradient's device.
 
 Launched by tests/test_cuda.py under mpirun with 2 ranks: on a CUDA device where one is
 present, and on the CPU everywhere (the device comes from HVD_COMPRESS_TEST_DEVICE,
-default "cuda"), so everything here but the device is checked on machines without one."""
+default "cuda"), so everything here but the device is checked on machines without one. On
+the CPU the torch backend takes the branch it takes on a GPU (no sampled top-k candidates,
+a non-finite tensor compressed as it is, every check on the device and read once)."""
 import os
 
 import numpy as np
@@ -16,6 +18,7 @@ from mpi4py import MPI
 
 import hvd_compress.torch as hct
 from hvd_compress.comm.mpi import SparseAllreduce
+from hvd_compress.core.ops import backend_named
 from hvd_compress.core.simulate import Workers
 
 from gtopk_oracle import gtopk
@@ -27,6 +30,7 @@ rank, size = comm.Get_rank(), comm.Get_size()
 DEVICE = torch.device(os.environ.get("HVD_COMPRESS_TEST_DEVICE", "cuda"),
                       rank % max(torch.cuda.device_count(), 1)
                       if os.environ.get("HVD_COMPRESS_TEST_DEVICE", "cuda") == "cuda" else None)
+backend_named("torch").avoid_syncs_on_cpu = True  # on the CPU: the branch a GPU takes
 
 
 def local(d, step):
@@ -97,3 +101,24 @@ def test_horovod_optimizer_on_the_device_matches_the_simulator(spec):
             dopt.step()
     flat = host(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert (everyone(flat) == flat).all(), "replicas differ"
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1+ef14", "topk:0.1+ef21sgdm", "qsgd", "fp16+ef14"])
+def test_a_nan_on_one_rank_voids_the_step_on_the_device(spec):
+    """A NaN on the last rank, never read on the host there: every rank gets the same NaN
+    update and keeps the state it had, then trains on as the simulator does."""
+    red = SparseAllreduce(spec, comm, seed=4)
+    oracle = Workers(spec, size, seed=4, name="w")
+    for step in range(3):
+        x = local(20000, step)
+        if step == 1 and rank == size - 1:
+            x[[3, 17]] = [np.nan, np.inf]
+        out = red.allreduce(torch.from_numpy(x).to(DEVICE), name="w")
+        assert out.device == DEVICE
+        if step == 1:
+            assert torch.isnan(out).all()
+            oracle.step_count += 1  # the void step still drew its step number
+            continue
+        np.testing.assert_allclose(host(out), oracle.step(list(everyone(x))),
+                                   rtol=1e-5, atol=1e-6)
+        assert (everyone(host(out)) == host(out)).all(), "replicas differ"
