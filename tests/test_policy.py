@@ -36,6 +36,24 @@ def test_choice_equals_brute_force(spec, scale):
     assert p.choose_k(bk, v) == brute_force(p, v)
 
 
+@pytest.mark.parametrize("spec", ["dynamic:cost=affine,c0=1000", "dynamic:cost=affine,c0=1e7",
+                                  "dynamic:cost=packet,packet=1024,header=160",
+                                  "dynamic:cost=allgather,alpha=1e-4,beta=1e-8,n=8",
+                                  "dynamic:cost=linear", "dynamic:c0=100,kmin=40,kmax=300"])
+def test_the_choice_inside_a_graph_equals_brute_force(spec):
+    """TensorFlow graphs choose k with graph operations (a while loop over the growing
+    window): the same k, including where the window grows past its first 256 entries."""
+    import tensorflow as tf
+    p = hc.resolve("topk+" + spec).policy
+    choose = tf.function(lambda v: p.choose_k(backend_named("tensorflow"), v))
+    for scale in (30, 3000):
+        v = decaying(20_000, scale)
+        assert int(choose(tf.constant(v))) == brute_force(p, v) == p.choose_k(bk, v)
+    assert not hc.resolve("topk+" + spec).host_stages()
+    assert hc.resolve("qsgd+dynamic").host_stages() == ["dynamic"]
+    assert hc.resolve("topk+dynamic:agree=true").host_stages() == ["dynamic:agree=true"]
+
+
 def test_linear_cost_picks_one_coordinate():
     p = Dynamic(cost="linear")
     assert all(p.choose_k(bk, decaying(500, 50, s)) == 1 for s in range(5))

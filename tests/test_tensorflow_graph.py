@@ -16,7 +16,9 @@ GRAPH_SAFE = [s for s in hc.available("compressor") if s != "bernoulli"]
 PIPELINES = ["topk:0.05+ef14", "topk:0.05+ef21", "topk:0.05+ef21sgdm:eta=0.3",
              "topk:0.05+ef21sgd2m", "randk:0.1,scaled=true+diana", "qsgd:s=3+diana",
              "threshold:lam=1.5+ef14", "topk:0.05,indices=varint,values=float16+ef14",
-             "topk:0.05+ef21+warmup:2", "topk:0.05+ef14+perturb:radius=0.1", "fp16", "bf16"]
+             "topk:0.05+ef21+warmup:2", "topk:0.05+ef14+perturb:radius=0.1", "fp16", "bf16",
+             "topk+ef14+dynamic:c0=20000", "topk+ef21sgdm+dynamic:cost=packet",
+             "topk:indices=varint+dynamic:c0=5000,kmin=3"]
 TF = backend_named("tensorflow")
 TORCH = backend_named("torch")
 

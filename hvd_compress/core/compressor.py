@@ -181,8 +181,8 @@ def resolve_k(owner: str, d: int, k, ratio, tensor: str = "") -> int:
     """The number of entries to keep: ``k`` if given, else ``max(1, int(ratio * d))``."""
     if k is None:
         k = max(1, int(ratio * d))
-    if not isinstance(d, int):
-        return k
+    if not isinstance(d, int) or not isinstance(k, int):
+        return k  # a graph's size, or a k chosen in the graph (within [1, d])
     if k > d:
         raise HvdCompressError(
             f"{owner}: k={k} exceeds the {d} entries of tensor {tensor or '<unnamed>'}")

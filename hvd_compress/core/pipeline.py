@@ -88,7 +88,8 @@ class Pipeline:
         """Specs of the stages that read tensor values in Python, so cannot run inside a
         graph (``tf.function``); see ``Algorithm.graph_safe``."""
         return [s.spec() for s in (self.compressor, self.feedback, self.policy,
-                                    self.perturbation) if s is not None and not s.graph_safe]
+                                    self.perturbation)
+                if s is not None and not s.runs_in_graph(self.compressor)]
 
     @property
     def agrees(self) -> bool:

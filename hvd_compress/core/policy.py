@@ -93,7 +93,11 @@ class Dynamic(Algorithm):
         allgather's fast path). Without it each rank picks its own k every step.
     """
 
-    graph_safe = False  # the level is chosen on the host from the sorted magnitudes
+    graph_safe = False  # QSGD's s and the budget are chosen on the host
+
+    def runs_in_graph(self, compressor) -> bool:
+        """Top-k's own k (not agreed) is chosen inside the graph too (:meth:`choose_k`)."""
+        return isinstance(compressor, TopK) and not self.agree
 
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
@@ -196,22 +200,50 @@ class Dynamic(Algorithm):
                 best, best_eff = s, eff
         return best
 
-    def costs(self, ks):
-        """C(k) for a numpy array of k values."""
+    def costs(self, ks, ceil=None):
+        """C(k) for a numpy array of k values (or a float64 tensor and its ``ceil``)."""
         import numpy as np
-        ks = np.asarray(ks, np.float64)
+        if ceil is None:
+            ks, ceil = np.asarray(ks, np.float64), np.ceil
         if self.cost == "linear":
             return self.b * ks
         if self.cost == "affine":
             return self.c0 + self.b * ks
         if self.cost == "packet":
             per = (self.packet - self.header) // self.b
-            return self.c0 + self.packet * np.ceil(ks / per)
+            return self.c0 + self.packet * ceil(ks / per)
         return (self.n - 1) * (self.alpha + self.beta * self.b * ks)
 
-    def choose_k(self, bk, v) -> int:
-        """k* for the flat vector v."""
+    def choose_k(self, bk, v):
+        """k* for the flat vector v: an int, or an int32 tensor inside a graph."""
+        if not bk.eager():
+            return self._search_graph(bk, v)
         return self._search(bk, v)[0]
+
+    def _search_graph(self, bk, v):
+        """:meth:`_search` as graph operations: the same window, growing four-fold while
+        the optimum sits at its edge, in a ``tf.while_loop``; the same float64 sums and
+        argmax, so the same k as eagerly."""
+        tf = bk.tf
+        d = bk.size(v)
+        kmax = min(d, self.kmax or d)
+        kmin = min(self.kmin, kmax)
+        a = tf.abs(v)
+        edge = int(self._packet_entries() or 1)
+
+        def body(m, best, done):
+            top = tf.cast(tf.math.top_k(a, m, sorted=True).values, tf.float64)
+            ks = tf.cast(tf.range(1, m + 1), tf.float64)
+            eff = tf.cumsum(top * top) / self.costs(ks, tf.math.ceil)
+            eff = tf.where(ks < kmin, tf.constant(-math.inf, tf.float64), eff)
+            best = tf.cast(tf.argmax(eff), tf.int32) + 1
+            done = tf.logical_or(best < m - edge, tf.equal(m, kmax))
+            return tf.where(done, m, tf.minimum(kmax, 4 * m)), best, done
+
+        m0 = tf.constant(min(kmax, max(4 * kmin, 256)), tf.int32)
+        _, best, _ = tf.while_loop(lambda m, best, done: tf.logical_not(done), body,
+                                   (m0, tf.constant(0, tf.int32), tf.constant(False)))
+        return best
 
     def _search(self, bk, v):
         """(k*, the selection size m that found it) for the flat vector v."""
@@ -267,11 +299,12 @@ class Dynamic(Algorithm):
     def _packet_entries(self):
         return (self.packet - self.header) // self.b if self.cost == "packet" else 0
 
-    def codec(self, k: int, like: TopK, fixed: bool = False) -> TopK:
-        """A top-k codec for this step's k (in ``like``'s wire formats); payload sizes
-        differ across ranks unless ``fixed`` (an agreed k)."""
-        c = TopK(k=k, values=like.values, indices=like.indices)
-        c.size_fixed = fixed
+    def codec(self, k, like: TopK, fixed: bool = False) -> TopK:
+        """A top-k codec for this step's k (an int, or a tensor inside a graph; in
+        ``like``'s wire formats); payload sizes differ across ranks unless ``fixed`` (an
+        agreed k)."""
+        c = TopK(k=k if isinstance(k, int) else 1, values=like.values, indices=like.indices)
+        c.k, c.size_fixed = k, fixed
         return c
 
 

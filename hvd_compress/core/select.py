@@ -48,6 +48,8 @@ def _candidates(bk, score, k: int, d: int):
 def topk_indices(bk, score, k: int):
     """Sorted positions of the k largest entries of the 1-D tensor ``score``."""
     d = bk.size(score)
+    if not isinstance(k, int):  # chosen inside a graph: the framework's own top-k
+        return bk.topk_positions(score, k)
     if k >= d:
         return bk.arange(d, score)
     cand = None

@@ -12,8 +12,9 @@ route gradients to :meth:`Compression.reduce` directly, without that empty allre
 they also work with Keras 3, where Horovod's own wrappers do not.
 
 Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
-keyed by variable name (see :mod:`.exchange`). Stages that choose the level on the host
-(``dynamic``, ``bernoulli``) are the exception: their exchanges run eagerly inside one
+keyed by variable name (see :mod:`.exchange`); ``dynamic`` top-k chooses its k in the graph
+too. Stages that choose the level on the host (``dynamic`` for QSGD and ``bernoulli``,
+``dynamic:agree=true``) are the exception: their exchanges run eagerly inside one
 ``tf.py_function`` per step, with state in Python like the PyTorch frontend's.
 """
 from __future__ import annotations
@@ -264,7 +265,7 @@ class Compression:
                        lambda: run(False))
 
     def _on_host(self, names, grads, op, process_set, predivide):
-        """Exchanges whose level is chosen on the host (``dynamic``, ``bernoulli``): one
+        """Exchanges whose level is chosen on the host (``Pipeline.host_stages``): one
         ``tf.py_function`` runs them eagerly, one tensor after another in name order, so
         every rank issues the same blocking collectives in the same order."""
         tf = self._bk.tf

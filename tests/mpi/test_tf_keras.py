@@ -155,13 +155,14 @@ def test_keras3_optimizer_keeps_state_per_variable_path():
 
 
 def test_keras3_fit_with_the_dynamic_level():
-    """dynamic picks k on the host each step (an eager tf.py_function inside model.fit)."""
+    """dynamic picks k inside model.fit's graph each step, per rank (payload sizes vary)."""
     comp = hctf.compression("topk+ef14+dynamic:c0=20000")
+    assert not comp.host_stages
     model = fit(keras, hctf.DistributedOptimizer(keras.optimizers.SGD(0.2), compression=comp),
                 SHARD[:6 * BATCH])
     assert_same_weights(model)
     rows = comp.telemetry.rows
-    assert max(r.step for r in rows) == 5 and all(r.seconds is not None for r in rows)
+    assert max(r.step for r in rows) == 5
     assert len({r.count for r in rows}) > 1  # the level moves with the gradients
 
 
