@@ -10,7 +10,7 @@ import hvd_compress as hc
 from hvd_compress import HvdCompressError, Key
 from hvd_compress.core.ops import backend_for, backend_named
 from hvd_compress.core.payload import HEADER_BYTES, pack, unpack
-from hvd_compress.core.select import topk_indices
+from hvd_compress.core.select import largest_magnitudes, topk_indices
 
 ALL = hc.available("compressor")
 STOCHASTIC = ["randk:0.1,scaled=true", "qsgd", "qsgd:s=1,bucket=16", "terngrad", "natural",
@@ -424,3 +424,20 @@ def test_the_accelerator_selection_of_a_nan_stays_in_the_tensor(accelerator_bran
     x[7] = float("nan")
     got = topk_indices(accelerator_branch, x, 100)
     assert got.numel() == 100 and 0 <= int(got.min()) and int(got.max()) < x.numel()
+
+
+@pytest.mark.parametrize("case", ["normal", "signed ties", "zeros", "spikes"])
+def test_selection_by_magnitude_equals_top_k_of_the_absolute_values(xp, case):
+    """Candidates by x >= t or x <= -t instead of |x| >= t: the same positions, ties
+    between v and -v included, and the fallback where the sample misleads."""
+    rs = np.random.RandomState(4)
+    d = 1 << 17
+    x = {"normal": rs.standard_normal(d),
+         "signed ties": np.round(rs.standard_normal(d), 1) * rs.choice([-1, 1], d),
+         "zeros": np.where(rs.rand(d) < 0.001, rs.standard_normal(d), 0.0),
+         "spikes": np.where(np.arange(d) % 2, -1.0, 0.0)}[case].astype(np.float32)
+    bk = backend_named(xp.name)
+    for k in (1, 1000, 5000):
+        want = topk_indices(backend_named("numpy"), np.abs(x), k)
+        np.testing.assert_array_equal(xp.numpy(largest_magnitudes(bk, xp.asarray(x), k)),
+                                      want)

@@ -4,6 +4,7 @@ import pytest
 
 import hvd_compress as hc
 from hvd_compress import Key
+from hvd_compress.core.exchange import Exchange
 from hvd_compress.core.ops import backend_for, backend_named
 from hvd_compress.core.payload import HEADER_BYTES
 from hvd_compress.core.pipeline import resolve_pipeline
@@ -277,3 +278,26 @@ def test_threshold_for_budget_matches_a_runs_total():
     assert abs(sent(lam) - 40) <= 2
     with pytest.raises(hc.HvdCompressError, match="outside, widen"):
         threshold_for_budget(sent, 10 ** 6)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1+ef14", "topk:0.1,values=float16+ef21sgdm",
+                                  "randk:0.2+ef14", "sign+ef14"])
+def test_overwriting_the_gradient_gives_the_same_update_and_state(spec):
+    """Horovod's PyTorch frontend lets the average take the gradient's memory (as Horovod's
+    own in-place allreduce does): the same update and state, bit for bit, and for sparse
+    payloads no new tensor of the gradient's size."""
+    import torch
+    bk = backend_named("torch")
+    apart, inplace = Exchange(spec), Exchange(spec)
+    for step in range(3):
+        g = torch.from_numpy(grads(2, 300, step)[0])
+        out = apart.begin(bk, "w", g.clone(), 0)
+        want = apart.finish_gathered(bk, torch.cat([out.wire] * 3), out, 3, False)
+        mine = g.clone()
+        out = inplace.begin(bk, "w", mine, 0, overwrite=True)
+        got = inplace.finish_gathered(bk, torch.cat([out.wire] * 3), out, 3, False)
+        assert torch.equal(got, want)
+        if spec.startswith("topk:0.1+ef14") or spec.startswith("randk"):
+            assert got.data_ptr() == mine.data_ptr()
+        for a, b in zip(apart.states["w"], inplace.states["w"]):
+            assert not hasattr(a, "shape") or torch.equal(a, b)

@@ -49,17 +49,19 @@ class Compressor(Algorithm):
         """The payload as a flat dense tensor (in the payload's compute dtype)."""
         raise NotImplementedError
 
-    def aggregate(self, bk, payloads):
-        """Sum of the dense tensors the payloads stand for (flat, in the compute dtype)."""
+    def aggregate(self, bk, payloads, out=None):
+        """Sum of the dense tensors the payloads stand for (flat, in the compute dtype);
+        ``out``: a flat tensor whose memory the sum may take (its values are lost)."""
         total = None
         for p in payloads:
             v = self.decode_flat(bk, p)
             total = v if total is None else total + v
         return total
 
-    def mean(self, bk, payloads, n: int):
+    def mean(self, bk, payloads, n: int, out=None):
         """(the sum of the payloads' dense tensors times 1/n, whether it is finite): what
-        every rank applies. The second is a boolean scalar of the framework, not read."""
+        every rank applies. The second is a boolean scalar of the framework, not read.
+        ``out``: see :meth:`aggregate`."""
         total = self.aggregate(bk, payloads)
         if n != 1:
             total = total * (1.0 / n)

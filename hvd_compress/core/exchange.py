@@ -43,6 +43,7 @@ class Outgoing(NamedTuple):
     prior: Any = None     # the pipeline state before this step (kept if the step is void)
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
     dense_route: bool = False  # auto sent the tensor as it is, by a plain allreduce
+    into: Any = None      # the flat input, whose memory the average may take (overwrite)
 
 
 class Exchange:
@@ -104,14 +105,17 @@ class Exchange:
             self.pipeline.policy is None or isinstance(self.pipeline.policy, Auto)))
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
-              gather=None) -> Outgoing:
+              gather=None, overwrite: bool = False) -> Outgoing:
         """Compress ``tensor`` (this rank's gradient called ``name``) for the wire.
 
         ``step`` is the step counter already drawn with :meth:`next_step` (drawn here when
         None). ``dense`` forces the warm-up phase on or off where the step is a graph
         tensor and Python cannot compare it (see :meth:`Pipeline.encode`). ``gather`` is
         the frontend's allgather of a float64 row, which ``dynamic:agree=true`` uses to
-        settle this step's k with the other ranks (see :meth:`Pipeline.encode`)."""
+        settle this step's k with the other ranks (see :meth:`Pipeline.encode`).
+        ``overwrite``: the average of sparse payloads may be written into ``tensor``'s
+        memory (Horovod's PyTorch optimizer overwrites the gradient with the average
+        anyway), which saves a tensor of its size per step."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -152,7 +156,8 @@ class Exchange:
         self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
                  time.perf_counter() - t0, error)
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor), prior, stamp)
+                        bk.dtype(tensor), prior, stamp,
+                        into=bk.flatten(tensor) if overwrite else None)
 
     def _begin_dense(self, bk, name, tensor, step, t0) -> Outgoing:
         """auto's dense route: the tensor itself travels by allreduce, exactly as Horovod
@@ -233,7 +238,7 @@ class Exchange:
         parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
                                       outgoing.codec.fixed_size, outgoing.stamp, outgoing.name,
                                       defer=bk.avoids_syncs(gathered))
-        mean, finite = outgoing.codec.mean(bk, parts, n)  # a sum can overflow: finite?
+        mean, finite = outgoing.codec.mean(bk, parts, n, outgoing.into)  # finite? (overflow)
         if bk.eager():
             if isinstance(flags, list):
                 finite = bool(finite)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from ..errors import HvdCompressError
 from .feedback import EF14
-from .select import topk_indices
+from .select import largest_magnitudes
 from .sparsifiers import TopK, _wide
 
 
@@ -78,7 +78,7 @@ def merge(bk, codec: TopK, mine, theirs):
     positions, where = bk.unique(bk.concat([mine.indices, theirs.indices]))
     total = bk.scatter_add(bk.size(positions), where,  # the receiver's values, then the sender's
                            bk.concat([_wide(bk, mine.values), _wide(bk, theirs.values)]))
-    keep = topk_indices(bk, bk.abs(total), k)  # positions are sorted: ties go low, as in top-k
+    keep = largest_magnitudes(bk, total, k)  # positions are sorted: ties go low, as in top-k
     # in the tensor's dtype, then the codec's wire cast, as a local payload is formed
     forward = codec.pack_at(bk, bk.astype(bk.gather(total, keep), mine.dtype),
                             bk.gather(positions, keep), mine.shape, mine.dtype,

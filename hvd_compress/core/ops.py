@@ -124,6 +124,9 @@ class Backend:
         return None
     def cumsum(self, x): raise NotImplementedError
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
+    def zeros_in(self, x):
+        """Zeros shaped like x, in x's memory where the framework allows (else fresh)."""
+        raise NotImplementedError
     def scatter_add_into(self, out, idx, values):
         """out + the values scattered at idx (positions distinct); may reuse out."""
         raise NotImplementedError
@@ -193,6 +196,9 @@ class NumpyBackend(Backend):
         out = np.zeros(n, values.dtype)
         np.add.at(out, idx, values)
         return out
+    def zeros_in(self, x):
+        x.fill(0)
+        return x
     def scatter_add_into(self, out, idx, values):
         np.add.at(out, idx, values)
         return out
@@ -284,6 +290,7 @@ class TorchBackend(Backend):
     def scatter_add(self, n, idx, values):
         out = self.t.zeros(n, dtype=values.dtype, device=values.device)
         return out.index_add_(0, idx, values)
+    def zeros_in(self, x): return x.zero_()
     def scatter_add_into(self, out, idx, values): return out.index_add_(0, idx, values)
     def scale_at(self, out, idx, factor): return out.index_put_((idx,), out[idx] * factor)
     def copy(self, x): return x.clone()
@@ -372,6 +379,7 @@ class TensorflowBackend(Backend):
     def cumsum(self, x): return self.tf.cumsum(x)
     def scatter_add(self, n, idx, values):
         return self.tf.math.unsorted_segment_sum(values, idx, n)
+    def zeros_in(self, x): return self.tf.zeros_like(x)
     def scatter_add_into(self, out, idx, values):
         return self.tf.tensor_scatter_nd_add(out, self.tf.reshape(idx, (-1, 1)), values)
     def scale_at(self, out, idx, factor):

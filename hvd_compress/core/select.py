@@ -10,6 +10,8 @@ compare and one compaction pass), and run the exact top-k on the candidates only
 sample was unlucky and fewer than k candidates survive, we fall back to the full top-k, so
 the result is always exact. The full top-k is the framework's own where it promises the tie
 rule (TensorFlow), else a k-th value, a compare and a prefix count of the ties.
+``largest_magnitudes(bk, x, k)`` selects by |x| without writing |x| for the whole tensor:
+the candidates are the entries with x >= t or x <= -t.
 
 On an accelerator (``bk.avoids_syncs``) the sampled path is skipped: its candidate count is
 known only once the device has counted them, which would stall the host. The full top-k
@@ -31,41 +33,56 @@ def kth_largest(bk, score, k: int):
     return bk.topk_values(score, k)[k - 1]
 
 
-def _candidates(bk, score, k: int, d: int):
-    """Positions that surely include the top k (None if the sample says otherwise)."""
-    stride = max(1, d // _SAMPLE_SIZE)
-    sample = score[::stride]
+def _sampled(bk, x, d: int, k) -> bool:
+    """Whether to narrow the candidates by a sampled threshold first."""
+    return isinstance(k, int) and bk.eager() and d >= _SAMPLED_MIN_D and k * 16 <= d and \
+        not bk.avoids_syncs(x)
+
+
+def _threshold(bk, sample, k: int, d: int):
+    """A value that, by the sample, at least k of the d entries reach (with margin)."""
     m = bk.size(sample)
     r = k * m / d
-    r = min(m, int(r + 4.0 * math.sqrt(r) + 4))
-    t = kth_largest(bk, sample, r)
-    cand = bk.nonzero(score >= t)
-    if bk.size(cand) < k:
-        return None
-    return cand
+    return kth_largest(bk, sample, min(m, int(r + 4.0 * math.sqrt(r) + 4)))
 
 
-def topk_indices(bk, score, k: int):
+def topk_indices(bk, score, k):
     """Sorted positions of the k largest entries of the 1-D tensor ``score``."""
     d = bk.size(score)
     if not isinstance(k, int):  # chosen inside a graph: the framework's own top-k
         return bk.topk_positions(score, k)
     if k >= d:
         return bk.arange(d, score)
-    cand = None
-    sync_free = bk.avoids_syncs(score)
-    if bk.eager() and d >= _SAMPLED_MIN_D and k * 16 <= d and not sync_free:
-        cand = _candidates(bk, score, k, d)
-    if cand is None:
-        pos = bk.topk_positions(score, k)
-        if pos is not None:
-            return pos
-        sub = score
-    else:
-        sub = bk.gather(score, cand)
-    v = kth_largest(bk, sub, k)
-    above = sub > v
-    ties = sub == v
+    if _sampled(bk, score, d, k):
+        t = _threshold(bk, score[::max(1, d // _SAMPLE_SIZE)], k, d)
+        cand = bk.nonzero(score >= t)
+        if bk.size(cand) >= k:
+            return _exact(bk, bk.gather(score, cand), k, cand)
+    return _exact(bk, score, k)
+
+
+def largest_magnitudes(bk, x, k):
+    """``topk_indices(bk, |x|, k)``, without a pass that writes |x| where the candidates
+    are sampled: |x| >= t is x >= t or x <= -t."""
+    d = bk.size(x)
+    if isinstance(k, int) and k < d and _sampled(bk, x, d, k):
+        t = _threshold(bk, bk.abs(x[::max(1, d // _SAMPLE_SIZE)]), k, d)
+        cand = bk.nonzero((x >= t) | (x <= -t))
+        if bk.size(cand) >= k:
+            return _exact(bk, bk.abs(bk.gather(x, cand)), k, cand)
+        return _exact(bk, bk.abs(x), k)
+    return topk_indices(bk, bk.abs(x), k)
+
+
+def _exact(bk, score, k: int, cand=None):
+    """Sorted positions of the k largest entries of ``score`` (positions in ``cand``
+    where the score holds only those candidates)."""
+    pos = bk.topk_positions(score, k) if cand is None else None
+    if pos is not None:
+        return pos
+    v = kth_largest(bk, score, k)
+    above = score > v
+    ties = score == v
     n_above = bk.sum(bk.astype(above, "int64"))  # stays on the device: no sync here
     tie_rank = bk.cumsum(bk.astype(ties, "int64"))
     keep = above | (ties & (tie_rank <= k - n_above))  # exactly k entries, unless a NaN

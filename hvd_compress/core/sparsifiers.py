@@ -17,7 +17,7 @@ from .compressor import Compressor, check_bool, check_float, check_int, check_ra
 from .payload import Payload
 from .registry import register
 from .rng import Key, random_bits, uniform
-from .select import topk_indices
+from .select import largest_magnitudes, topk_indices
 from .varint import encode_sorted
 
 _VALUE_DTYPES = (None, "float16", "bfloat16", "float32")
@@ -60,24 +60,28 @@ class _Sparse(Compressor):
             vals = -vals if scale == -1.0 else vals * scale
         return bk.scatter_add_into(x if owned else bk.copy(x), p.indices, vals)
 
-    def mean(self, bk, payloads, n):
+    def mean(self, bk, payloads, n, out=None):
         # off the positions some rank sent, the sum is an exact zero: scale and check
         # only those (positions may repeat across ranks)
-        total = self.aggregate(bk, payloads)
+        total = self.aggregate(bk, payloads, out)
         at = bk.concat([p.indices for p in payloads]) if len(payloads) > 1 \
             else payloads[0].indices
         if n != 1:
             total = bk.scale_at(total, at, 1.0 / n)
         return total, bk.finite_flag(bk.gather(total, at))
 
-    def aggregate(self, bk, payloads):
+    def aggregate(self, bk, payloads, out=None):
         # rank by rank, in rank order: within one payload every position is distinct, so
         # no two additions race, and every rank adds the same numbers in the same order
         # (bit-identical sums on CPU and GPU alike)
         total = None
         for p in payloads:
-            total = bk.scatter_add(_numel(p.shape), p.indices, _wide(bk, p.values)) \
-                if total is None else bk.scatter_add_into(total, p.indices, _wide(bk, p.values))
+            values, numel = _wide(bk, p.values), _numel(p.shape)
+            if total is None and out is not None and bk.dtype(out) == bk.dtype(values) \
+                    and bk.size(out) == numel:
+                total = bk.zeros_in(out)  # no fresh tensor of the model's size
+            total = bk.scatter_add(numel, p.indices, values) if total is None \
+                else bk.scatter_add_into(total, p.indices, values)
         return total
 
 
@@ -135,7 +139,7 @@ class TopK(_Sparse):
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         k = self.k_for(d, key.name)
-        idx = topk_indices(bk, bk.abs(flat), k)
+        idx = largest_magnitudes(bk, flat, k)
         return self._payload(bk, flat, idx, shape, dtype, d)
 
     def alpha(self, d):

@@ -286,7 +286,8 @@ class Compression:
             def gather(row):
                 calls.append(row)
                 return self.transport.gather_rows(row, f"{_PREFIX}k{len(calls)}:{name}")
-        out = self.exchange.begin(bk, name, tensor, self.transport.rank(), gather=gather)
+        out = self.exchange.begin(bk, name, tensor, self.transport.rank(), gather=gather,
+                                  overwrite=True)  # as Horovod's own in-place allreduce
         return out, lambda output: self.transport.finish(self.exchange, bk, output, out, n,
                                                          summed)
 
