@@ -209,6 +209,15 @@ def test_equal_size_payloads_are_checked_on_the_device(xp, spec):
         raise_for_verdict(bk, codes, gathered, p, 3, stamp, "w")
     with pytest.raises(HvdCompressError, match="rank 2: ranks disagree on the compression"):
         split_gathered(bk, gathered, p, 3, True, stamp, "w")  # the host's check
+    for foreign in (0x40, 0xC0, 0xFF):  # flag bits this version does not know
+        bufs[0][2] = foreign
+        gathered = xp.asarray(np.concatenate(bufs))
+        codes = [int(v) for v in xp.numpy(
+            split_gathered(bk, gathered, p, 3, True, stamp, "w", defer=True)[1])]
+        assert codes == [VERDICT_HEADER, 1, VERDICT_HEADER]
+        with pytest.raises(HvdCompressError, match="rank 0: unknown header flags"):
+            raise_for_verdict(bk, codes, gathered, p, 3, stamp, "w")
+    bufs[0][2] = 0
     if p.indices is None:
         return
     bufs[2][12] ^= 1
@@ -222,3 +231,28 @@ def test_equal_size_payloads_are_checked_on_the_device(xp, spec):
     c.aggregate(bk, parts)
     with pytest.raises(HvdCompressError, match="rank 0: an index lies outside"):
         raise_for_verdict(bk, codes, gathered, p, 3, stamp, "w")
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_refused_header_leaves_the_state_as_before_the_step(on_device):
+    """Every rank raises on a foreign header, with the feedback state it had before the
+    step, whether the headers are checked on the host or on the device."""
+    import torch
+
+    from hvd_compress.core.exchange import Exchange
+    bk = backend_named("torch")
+    type(bk).avoid_syncs_on_cpu = on_device
+    try:
+        ex = Exchange("topk:k=3+ef14")
+        for step in range(2):
+            out = ex.begin(bk, "w", torch.arange(10, dtype=torch.float32) - step, 0)
+            ex.finish_gathered(bk, torch.cat([out.wire] * 2), out, 2, False)
+        before = ex.states["w"].residual.clone()
+        out = ex.begin(bk, "w", torch.ones(10), 0)
+        other = out.wire.clone()
+        other[12] ^= 1  # the other rank's spec fingerprint differs
+        with pytest.raises(HvdCompressError, match="rank 1: ranks disagree"):
+            ex.finish_gathered(bk, torch.cat([out.wire, other]), out, 2, False)
+        assert torch.equal(ex.states["w"].residual, before)
+    finally:
+        type(bk).avoid_syncs_on_cpu = False

@@ -60,8 +60,8 @@ class Compressor(Algorithm):
 
     def mean(self, bk, payloads, n: int, out=None):
         """(the sum of the payloads' dense tensors times 1/n, whether it is finite): what
-        every rank applies. The second is a boolean scalar of the framework, not read.
-        ``out``: see :meth:`aggregate`."""
+        every rank applies. The second is a boolean scalar of the framework, left on the
+        device (on a CPU it may already be a bool). ``out``: see :meth:`aggregate`."""
         total = self.aggregate(bk, payloads)
         if n != 1:
             total = total * (1.0 / n)

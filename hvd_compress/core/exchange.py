@@ -115,7 +115,8 @@ class Exchange:
         settle this step's k with the other ranks (see :meth:`Pipeline.encode`).
         ``overwrite``: the average of sparse payloads may be written into ``tensor``'s
         memory (Horovod's PyTorch optimizer overwrites the gradient with the average
-        anyway), which saves a tensor of its size per step."""
+        anyway), which saves a tensor of its size per step. Nothing else keeps a reference
+        to it: payload values are gathered copies, feedback states fresh tensors."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -155,9 +156,12 @@ class Exchange:
         d = bk.size(flat)
         self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
                  time.perf_counter() - t0, error)
+        # the average of sparse payloads may take the flat tensor's memory (the input's
+        # own, or a copy the flattening or the zeroing made)
+        into = flat if overwrite and payload.indices is not None and not by_allreduce \
+            else None
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor), prior, stamp,
-                        into=bk.flatten(tensor) if overwrite else None)
+                        bk.dtype(tensor), prior, stamp, into=into)
 
     def _begin_dense(self, bk, name, tensor, step, t0) -> Outgoing:
         """auto's dense route: the tensor itself travels by allreduce, exactly as Horovod
@@ -233,21 +237,29 @@ class Exchange:
     def finish_gathered(self, bk, gathered, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allgather of every rank's ``wire`` (the average over ranks, or
         the sum if ``summed``), shaped like the input. Every rank's header is checked
-        against this rank's payload and fingerprints first."""
+        against this rank's payload and fingerprints first; where one is refused, every
+        rank raises and keeps the state it had before this step (the gradient handed to
+        :meth:`begin` with ``overwrite`` may hold a partial sum then)."""
         self.world_size = n
-        parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
-                                      outgoing.codec.fixed_size, outgoing.stamp, outgoing.name,
-                                      defer=bk.avoids_syncs(gathered))
-        mean, finite = outgoing.codec.mean(bk, parts, n, outgoing.into)  # finite? (overflow)
-        if bk.eager():
-            if isinstance(flags, list):
-                finite = bool(finite)
-            else:  # checked on the device: one read for the verdict and the sum's finiteness
+        try:
+            parts, flags = split_gathered(bk, gathered, outgoing.payload, n,
+                                          outgoing.codec.fixed_size, outgoing.stamp,
+                                          outgoing.name, defer=bk.avoids_syncs(gathered))
+            mean, finite = outgoing.codec.mean(bk, parts, n, outgoing.into)  # overflow?
+            if bk.eager() and not isinstance(flags, list):
+                # checked on the device: one read for the verdict and the sum's finiteness
                 codes = [int(c) for c in bk.to_numpy(bk.concat(
                     [flags, bk.reshape(bk.astype(finite, "int64"), (1,))]))]
-                flags, finite = codes[:n], bool(codes[n])
+                flags, finite = codes[:n], codes[n]
                 raise_for_verdict(bk, flags, gathered, outgoing.payload, n, outgoing.stamp,
                                   outgoing.name)
+        except HvdCompressError:
+            if bk.eager():
+                self.states[outgoing.name] = outgoing.prior
+                self.commit_state(outgoing.name, outgoing.prior)
+            raise
+        if bk.eager():
+            finite = bool(finite)
             ranks = [r for r, f in enumerate(flags) if f & FLAG_NONFINITE]
             bad = bool(ranks) or not finite
         else:

@@ -64,7 +64,11 @@ class Backend:
     # -- construction ----------------------------------------------------------------
     def zeros(self, n: int, dtype: str, like): raise NotImplementedError
     def arange(self, n: int, like, dtype: str = "int64"): raise NotImplementedError
-    def constant(self, values, dtype: str, like): raise NotImplementedError
+    def constant(self, values, dtype: str, like):
+        """A tensor of ``values`` (host data) on ``like``'s device. On an accelerator it is
+        made once and shared (a copy from the host waits for the device): never modify a
+        constant in place."""
+        raise NotImplementedError
     def concat(self, xs): raise NotImplementedError
 
     # -- elementwise and reductions ----------------------------------------------------
@@ -236,6 +240,10 @@ class TorchBackend(Backend):
                     "float32": torch.float32, "float64": torch.float64,
                     "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
                     "uint16": torch.int16, "bool": torch.bool}
+        self._constants: dict = {}  # (values, dtype, device) -> tensor, on accelerators
+        version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        # torch.nonzero_static: since 2.1 on CPU tensors, 2.6 on CUDA ones
+        self._static_nonzero = {"cpu": version >= (2, 1), "cuda": version >= (2, 6)}
 
     def shape(self, x): return tuple(x.shape)
     def dtype(self, x): return str(x.dtype).replace("torch.", "")
@@ -253,7 +261,16 @@ class TorchBackend(Backend):
     def arange(self, n, like, dtype="int64"):
         return self.t.arange(n, dtype=self._dt[dtype], device=like.device)
     def constant(self, values, dtype, like):
-        return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
+        if not self.avoids_syncs(like):
+            return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
+        key = (tuple(values) if isinstance(values, list) else values, dtype, like.device)
+        made = self._constants.get(key)
+        if made is None:  # headers and shifts: a few per tensor, made at its first step
+            if len(self._constants) >= 4096:
+                self._constants.clear()
+            made = self._constants[key] = self.t.tensor(values, dtype=self._dt[dtype],
+                                                        device=like.device)
+        return made
     def concat(self, xs): return self.t.cat(xs)
     def abs(self, x): return x.abs()
     def floor(self, x): return x.floor()
@@ -278,11 +295,13 @@ class TorchBackend(Backend):
     def nan_like(self, x): return self.t.full_like(x, float("nan"))
     def nonzero(self, mask): return self.t.nonzero(mask).reshape(-1)
     def nonzero_exactly(self, mask, k):
+        if not self._static_nonzero.get(mask.device.type, False):
+            return super().nonzero_exactly(mask, k)
         return self.t.nonzero_static(mask, size=k, fill_value=0).reshape(-1)
     #: take the accelerator's branch on CPU tensors too (benchmarks/host_syncs.py counts
     #: it there; tests compare it with the CPU branch)
     avoid_syncs_on_cpu = False
-    def avoids_syncs(self, x): return x.device.type != "cpu" or self.avoid_syncs_on_cpu
+    def avoids_syncs(self, x): return x.device.type == "cuda" or self.avoid_syncs_on_cpu
     def unique(self, x): return self.t.unique(x, sorted=True, return_inverse=True)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values

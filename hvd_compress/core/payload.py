@@ -439,10 +439,11 @@ def _split_on_device(bk, gathered, template: Payload, n: int, expect: Stamp):
                            template.code_bits, template.level, template.count, *expect))
     wrong = lambda a, b: bk.astype(rows[:, a:b] != bk.constant(mine[a:b], "uint8", gathered),  # noqa: E731
                                    "int64")
-    flags = bk.astype(rows[:, 2], "int64")
+    flags = rows[:, 2]
     unlike = bk.sum_rows(wrong(0, 2)) + bk.sum_rows(wrong(3, HEADER_BYTES)) + \
-        bk.astype(flags > FLAG_NONFINITE, "int64")
-    verdict = flags + VERDICT_HEADER * bk.astype(unlike > 0, "int64")
+        bk.astype(flags > FLAG_NONFINITE, "int64")  # an unknown flag: a foreign header
+    verdict = bk.astype(flags == FLAG_NONFINITE, "int64") + \
+        VERDICT_HEADER * bk.astype(unlike > 0, "int64")
     sizes = template_sizes(template, template.count)
     payloads = [template._replace(**_segments(bk, gathered[r * nbytes:(r + 1) * nbytes],
                                               template, sizes, template.count))

@@ -222,8 +222,9 @@ class Dynamic(Algorithm):
 
     def _search_graph(self, bk, v):
         """:meth:`_search` as graph operations: the same window, growing four-fold while
-        the optimum sits at its edge, in a ``tf.while_loop``; the same float64 sums and
-        argmax, so the same k as eagerly."""
+        the optimum sits at its edge, in a ``tf.while_loop``; the same float64 prefix sums
+        and argmax (the same k as eagerly, but for near-ties that the order of a parallel
+        sum can flip, as any two frameworks may)."""
         tf = bk.tf
         d = bk.size(v)
         kmax = min(d, self.kmax or d)
@@ -238,7 +239,8 @@ class Dynamic(Algorithm):
             eff = tf.where(ks < kmin, tf.constant(-math.inf, tf.float64), eff)
             best = tf.cast(tf.argmax(eff), tf.int32) + 1
             done = tf.logical_or(best < m - edge, tf.equal(m, kmax))
-            return tf.where(done, m, tf.minimum(kmax, 4 * m)), best, done
+            grown = tf.cast(tf.minimum(tf.cast(m, tf.int64) * 4, kmax), tf.int32)
+            return tf.where(done, m, grown), best, done
 
         m0 = tf.constant(min(kmax, max(4 * kmin, 256)), tf.int32)
         _, best, _ = tf.while_loop(lambda m, best, done: tf.logical_not(done), body,

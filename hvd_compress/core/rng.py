@@ -77,8 +77,8 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0):
         raise HvdCompressError(f"random draws over {n} entries: at most 2**31 - 1 per tensor")
     stream = key.stream(salt)
     step = key.step
-    if isinstance(step, int):
-        base = bk.constant(_signed(_mix_py(stream ^ _mix_py(step))), "int32", like)
+    if isinstance(step, int):  # a Python scalar: no tensor copied to the device per step
+        base = _signed(_mix_py(stream ^ _mix_py(step)))
     else:  # a step tensor inside a graph
         s = bk.astype(step, "int32")
         base = _mix(bk, bk.xor(_mix(bk, s), bk.constant(_signed(stream), "int32", like)))
