@@ -149,6 +149,15 @@ class Backend:
     def rshift(self, a, s): raise NotImplementedError   # s: an int or a tensor of shifts
     def lshift(self, a, s: int): raise NotImplementedError
 
+    # -- the same in the first argument's memory, where the framework allows: callers
+    # -- pass only tensors they made (a fresh tensor of the model's size costs a pass)
+    def xor_(self, a, b): return self.xor(a, b)
+    def band_(self, a, b): return self.band(a, b)
+    def mul_(self, a, c): return a * c
+    def rshift_into(self, out, a, s: int):
+        """a >> s, in out's memory where the framework allows (out shaped like a)."""
+        return self.rshift(a, s)
+
     def to_numpy(self, x) -> np.ndarray: raise NotImplementedError
     def from_numpy(self, a, like): raise NotImplementedError
 
@@ -216,6 +225,10 @@ class NumpyBackend(Backend):
     def bor(self, a, b): return np.bitwise_or(a, b)
     def rshift(self, a, s): return np.right_shift(a, np.asarray(s, a.dtype))
     def lshift(self, a, s): return np.left_shift(a, np.asarray(s, a.dtype))
+    def xor_(self, a, b): return np.bitwise_xor(a, b, out=a)
+    def band_(self, a, b): return np.bitwise_and(a, np.asarray(b, a.dtype), out=a)
+    def mul_(self, a, c): return np.multiply(a, np.asarray(c, a.dtype), out=a)
+    def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
 
@@ -319,6 +332,10 @@ class TorchBackend(Backend):
     def bor(self, a, b): return self.t.bitwise_or(a, b)
     def rshift(self, a, s): return self.t.bitwise_right_shift(a, s)
     def lshift(self, a, s): return self.t.bitwise_left_shift(a, s)
+    def xor_(self, a, b): return a.bitwise_xor_(b)
+    def band_(self, a, b): return a.bitwise_and_(b)
+    def mul_(self, a, c): return a.mul_(c)
+    def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:
             return x.view(self.t.int16).cpu().numpy().view(np.uint16)

@@ -57,18 +57,23 @@ def _signed(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _lsr(bk, x, s: int):
-    """Logical right shift of int32 bit patterns (the arithmetic shift, masked)."""
-    return bk.band(bk.rshift(x, s), (1 << (32 - s)) - 1)
+def _lsr(bk, x, s: int, out=None):
+    """Logical right shift of int32 bit patterns (the arithmetic shift, masked): a new
+    tensor, or ``out``'s memory where the framework allows."""
+    shifted = bk.rshift(x, s) if out is None else bk.rshift_into(out, x, s)
+    return bk.band_(shifted, (1 << (32 - s)) - 1)
 
 
 def _mix(bk, x):
-    """The same avalanche as :func:`_mix_py`, on int32 tensors of 32-bit patterns."""
-    x = bk.xor(x, _lsr(bk, x, 16))
-    x = x * _C1
-    x = bk.xor(x, _lsr(bk, x, 15))
-    x = x * _C2
-    return bk.xor(x, _lsr(bk, x, 16))
+    """The same avalanche as :func:`_mix_py`, on int32 tensors of 32-bit patterns; it
+    overwrites x where the framework allows, with one scratch tensor (instead of eleven
+    new tensors)."""
+    scratch = _lsr(bk, x, 16)
+    x = bk.xor_(x, scratch)
+    x = bk.mul_(x, _C1)
+    x = bk.xor_(x, _lsr(bk, x, 15, scratch))
+    x = bk.mul_(x, _C2)
+    return bk.xor_(x, _lsr(bk, x, 16, scratch))
 
 
 def random_bits(bk, n: int, key: Key, like, salt: int = 0):
@@ -80,16 +85,16 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0):
     if isinstance(step, int):  # a Python scalar: no tensor copied to the device per step
         base = _signed(_mix_py(stream ^ _mix_py(step)))
     else:  # a step tensor inside a graph
-        s = bk.astype(step, "int32")
+        s = bk.copy(bk.astype(step, "int32"))  # _mix overwrites it
         base = _mix(bk, bk.xor(_mix(bk, s), bk.constant(_signed(stream), "int32", like)))
-    return _mix(bk, bk.xor(bk.arange(n, like, "int32") * _GOLD, base))
+    return _mix(bk, bk.xor_(bk.mul_(bk.arange(n, like, "int32"), _GOLD), base))
 
 
 def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
     """n uniforms in [0, 1) with 24 random bits each (exact in float32), identical on
     every backend for the same key."""
     bits = _lsr(bk, random_bits(bk, n, key, like, salt), 8)
-    return bk.astype(bits, dtype) * (1.0 / (1 << 24))
+    return bk.mul_(bk.astype(bits, dtype), 1.0 / (1 << 24))
 
 
 def normal(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
