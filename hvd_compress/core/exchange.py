@@ -297,8 +297,8 @@ class Exchange:
             self.commit_state(name, outgoing.prior)
             self._refuse_nonfinite(name, outgoing.step, ranks)
             return bk.nan_like(bk.reshape(bk.astype(mean, outgoing.dtype), outgoing.shape))
-        mean = bk.astype(mean, outgoing.dtype)
-        update, state = self.pipeline.decode(bk, mean, self.states[name])
+        mean = bk.astype(mean, outgoing.dtype)  # made for this step: the update may take it
+        update, state = self.pipeline.decode(bk, mean, self.states[name], owned=True)
         if not bk.eager():  # the same choice, as graph ops
             if self.nonfinite == "raise":
                 bad = self._refuse_in_graph(bk, name, bad, ranks)

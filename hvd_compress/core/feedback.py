@@ -14,7 +14,9 @@ estimates by the sent vector without decoding it densely (a sparse payload touch
 its k entries).
 
 ``decode`` returns an update that shares no memory with the state: frameworks hand it to
-the user as the gradient, which may be clipped or zeroed in place.
+the user as the gradient, which may be clipped or zeroed in place. ``decode(...,
+owned=True)`` says the mean is the caller's own tensor, which the update may overwrite
+(one tensor of the model's size fewer per step).
 
 Which compressor classes a rule accepts is part of its guarantee: EF14 and the EF21
 family need contractive (or absolute, for EF14) compressors, DIANA unbiased ones.
@@ -50,7 +52,7 @@ class Feedback(Algorithm):
     def encode(self, compress, bk, g, state):
         raise NotImplementedError
 
-    def decode(self, bk, mean, state):
+    def decode(self, bk, mean, state, owned: bool = False):
         raise NotImplementedError
 
 
@@ -85,7 +87,7 @@ class EF14(Feedback):
         payload, sent = compress(p)
         return payload, EF14State(sent.subtract_from(p, owned=True))
 
-    def decode(self, bk, mean, state):
+    def decode(self, bk, mean, state, owned=False):
         return mean, state
 
     def absorb(self, bk, state, positions, values):
@@ -128,9 +130,10 @@ class EF21(Feedback):
         payload, local = self._correct(compress, g, state.local)
         return payload, state._replace(local=local)
 
-    def decode(self, bk, mean, state):
+    def decode(self, bk, mean, state, owned=False):
         agg = state.aggregate + mean
-        return bk.copy(agg), state._replace(aggregate=agg)
+        return bk.overwrite(mean, agg) if owned else bk.copy(agg), \
+            state._replace(aggregate=agg)
 
 
 class EF21SGDMState(NamedTuple):
@@ -165,7 +168,8 @@ class EF21SGDM(EF21):
         if isinstance(count, int):
             # a copy at the first step: the state must not share memory with the caller's
             # gradient, which frameworks and users reuse
-            return bk.copy(g) if count == 0 else v * (1.0 - self.eta) + g * self.eta
+            # the sum in the first product's memory: the same roundings, one tensor fewer
+            return bk.copy(g) if count == 0 else bk.add_(v * (1.0 - self.eta), g * self.eta)
         # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
         first = bk.astype(count == 0, bk.dtype(g))
         return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)
@@ -236,6 +240,7 @@ class DIANA(Feedback):
         payload, sent = compress(g - state.shift)
         return payload, state._replace(shift=sent.add_to(state.shift, state.alpha))
 
-    def decode(self, bk, mean, state):
-        update = state.aggregate + mean
-        return update, state._replace(aggregate=state.aggregate + mean * state.alpha)
+    def decode(self, bk, mean, state, owned=False):
+        aggregate = state.aggregate + mean * state.alpha
+        update = bk.add_(mean, state.aggregate) if owned else state.aggregate + mean
+        return update, state._replace(aggregate=aggregate)

@@ -154,6 +154,10 @@ class Backend:
     def xor_(self, a, b): return self.xor(a, b)
     def band_(self, a, b): return self.band(a, b)
     def mul_(self, a, c): return a * c
+    def add_(self, a, b): return a + b
+    def overwrite(self, a, b):
+        """b's values in a's memory where the framework allows (else a copy of b)."""
+        return self.copy(b)
     def rshift_into(self, out, a, s: int):
         """a >> s, in out's memory where the framework allows (out shaped like a)."""
         return self.rshift(a, s)
@@ -228,6 +232,10 @@ class NumpyBackend(Backend):
     def xor_(self, a, b): return np.bitwise_xor(a, b, out=a)
     def band_(self, a, b): return np.bitwise_and(a, np.asarray(b, a.dtype), out=a)
     def mul_(self, a, c): return np.multiply(a, np.asarray(c, a.dtype), out=a)
+    def add_(self, a, b): return np.add(a, b, out=a)
+    def overwrite(self, a, b):
+        np.copyto(a, b)
+        return a
     def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
@@ -335,6 +343,8 @@ class TorchBackend(Backend):
     def xor_(self, a, b): return a.bitwise_xor_(b)
     def band_(self, a, b): return a.bitwise_and_(b)
     def mul_(self, a, c): return a.mul_(c)
+    def add_(self, a, b): return a.add_(b)
+    def overwrite(self, a, b): return a.copy_(b)
     def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:

@@ -155,11 +155,12 @@ class Pipeline:
             payload = choose(flat).compress(flat, key)
         return Encoded(payload, used[0], state, error[0])
 
-    def decode(self, bk, mean, state):
-        """(update, state) from the average over ranks of the decompressed payloads."""
+    def decode(self, bk, mean, state, owned: bool = False):
+        """(update, state) from the average over ranks of the decompressed payloads;
+        ``owned``: the mean is the caller's, and the update may take its memory."""
         if self.feedback is None:
             return mean, state
-        return self.feedback.decode(bk, mean, state)
+        return self.feedback.decode(bk, mean, state, owned)
 
 
 class Sent(NamedTuple):
