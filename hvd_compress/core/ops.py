@@ -326,6 +326,17 @@ class TorchBackend(Backend):
     def unique(self, x): return self.t.unique(x, sorted=True, return_inverse=True)
     def gather(self, x, idx): return x[idx]
     def topk_values(self, x, k): return self.t.topk(x, k, sorted=True).values
+    def topk_positions(self, x, k):
+        # torch promises no tie rule, but where the (k+1)-th value is below the k-th the
+        # k largest are one set whatever it does; finding out is a read on the host,
+        # free on a CPU (elsewhere the caller's compare and prefix count need none)
+        n = x.numel()
+        if self.avoids_syncs(x) or k >= n:
+            return None
+        values, positions = self.t.topk(x, k + 1, sorted=True)
+        if not bool(values[k] < values[k - 1]):  # a tie at the edge, or a NaN
+            return None
+        return positions[:k].sort().values
     def cumsum(self, x): return self.t.cumsum(x, 0)
     def scatter_add(self, n, idx, values):
         out = self.t.zeros(n, dtype=values.dtype, device=values.device)

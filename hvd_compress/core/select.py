@@ -8,8 +8,9 @@ A full ``topk`` over d entries costs tens of memory passes on a CPU. For large d
 k we first estimate a threshold from a strided sample, keep the candidates above it (one
 compare and one compaction pass), and run the exact top-k on the candidates only. If the
 sample was unlucky and fewer than k candidates survive, we fall back to the full top-k, so
-the result is always exact. The full top-k is the framework's own where it promises the tie
-rule (TensorFlow), else a k-th value, a compare and a prefix count of the ties.
+the result is always exact. The exact top-k is the framework's own where it promises the
+tie rule (TensorFlow) or where no tie sits at the k-th value (PyTorch on a CPU checks),
+else a k-th value, a compare and a prefix count of the ties.
 ``largest_magnitudes(bk, x, k)`` selects by |x| without writing |x| for the whole tensor:
 the candidates are the entries with x >= t or x <= -t.
 
@@ -77,9 +78,9 @@ def largest_magnitudes(bk, x, k):
 def _exact(bk, score, k: int, cand=None):
     """Sorted positions of the k largest entries of ``score`` (positions in ``cand``
     where the score holds only those candidates)."""
-    pos = bk.topk_positions(score, k) if cand is None else None
+    pos = bk.topk_positions(score, k)
     if pos is not None:
-        return pos
+        return pos if cand is None else bk.gather(cand, pos)
     v = kth_largest(bk, score, k)
     above = score > v
     ties = score == v
