@@ -441,3 +441,15 @@ def test_selection_by_magnitude_equals_top_k_of_the_absolute_values(xp, case):
         want = topk_indices(backend_named("numpy"), np.abs(x), k)
         np.testing.assert_array_equal(xp.numpy(largest_magnitudes(bk, xp.asarray(x), k)),
                                       want)
+
+
+def test_numpy_and_tensor_step_numbers_draw_what_ints_draw():
+    """A step given as a numpy integer, a 0-d array or an eager 0-d tensor is its value."""
+    import torch
+
+    from hvd_compress.core.rng import random_bits
+    bk, like = backend_named("numpy"), np.zeros(3, np.float32)
+    want = random_bits(bk, 1000, Key(1, 2, "w", 5), like)
+    for step in (np.int64(5), np.array(5), np.array(5, np.int32), torch.tensor(5)):
+        np.testing.assert_array_equal(random_bits(bk, 1000, Key(1, 2, "w", step), like), want)
+

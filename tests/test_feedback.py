@@ -301,3 +301,22 @@ def test_overwriting_the_gradient_gives_the_same_update_and_state(spec):
             assert got.data_ptr() == mine.data_ptr()
         for a, b in zip(apart.states["w"], inplace.states["w"]):
             assert not hasattr(a, "shape") or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", ["none+ef21", "topk:0.1+ef21+warmup:3",
+                                  "topk:0.1+ef21sgdm+warmup:3", "none+diana",
+                                  "randk:0.2,scaled=true+diana"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_shared_allreduce_result_is_never_overwritten(spec, backend):
+    """The simulator hands every rank the same allreduced tensor: an update may take the
+    memory of a mean made for the step, never of the caller's result itself (casts to the
+    dtype the result has decode to the result), so every rank decodes the same sum."""
+    xp = XP(backend)
+    wire, plain = Workers(spec, n=3, wire=True), Workers(spec, n=3)
+    for step in range(6):
+        g = grads(3, 64, step)
+        got = xp.numpy(wire.step([xp.asarray(x) for x in g]))
+        np.testing.assert_allclose(got, plain.step(g), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {step}")
+    aggregates = [xp.numpy(ex.states["x"].aggregate) for ex in wire.exchanges]
+    assert all((a == aggregates[0]).all() for a in aggregates)

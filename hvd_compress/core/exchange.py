@@ -231,8 +231,10 @@ class Exchange:
         # a rank's NaN reached every rank through the sum; only state and 'raise' need to know
         watch = self.pipeline.feedback is not None or self.nonfinite == "raise"
         bad = not bk.all_finite(out) if bk.eager() else bk.tf.logical_not(bk.all_finite(out))
+        # the mean is the caller's ``out`` itself where decoding needed no new tensor (a
+        # cast to the dtype it has): then the update must not take its memory
         return self._decode(bk, mean, outgoing, n if summed else 1, bad if watch else False,
-                            None)
+                            None, owned=mean is not out)
 
     def finish_gathered(self, bk, gathered, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allgather of every rank's ``wire`` (the average over ranks, or
@@ -287,18 +289,20 @@ class Exchange:
                                                                   positions, values)
         return self._decode(bk, mean, outgoing, n if summed else 1, bad, merged.nonfinite)
 
-    def _decode(self, bk, mean, outgoing, scale, bad, ranks):
+    def _decode(self, bk, mean, outgoing, scale, bad, ranks, owned=True):
         """Apply the feedback rule's decode to the mean, unless the step is void (a rank's
         tensor was not finite): then the state stays as it was before this step and the
-        update is NaN, on every rank alike."""
+        update is NaN, on every rank alike. ``owned``: the mean was made for this step
+        (or is the gradient ``begin`` was allowed to overwrite), so the update may take
+        its memory."""
         name = outgoing.name
         if bk.eager() and bad:
             self.states[name] = outgoing.prior  # first: a caught error leaves state intact
             self.commit_state(name, outgoing.prior)
             self._refuse_nonfinite(name, outgoing.step, ranks)
             return bk.nan_like(bk.reshape(bk.astype(mean, outgoing.dtype), outgoing.shape))
-        mean = bk.astype(mean, outgoing.dtype)  # made for this step: the update may take it
-        update, state = self.pipeline.decode(bk, mean, self.states[name], owned=True)
+        mean = bk.astype(mean, outgoing.dtype)
+        update, state = self.pipeline.decode(bk, mean, self.states[name], owned=owned)
         if not bk.eager():  # the same choice, as graph ops
             if self.nonfinite == "raise":
                 bad = self._refuse_in_graph(bk, name, bad, ranks)

@@ -168,8 +168,11 @@ class EF21SGDM(EF21):
         if isinstance(count, int):
             # a copy at the first step: the state must not share memory with the caller's
             # gradient, which frameworks and users reuse
+            if count == 0:
+                return bk.copy(g)
             # the sum in the first product's memory: the same roundings, one tensor fewer
-            return bk.copy(g) if count == 0 else bk.add_(v * (1.0 - self.eta), g * self.eta)
+            kept, new = v * (1.0 - self.eta), g * self.eta
+            return bk.add_(kept, new) if bk.dtype(kept) == bk.dtype(new) else kept + new
         # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
         first = bk.astype(count == 0, bk.dtype(g))
         return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)

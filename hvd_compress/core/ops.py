@@ -124,7 +124,8 @@ class Backend:
     def topk_values(self, x, k: int): raise NotImplementedError
     def topk_positions(self, x, k: int):
         """Ascending positions of the k largest entries, ties toward lower positions, from
-        the framework's own top-k; None where it does not promise that tie rule."""
+        the framework's own top-k; None where it does not promise that tie rule (for
+        this input: a tie at the k-th value or a NaN, where torch checks)."""
         return None
     def cumsum(self, x): raise NotImplementedError
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
@@ -334,8 +335,8 @@ class TorchBackend(Backend):
         if self.avoids_syncs(x) or k >= n:
             return None
         values, positions = self.t.topk(x, k + 1, sorted=True)
-        if not bool(values[k] < values[k - 1]):  # a tie at the edge, or a NaN
-            return None
+        if not bool(values[k] < values[k - 1]) or bool(values[0].isnan()):
+            return None  # a tie at the edge, or a NaN (which torch ranks first)
         return positions[:k].sort().values
     def cumsum(self, x): return self.t.cumsum(x, 0)
     def scatter_add(self, n, idx, values):

@@ -160,7 +160,8 @@ class Pipeline:
         ``owned``: the mean is the caller's, and the update may take its memory."""
         if self.feedback is None:
             return mean, state
-        return self.feedback.decode(bk, mean, state, owned)
+        return self.feedback.decode(bk, mean, state, owned=True) if owned else \
+            self.feedback.decode(bk, mean, state)
 
 
 class Sent(NamedTuple):

@@ -12,6 +12,7 @@ lanes: two's-complement wrapping multiplies and masked logical shifts). Conseque
 """
 from __future__ import annotations
 
+import operator
 import zlib
 from typing import Any, NamedTuple
 
@@ -82,6 +83,10 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0):
         raise HvdCompressError(f"random draws over {n} entries: at most 2**31 - 1 per tensor")
     stream = key.stream(salt)
     step = key.step
+    try:  # a Python or numpy integer, or an eager 0-d tensor: its value
+        step = operator.index(step)
+    except TypeError:  # a step tensor inside a graph
+        pass
     if isinstance(step, int):  # a Python scalar: no tensor copied to the device per step
         base = _signed(_mix_py(stream ^ _mix_py(step)))
     else:  # a step tensor inside a graph
