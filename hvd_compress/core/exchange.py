@@ -456,8 +456,7 @@ def _flags(bk, finite):
     read on the host, else a uint8 scalar tensor beside the tensor."""
     if isinstance(finite, bool):
         return 0 if finite else FLAG_NONFINITE
-    assert FLAG_NONFINITE == 1
-    return bk.astype(~finite, "uint8")
+    return bk.astype(~finite, "uint8") * FLAG_NONFINITE
 
 
 def _select_state(bk, bad, prior, state):

@@ -437,13 +437,12 @@ def _split_on_device(bk, gathered, template: Payload, n: int, expect: Stamp):
                            _DTYPE_CODE[None if template.values is None else
                                        _value_dtype_name(bk, template.values)],
                            template.code_bits, template.level, template.count, *expect))
-    wrong = lambda a, b: bk.astype(rows[:, a:b] != bk.constant(mine[a:b], "uint8", gathered),  # noqa: E731
-                                   "int64")
     flags = rows[:, 2]
-    unlike = bk.sum_rows(wrong(0, 2)) + bk.sum_rows(wrong(3, HEADER_BYTES)) + \
-        bk.astype(flags > FLAG_NONFINITE, "int64")  # an unknown flag: a foreign header
-    verdict = bk.astype(flags == FLAG_NONFINITE, "int64") + \
-        VERDICT_HEADER * bk.astype(unlike > 0, "int64")
+    nonfinite = bk.astype(flags == FLAG_NONFINITE, "int64")
+    # bytes unlike this rank's header, but for a flags byte saying "not finite" (mine is 0)
+    unlike = bk.sum_rows(bk.astype(rows[:, :HEADER_BYTES] !=
+                                   bk.constant(mine, "uint8", gathered), "int64")) - nonfinite
+    verdict = nonfinite + VERDICT_HEADER * bk.astype(unlike > 0, "int64")
     sizes = template_sizes(template, template.count)
     payloads = [template._replace(**_segments(bk, gathered[r * nbytes:(r + 1) * nbytes],
                                               template, sizes, template.count))
@@ -466,11 +465,11 @@ def raise_for_verdict(bk, codes, gathered, template: Payload, n: int, expect, na
     nbytes = template.wire_bytes(bk)
     for r, code in enumerate(codes):
         if code & VERDICT_HEADER:
-            raw = bk.to_numpy(gathered[r * nbytes:r * nbytes + HEADER_BYTES + 8])
-            check_header(read_header(raw, name, r), template, expect, name, r, bk)
+            h = read_header(bk.to_numpy(gathered[r * nbytes:r * nbytes + HEADER_BYTES + 8]),
+                            name, r)
+            check_header(h, template, expect, name, r, bk)
             raise HvdCompressError(f"{_where(name, r)}: its header differs from this rank's "
-                                   f"(entry count {read_header(raw).count}, this rank's "
-                                   f"{template.count})")
+                                   f"(entry count {h.count}, this rank's {template.count})")
         if code & VERDICT_BOUNDS:
             raise HvdCompressError(f"{_where(name, r)}: an index lies outside the tensor's "
                                    f"{_numel(template.shape)} entries")

@@ -49,30 +49,29 @@ def _threshold(bk, sample, k: int, d: int):
 
 def topk_indices(bk, score, k):
     """Sorted positions of the k largest entries of the 1-D tensor ``score``."""
-    d = bk.size(score)
-    if not isinstance(k, int):  # chosen inside a graph: the framework's own top-k
-        return bk.topk_positions(score, k)
-    if k >= d:
-        return bk.arange(d, score)
-    if _sampled(bk, score, d, k):
-        t = _threshold(bk, score[::max(1, d // _SAMPLE_SIZE)], k, d)
-        cand = bk.nonzero(score >= t)
-        if bk.size(cand) >= k:
-            return _exact(bk, bk.gather(score, cand), k, cand)
-    return _exact(bk, score, k)
+    return _select(bk, score, k, lambda s: s, lambda t: score >= t)
 
 
 def largest_magnitudes(bk, x, k):
     """``topk_indices(bk, |x|, k)``, without a pass that writes |x| where the candidates
     are sampled: |x| >= t is x >= t or x <= -t."""
+    return _select(bk, x, k, bk.abs, lambda t: (x >= t) | (x <= -t))
+
+
+def _select(bk, x, k, score, reaches):
+    """The k entries of x with the largest ``score(x)``; ``reaches(t)`` is the mask of
+    score(x) >= t, computed from x."""
     d = bk.size(x)
-    if isinstance(k, int) and k < d and _sampled(bk, x, d, k):
-        t = _threshold(bk, bk.abs(x[::max(1, d // _SAMPLE_SIZE)]), k, d)
-        cand = bk.nonzero((x >= t) | (x <= -t))
+    if not isinstance(k, int):  # chosen inside a graph: the framework's own top-k
+        return bk.topk_positions(score(x), k)
+    if k >= d:
+        return bk.arange(d, x)
+    if _sampled(bk, x, d, k):
+        t = _threshold(bk, score(x[::max(1, d // _SAMPLE_SIZE)]), k, d)
+        cand = bk.nonzero(reaches(t))
         if bk.size(cand) >= k:
-            return _exact(bk, bk.abs(bk.gather(x, cand)), k, cand)
-        return _exact(bk, bk.abs(x), k)
-    return topk_indices(bk, bk.abs(x), k)
+            return _exact(bk, score(bk.gather(x, cand)), k, cand)
+    return _exact(bk, score(x), k)
 
 
 def _exact(bk, score, k: int, cand=None):
