@@ -115,7 +115,7 @@ def main():
                     default=["none", "horovod-fp16", "topk:0.01+ef21sgdm", "topk:0.001+ef14",
                              "auto"])
     ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per link")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()

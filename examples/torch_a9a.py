@@ -7,13 +7,13 @@ The README's first command (`make demo`) runs it on 4 ranks:
 Each spec trains the same MLP (123-256-256-1) from the same initial weights on the same
 shards with SGD + momentum; the only change is the `compression=` argument of
 `hvd.DistributedOptimizer`: none (dense fp32, Horovod's default), Horovod's own
-`hvd.Compression.fp16`, and hvd_compress specs (`auto` routes each tensor dense or top-k
-1% + EF14 from the link and compute costs it measures). Rank 0 prints per spec the bytes
-each rank handed to Horovod per step (exact for hvd_compress, headers included, from its
-telemetry; the tensor sizes for Horovod's), the bytes all ranks sent in all, the wall
-time, the held-out accuracy, and the step time *projected* to slower links (see
-`projected`). It writes two plots into --out: training loss against the bits each rank
-sent, and the entries sent per step.
+`hvd.Compression.fp16`, and hvd_compress specs (`auto` plans each tensor dense, cast to
+float16 or top-k at 1% or more + EF14 from the link, compute and gradients it
+measures). Rank 0 prints per spec the bytes each rank handed to Horovod per step (exact
+for hvd_compress, headers included, from its telemetry; the tensor sizes for Horovod's),
+the bytes all ranks sent in all, the wall time, the held-out accuracy, and the step
+time *projected* to slower links (see `projected`). It writes two plots into --out:
+training loss against the bits each rank sent, and the entries sent per step.
 """
 import argparse
 import os

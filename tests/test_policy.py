@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import hvd_compress as hc
-from hvd_compress.core.ops import backend_named
+from hvd_compress.core.ops import backend_for, backend_named
 from hvd_compress.core.payload import HEADER_BYTES
 from hvd_compress.core.policy import Dynamic, calibrate
 from hvd_compress.core.simulate import Workers
@@ -295,28 +295,208 @@ def test_auto_is_topk_with_ef14_and_round_trips():
 
 
 def test_auto_routes_by_the_cost_model():
-    """Dense costs alpha_r + beta_r 32 d; sparse a + b d + alpha_g + beta_g bits(k),
-    bits(k) = 192 + 64 k (the fits are of whole collectives). A slow link sends large
-    tensors sparse and leaves tiny ones dense (the allgather's per-message cost); a fast
-    one keeps all dense."""
-    from hvd_compress.core.auto import Costs
+    """Without a profile: dense costs beta_r 32 d (its bytes in the step's fused
+    allreduces); top-k at the spec's k a + b d + alpha_g + beta_g bits(k), bits(k) =
+    192 + 64 k (the fits are of whole collectives). A slow link sends large tensors
+    top-k and leaves tiny ones dense (the allgather's per-message cost); a fast one keeps
+    all dense; a dtype Horovod cannot allreduce always goes top-k."""
+    from hvd_compress.core.auto import DENSE, Costs, Route
     from hvd_compress.core.pipeline import resolve_pipeline
     pipe = resolve_pipeline("topk:0.01+ef14+auto")
-    topk = pipe.compressor
+    topk, auto = pipe.compressor, pipe.policy
     slow = Costs((1e-4, 1e-8), (1e-4, 1e-8), (1e-5, 4e-9))     # 100 Mbit/s
     fast = Costs((2e-5, 1e-11), (2e-5, 1e-11), (1e-5, 4e-9))   # 100 Gbit/s
+
+    def route(d, costs, **kw):
+        return auto.route(d, "float32", topk, costs, **kw)
     for d in (10, 1000, 10 ** 5, 10 ** 7):
         k = topk.k_for(d)
-        dense = 1e-4 + 1e-8 * 32 * d
+        dense = 1e-8 * 32 * d
         sparse = 1e-5 + 4e-9 * d + 1e-4 + 1e-8 * (192 + 64 * k)
         assert slow.dense_seconds(d, 32) == pytest.approx(dense)
         assert slow.sparse_seconds(d, 192 + 64 * k) == pytest.approx(sparse)
-        assert pipe.dense_route(d, "float32", slow) == (dense <= sparse), d
-        assert pipe.dense_route(d, "float32", fast)
-        assert pipe.dense_route(d, "float32", None)  # not measured yet
-    assert not pipe.dense_route(10 ** 7, "float32", slow)
-    assert pipe.dense_route(10, "float32", slow)
-    assert not resolve_pipeline("topk:0.01+ef14").dense_route(10, "float32", None)
+        assert route(d, slow) == (DENSE if dense <= sparse else Route("topk", k)), d
+        assert route(d, fast) == DENSE
+        assert route(d, None) == DENSE  # not measured yet
+        assert route(d, None, allreduce=False) == route(d, fast, allreduce=False) == \
+            Route("topk", k)
+        assert route(d, slow, cast=True) == route(d, slow)  # a cast needs a profile
+    assert route(10 ** 7, slow) == Route("topk", 10 ** 5)
+    assert route(10, slow) == DENSE
+    # fits that came out free (a noisy machine clamps a negative slope to 0) still plan
+    free = Costs((0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
+    profile = [1.0, 2.0, 4.0, 4.0, 1.0]  # k = 10, 30, 100, then the total and the largest
+    assert route(1000, free, profile=profile, cast=True) == DENSE
+    assert route(1000, free, profile=profile, allreduce=False, feedback=False) == \
+        Route("topk", 10)
+
+
+def auto_plan(d, costs, grads, least, feedback=True):
+    """NumPy restatement of one tensor's plan: the k whose share of the ranks' energy is
+    the largest per second of top-k's time, then the fastest route (with feedback;
+    without, top-k's time divided by its share), ties to dense, then top-k, then the
+    cast, which scales the summed largest magnitude to the power of two at or below 64."""
+    (_, br), (ag, bg), (a, b), cast, half = costs
+    bh = br if half is None else half[1]  # float16 allreduces, where timed apart
+    ks = [least] + sorted({k for k in (max(1, int(r * d)) for r in
+                                       (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
+                           if least < k <= d})
+    energy = [np.cumsum(np.sort(g.astype(np.float64) ** 2)[::-1]) for g in grads]
+    shares = np.array([sum(e[k - 1] for e in energy) for k in ks]) / sum(e[-1] for e in energy)
+    times = np.array([a + b * d + ag + bg * 8 * (24 + 8 * k) for k in ks])
+    i = int(np.argmax(shares / times))
+    largest = sum(float(np.abs(g).max()) for g in grads)
+    shift = int(np.floor(np.log2(65504 / 1024 / largest)))
+    assert largest * 2.0 ** shift <= 65504 / 1024 < largest * 2.0 ** (shift + 1)
+    return min([(br * 32 * d, 0, ("dense", 0, 0)),
+                (times[i] / (1.0 if feedback else shares[i]), 1, ("topk", ks[i], 0)),
+                (cast[0] + cast[1] * d + bh * 16 * d, 2, ("cast", 0, shift))])[2]
+
+
+def test_auto_profile_is_each_candidates_energy(xp):
+    """A profile holds, per candidate k (the spec's, then 1e-4 ... 0.1 of d above it),
+    the energy of the k largest entries, then the total energy and the largest magnitude;
+    a non-finite entry counts as zero."""
+    from hvd_compress.core.pipeline import resolve_pipeline
+    pipe = resolve_pipeline("topk:0.001+ef14+auto")
+    g = decaying(20000, 300, seed=3)
+    g[7] = np.nan
+    x = xp.asarray(g)
+    bk = backend_for(x)
+    ks = pipe.policy.candidates(20000, pipe.compressor)
+    assert ks == [20, 60, 200, 600, 2000]
+    prof = pipe.policy.profile(bk, x, pipe.compressor)
+    clean = np.nan_to_num(g.astype(np.float64))
+    energy = np.cumsum(np.sort(clean ** 2)[::-1])
+    np.testing.assert_allclose(prof, [energy[k - 1] for k in ks] +
+                               [energy[-1], np.abs(clean).max()], rtol=1e-12)
+
+
+def test_auto_plans_by_improvement_per_second():
+    """With the ranks' summed profile: each tensor takes dense, a float16 cast or top-k
+    at the candidate k with the most energy sent per second (a NumPy restatement); a cast
+    only for float32 and where float16 can be allreduced."""
+    from hvd_compress.core.auto import DENSE, Costs, Route
+    from hvd_compress.core.pipeline import resolve_pipeline
+    pipe = resolve_pipeline("topk:0.001+ef14+auto")
+    auto, topk = pipe.policy, pipe.compressor
+    links = [Costs((1e-4, 1e-8), (1e-4, 1e-8), (1e-3, 4e-9), (1e-5, 1e-9)),   # 100 Mbit/s
+             Costs((1e-4, 1e-9), (1e-4, 1e-9), (1e-3, 4e-9), (1e-5, 1e-9)),   # 1 Gbit/s
+             Costs((5e-5, 1e-10), (5e-5, 1e-10), (1e-3, 4e-9), (1e-5, 2e-11)),  # 10 Gbit/s
+             Costs((2e-5, 1e-12), (2e-5, 1e-12), (1e-4, 4e-9), (1e-5, 1e-9)),  # memory speed
+             # 1 Gbit/s where float16 sums cost 4x float32's per bit (Horovod on a CPU)
+             Costs((1e-4, 1e-9), (1e-4, 1e-9), (1e-3, 4e-9), (1e-5, 1e-9), (1e-4, 4e-9))]
+    seen = set()
+    for d in (50, 3000, 100000):
+        for scale in (1.0, 1e-9, 1e6):  # a cast scales any magnitude into float16's range
+            grads = [scale * decaying(d, max(1, d // 100), seed=s) for s in range(3)]
+            prof = [sum(v) for v in zip(*(auto.profile(bk, g, topk) for g in grads))]
+            for costs in links:
+                got = auto.route(d, "float32", topk, costs, prof, cast=True)
+                assert tuple(got) == auto_plan(d, costs, grads, topk.k_for(d)), (d, costs)
+                seen.add(got.kind if got.k <= topk.k_for(d) else "topk above the spec's k")
+                lossy = auto.route(d, "float32", topk, costs, prof, cast=True, feedback=False)
+                assert tuple(lossy) == auto_plan(d, costs, grads, topk.k_for(d), False)
+                seen.add(("lossy", lossy.kind))
+                if got.kind == "cast":  # not without a float16 allreduce, nor for others
+                    for dtype, cast in (("float32", False), ("float16", True),
+                                        ("float64", True)):
+                        assert auto.route(d, dtype, topk, costs, prof, cast=cast).kind != "cast"
+            if d == 3000:  # a cast at 1 Gbit/s, unless float16 allreduces are slow
+                assert auto.route(d, "float32", topk, links[1], prof, cast=True).kind == "cast"
+                assert auto.route(d, "float32", topk, links[4], prof, cast=True) == DENSE
+    assert seen >= {"dense", "cast", "topk above the spec's k", ("lossy", "topk")}
+    # a profile of another tensor's size, or with a NaN, is the spec's k alone
+    slow = links[0]
+    assert auto.route(10 ** 6, "float32", topk, slow, [1.0, 2.0, 1.0], cast=True) == \
+        auto.route(10 ** 6, "float32", topk, slow) == Route("topk", 1000)
+    assert auto.route(10, "float32", topk, slow) == DENSE
+
+
+def test_auto_casts_only_where_the_float16_message_pays():
+    """Horovod fuses a step's allreduces by dtype: casts keep their float16 message only
+    where what they save pays for its alpha (less float32's where no tensor stays dense),
+    the same for every tensor."""
+    from hvd_compress.core.auto import DENSE, Costs
+    from hvd_compress.core.pipeline import resolve_pipeline
+    pipe = resolve_pipeline("topk:0.01+ef14+auto")
+    auto, topk = pipe.policy, pipe.compressor
+    grads = {d: decaying(d, d // 10, seed=d) for d in (5000, 20000)}
+    tensors = {f"w{d}": (d, "float32", auto.profile(bk, g, topk)) for d, g in grads.items()}
+    tensors["tiny"] = (3, "float32", auto.profile(bk, np.ones(3, np.float32), topk))
+
+    def plan(half_alpha, fp32_alpha=1e-4):
+        costs = Costs((fp32_alpha, 1e-9), (1.0, 1e-9), (1.0, 0.0), (1e-6, 1e-10),
+                      (half_alpha, 1e-9))
+        return auto.plan(tensors, topk, costs, allreduce=("float16", "float32"))
+    # the per-tensor plan casts both weights and sends the tiny one dense; the casts
+    # save (32 - 16 - 0.1) 1e-9 s per entry over 25,000 entries, less 1 us each: 0.4 ms
+    saved = (32 - 16) * 1e-9 * 25000 - 1e-10 * 25000 - 2e-6
+    assert {n: r.kind for n, r in plan(0.0).items()} == \
+        {"w5000": "cast", "w20000": "cast", "tiny": "dense"}
+    assert {r.kind for r in plan(saved * 0.99).values()} == {"cast", "dense"}
+    assert plan(saved * 1.01) == {n: DENSE for n in tensors}
+    # with no dense tensor left, the float16 message replaces float32's
+    del tensors["tiny"]
+    assert {r.kind for r in plan(1e-4 + saved * 0.99).values()} == {"cast"}
+    assert plan(1e-4 + saved * 1.01) == {n: DENSE for n in tensors}
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e4])
+def test_auto_cast_keeps_small_and_large_gradients(xp, scale):
+    """The cast scales by the power of two that puts the ranks' summed largest magnitude
+    in [32, 64]: gradients of any size survive float16 (each entry to float16's relative
+    precision, 2^-11, or to 2^-24 of 64 for the smallest), and 1024x larger ones still
+    fit."""
+    from hvd_compress.core.auto import cast_from_wire, cast_shift, cast_to_wire
+    g = (scale * decaying(1000, 100, seed=1)).astype(np.float32)
+    largest = 2 * float(np.abs(g).max())  # two ranks' sum
+    shift = cast_shift(largest)
+    assert 32 <= largest * 2.0 ** shift <= 64
+    x = xp.asarray(g)
+    bk = backend_for(x)
+    wire = cast_to_wire(bk, x, shift)
+    assert bk.dtype(wire) == "float16"
+    back = xp.numpy(cast_from_wire(bk, wire, "float32", shift))
+    np.testing.assert_allclose(back, g, rtol=2 ** -11, atol=64 * 2.0 ** (-24 - shift))
+    assert np.abs(back).max() > 0
+    spike = xp.numpy(cast_from_wire(bk, cast_to_wire(bk, xp.asarray(1000 * g), shift),
+                                    "float32", shift))
+    assert np.isfinite(spike).all()
+
+
+def test_auto_cast_route_through_the_exchange():
+    """The cast route hands the allreduce float16(g * 2**shift) and turns the sum back
+    into the average in the gradient's dtype, feedback state untouched; a sum that
+    overflowed float16 anyway (gradients 1024x larger than at the measurement) is named
+    as such with nonfinite='raise'."""
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.core.exchange import Exchange
+    link = Costs((1e-9, 1e-6), (1e-2, 1e-6), (0.0, 0.0), (0.0, 0.0))
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = [Exchange("topk:0.1+ef14+auto", nonfinite="raise") for _ in range(2)]
+    for ex in exs:
+        ex.profiles = {"w": (300, "float32", [sum(v) for v in zip(
+            *(ex.pipeline.policy.profile(bk, x, ex.pipeline.compressor) for x in g))])}
+        ex.costs = link
+    outs = [ex.begin(bk, "w", g[r], r) for r, ex in enumerate(exs)]
+    shift = exs[0].route("w", 300, "float32").shift
+    assert exs[0].route("w", 300, "float32").kind == "cast" and shift > 20
+    assert all(o.wire.dtype == np.float16 and o.dense_route and o.shift == shift for o in outs)
+    total = outs[0].wire.astype(np.float32) + outs[1].wire.astype(np.float32)
+    mean = (total * 0.5).astype(np.float16)  # what an average in float16 returns
+    update = exs[0].finish_allreduced(bk, mean, outs[0], 2, False)
+    assert update.dtype == np.float32
+    scaled = [(x * np.float32(2.0 ** shift)).astype(np.float16) for x in g]
+    np.testing.assert_array_equal(outs[0].wire, scaled[0])
+    np.testing.assert_array_equal(update, mean.astype(np.float32) * np.float32(2.0 ** -shift))
+    np.testing.assert_allclose(update, (g[0] + g[1]) / 2, rtol=4e-3, atol=1e-12)
+    assert "w" not in exs[0].states  # the feedback state waits for a top-k step
+    with np.errstate(over="ignore"):
+        spike = exs[0].begin(bk, "w", 1e4 * g[0], 0)
+    assert not np.isfinite(spike.wire).all()
+    with pytest.raises(hc.HvdCompressError, match="overflowed float16.*auto:every"):
+        exs[0].finish_allreduced(bk, spike.wire, spike, 2, False)
 
 
 def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():

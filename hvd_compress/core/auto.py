@@ -1,48 +1,82 @@
-"""``auto``: per tensor, a dense allreduce or the sparse route, whichever the measured costs
-of this network and this machine say is faster.
+"""``auto``: per tensor, a dense allreduce, a float16 cast, or top-k at the k that sends
+the most of the gradient per second, from the measured costs of this network and machine.
 
 Compression pays on a slow link and costs on a fast one: top-k saves bytes but spends
 memory passes and a per-message allgather, which on a link as fast as memory is slower
-than Horovod's dense ring allreduce. ``auto`` measures both sides and routes each tensor
-the faster way:
+than Horovod's dense ring allreduce. ``auto`` measures both sides and plans each tensor:
 
-* the link: the frontend times real allreduces and allgathers of two sizes on the
-  training's own process set and fits ``t = alpha + beta * bits`` to each
-  (:func:`hvd_compress.core.policy.calibrate`);
+* the link: the frontend times real allreduces (of float32 and of float16) and
+  allgathers of two sizes on the training's own process set and fits
+  ``t = alpha + beta * bits`` to each (:func:`hvd_compress.core.policy.calibrate`);
 * the compression: it times this package's own per-tensor path (the ``Exchange`` every
-  frontend runs) at two sizes on the gradients' device, ``t = a + b * d``;
-* every rank takes the slowest rank's figures (an allreduce with op max), so every rank
-  makes the same choice for every tensor, and re-measures every ``every`` steps.
+  frontend runs) at two sizes on the gradients' device, ``t = a + b * d``, and the
+  cast route's scaling and casts the same way;
+* the gradients: on the step before each measurement every rank records, per tensor, the
+  energy of its k largest entries for each candidate k (:data:`RATIOS`, from the spec's
+  ratio up), the total energy and the largest magnitude (:meth:`Auto.profile`);
+* every rank takes the slowest rank's times (an allreduce with op max) and the sum of the
+  profiles (an allreduce), so every rank plans every tensor alike, and re-measures every
+  ``every`` steps.
 
-With those, a tensor of d entries costs ``alpha_r + beta_r 32 d`` dense (an allreduce of
-fp32) and ``a + b d + alpha_g + beta_g bits(k)`` sparse (compress, then an allgather of
-every rank's payload of bits(k) = 192 + k (index + value bits)). Both fits are of whole
-collectives on the training's own ranks, so the ring's factors are in them. A tensor
-goes sparse where that is faster; a tensor of a dtype Horovod cannot allreduce
-(bfloat16) always does. Until the first measurement (the first step) every tensor goes
-dense. The costs are measurements, not training state: they are not checkpointed, and a
-resumed run routes dense for one step, then measures again.
+The plan (:meth:`Auto.plan`) has two parts. The level follows the rule of the
+``dynamic`` policy (the level that improves the objective most per unit of cost;
+Khirirat et al., AAAI 2021) with seconds as the cost: among the candidate k, the one whose
+share E(k) = (energy of the k largest entries) / (energy of all), summed over the ranks,
+is largest per second of top-k's time. E(k) is the raw gradient's: with error feedback
+the vector top-k selects from also holds the residual, so it sends more than E(k) says
+and the rule errs toward larger k. The route then takes the fastest of, for a tensor of
+d entries,
 
-The sparse route is the spec's own (``topk:0.01+ef14+auto``: top-k 1% with EF14; bare
-``auto`` means that). The dense route is Horovod's uncompressed allreduce of the tensor as
-it is: no copy, no pass over it, and the feedback state untouched, so EF14's residual
-still holds what was not sent and goes out with the next sparse step. Routes can change
-at every measurement without losing anything.
+* dense: ``beta_r 32 d`` (its bytes in an allreduce of fp32);
+* cast: ``c + e d + beta_h 16 d`` (scaling by a power of two and casting to float16 and
+  back, and its bytes in an allreduce of float16, timed apart: on a CPU Horovod converts
+  each entry to sum it); float32 tensors only, where Horovod allreduces float16;
+* top-k at that k: ``a + b d + alpha_g + beta_g bits(k)`` (compress, then an allgather
+  of every rank's payload of bits(k) = 192 + k (index + value bits));
 
-What ``auto`` does not do yet: choose k itself (the spec's ratio is used: the route, not
-the level, adapts), or consider fp16. It treats top-k with error feedback as reaching the
-dense model in as many steps. That is close, not exact: on a9a at 100 Mbit/s (4 ranks,
-SGD with momentum, 2 epochs) ``auto`` sent 40.8x fewer bits than dense and ended 1.05
-points below dense's held-out accuracy (fixed top-k 1% + EF14: 0.90 points below). Where
-that gap matters, pick a larger ratio (``topk:0.05+ef14+auto``) or a spec by hand.
+dense on ties, then top-k. Dense and cast tensors are charged their bytes only: Horovod
+fuses a step's allreduces of one dtype into a few messages, so their alpha is paid per
+step, not per tensor (charged per tensor, it sent mid-sized tensors of small models
+through top-k, whose per-tensor compute and allgather then made steps slower than
+dense). The casts then keep their float16 message only where what they save together
+pays for its alpha (less float32's, where no tensor stays dense). Each top-k payload is
+its own allgather (fused buckets share one, see ``fuse_below``), so it pays alpha_g.
+
+Time alone decides between dense and top-k because error feedback keeps what top-k
+leaves out of a step and sends it in later ones (the level decides how soon). Without
+feedback (``topk:0.01+auto``) the rest is lost, and top-k's time counts as 1 / E(k)
+times longer. A cast is what Horovod's ``Compression.fp16`` sends, except that it first
+scales the tensor by the power of two that puts the ranks' summed largest magnitude at
+the last measurement within [32, 64]: gradients of any size keep float16's 11 bits of
+precision instead of flushing to zero or overflowing, and may grow 1024x before the
+sum overflows (then the update is not finite, as with any NaN gradient: see
+``nonfinite``; measure more often with a smaller ``every``). Its rounding is not kept
+for later steps.
+
+A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
+first measurement (the first step) every tensor goes dense; a tensor without a profile
+(one seen first after it) takes the spec's k. Costs and profiles are measurements, not
+training state: they are not checkpointed, and a resumed run routes dense for one step,
+then measures again. The dense and cast routes leave the feedback state untouched, so
+EF14's residual still holds what was not sent and goes out with the next top-k step;
+routes can change at every measurement without losing it.
+
+The top-k route is the spec's pipeline at the planned k (``topk:0.01+ef14+auto``:
+candidates from 1% up with EF14; bare ``auto`` means that): the spec's ratio is the
+least share auto sends, so a larger ratio trades bits for accuracy, a smaller one
+accuracy for speed. On a9a at 100 Mbit/s (README's demo, 4 ranks, SGD with momentum, 2
+epochs) auto planned top-k 1% + EF14 for every tensor, sent 40.8x fewer bits than dense
+and ended 1.05 points below dense's held-out accuracy (0.8335 against 0.8440).
 
 Args:
-  every: steps between measurements (500). Each measurement costs a few collectives
-    of up to 256 KiB (1 s in all on a 100 Mbit/s link shared by 4 ranks) and two timed
-    compressions.
+  every: steps between measurements (500). Each measurement costs a few collectives of
+    up to 256 KiB, two timed compressions and casts (about 2 s in all on a 100 Mbit/s
+    link shared by 4 ranks), and on the step before it one top-k of a tenth of each
+    tensor (the profile: a float64 copy of each tensor, one at a time).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ..errors import HvdCompressError
@@ -53,29 +87,78 @@ from .payload import HEADER_BYTES, index_dtype_for
 from .registry import register
 from .sparsifiers import TopK
 
+# the shares of a tensor top-k may send, from the spec's ratio up
+RATIOS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+# a cast scales by a power of two that puts the ranks' summed largest magnitude at
+# float16's largest / CAST_HEADROOM: room for gradients to grow that much before the
+# next measurement, and entries down to about 2^-30 of the largest still nonzero
+FLOAT16_MAX = 65504.0
+CAST_HEADROOM = 1024.0
+# what the frontends time: collective sizes in bytes, and tensor sizes for the compute
+LINK_BYTES = (1 << 10, 1 << 18)
+COMPUTE_SIZES = (1 << 12, 1 << 20)
+
 
 class Costs(NamedTuple):
-    """Measured costs every rank agrees on (seconds; bits). Each pair is fitted to whole
-    collectives on the training's process set against the bits each rank hands in, so it
-    already holds whatever the collective does with the ranks (a ring's 2 (n-1)/n, an
-    allgather's n - 1 parts)."""
+    """Measured costs every rank agrees on (seconds; bits). Each link pair is fitted to
+    whole collectives on the training's process set against the bits each rank hands in,
+    so it already holds whatever the collective does with the ranks (a ring's 2 (n-1)/n,
+    an allgather's n - 1 parts)."""
     allreduce: tuple          # (alpha s, beta s per bit handed in) of its allreduce
     allgather: tuple          # (alpha s, beta s per bit handed in) of its allgather
-    compute: tuple            # (a s, b s per entry) of the sparse route's per-tensor path
+    compute: tuple            # (a s, b s per entry) of the top-k route's per-tensor path
+    cast: tuple | None = None  # (c s, e s per entry) of the cast to float16 and back
+    allreduce16: tuple | None = None  # (alpha, beta) of an allreduce of float16
 
     def dense_seconds(self, d: int, item_bits: int) -> float:
-        alpha, beta = self.allreduce
-        return alpha + beta * item_bits * d
+        """A tensor's share of the step's fused allreduces: its bytes, not alpha."""
+        return self.allreduce[1] * item_bits * d
 
     def sparse_seconds(self, d: int, wire_bits: int) -> float:
         a, b = self.compute
         alpha, beta = self.allgather
         return a + b * d + alpha + beta * wire_bits
 
+    def cast_seconds(self, d: int) -> float:
+        """The cast and back, and the tensor's bytes in a float16 allreduce (whose sums
+        can cost more per byte than float32's: on a CPU Horovod converts each entry)."""
+        assert self.cast is not None
+        c, e = self.cast
+        return c + e * d + self.half[1] * 16 * d
 
-# what the frontends time: collective sizes in bytes, and tensor sizes for the compute
-LINK_BYTES = (1 << 10, 1 << 18)
-COMPUTE_SIZES = (1 << 12, 1 << 20)
+    @property
+    def half(self) -> tuple:
+        """(alpha, beta) of an allreduce of float16 (float32's where not timed apart)."""
+        return self.allreduce16 or self.allreduce
+
+
+class Route(NamedTuple):
+    """How one tensor travels: ``kind`` "dense" (allreduce as it is), "cast" (allreduce
+    in float16, scaled by 2**shift on the way) or "topk" (the spec's pipeline at ``k``)."""
+    kind: str
+    k: int = 0
+    shift: int = 0
+
+
+DENSE = Route("dense")
+
+
+def cast_to_wire(bk, x, shift: int):
+    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact)."""
+    return bk.astype(x * float(2.0 ** shift) if shift else x, "float16")
+
+
+def cast_from_wire(bk, y, dtype: str, shift: int):
+    """The inverse of :func:`cast_to_wire` on a (summed) payload."""
+    y = bk.astype(y, dtype)
+    return y * float(2.0 ** -shift) if shift else y
+
+
+def cast_shift(largest: float) -> int:
+    """The power of two a cast scales by, from the ranks' summed largest magnitude: the
+    one that puts it in [32, 64] (exact: frexp, not a logarithm that libraries round
+    differently, so every rank computes the same)."""
+    return max(-100, min(100, math.frexp(FLOAT16_MAX / CAST_HEADROOM / largest)[1] - 1))
 
 
 @register("policy", "auto")
@@ -87,37 +170,109 @@ class Auto(Algorithm):
 
     def __init__(self, every=500):
         self.every = check_int("auto", "every", every, 1)
+        self._codecs: dict = {}  # (k, formats) -> its TopK, made once
 
     def check(self, compressor, feedback=None):
         if not isinstance(compressor, TopK):
             raise HvdCompressError(
-                f"auto routes each tensor dense or through top-k; {compressor.spec()} is not "
-                "top-k (write e.g. 'topk:0.01+ef14+auto', or just 'auto')")
+                f"auto routes each tensor dense, cast or through top-k; {compressor.spec()} "
+                "is not top-k (write e.g. 'topk:0.01+ef14+auto', or just 'auto')")
 
-    def dense(self, d: int, dtype: str, compressor, costs: Costs | None) -> bool:
-        """Whether a tensor of ``d`` entries of ``dtype`` goes by a dense allreduce of the
-        tensor as it is (always, until the costs are measured)."""
+    def candidates(self, d: int, compressor) -> list:
+        """The k top-k may take for a tensor of ``d`` entries: the spec's, then each of
+        :data:`RATIOS` above it (the same on every rank)."""
+        least = compressor.k_for(d)
+        more = {max(1, int(r * d)) for r in RATIOS}
+        return [least] + sorted(k for k in more if least < k <= d)
+
+    def profile(self, bk, flat, compressor) -> list:
+        """This rank's measurements of a tensor for the plan, as floats: the energy of its
+        k largest entries for each of :meth:`candidates`, its total energy and its
+        largest magnitude (non-finite entries count as zeros). Summed over the ranks by
+        the frontend; one top-k of the largest candidate (float64 squares: a copy of the
+        tensor in float64 and one of a tenth of it, on profiling steps only)."""
+        ks = self.candidates(bk.size(flat), compressor)
+        x = bk.finite_or_zero(bk.astype(flat, "float64"))
+        sq = x * x
+        prefix = bk.cumsum(bk.topk_values(sq, max(ks)))
+        at = bk.to_numpy(bk.gather(prefix, bk.constant([k - 1 for k in ks], "int64", flat)))
+        return [float(v) for v in at] + [float(bk.sum(sq)), float(bk.max(bk.abs(x)))]
+
+    def route(self, d: int, dtype: str, compressor, costs: Costs | None, profile=None,
+              allreduce: bool = True, cast: bool = False, feedback: bool = True) -> Route:
+        """The plan for one tensor of ``d`` entries of ``dtype`` (see the module
+        docstring): ``profile`` is the sum over ranks of :meth:`profile` (None: the
+        spec's k); ``allreduce``: the tensor's dtype can be allreduced; ``cast``: float16
+        can; ``feedback``: the pipeline keeps what top-k does not send."""
+        ks = self.candidates(d, compressor)
         if costs is None:
-            return True
-        value = compressor.values or dtype
-        wire = 8 * (HEADER_BYTES + compressor.k_for(d) *
-                    (ITEMSIZE[index_dtype_for(d)] + ITEMSIZE[value]))
-        return costs.dense_seconds(d, 8 * ITEMSIZE[dtype]) <= costs.sparse_seconds(d, wire)
+            return DENSE if allreduce else Route("topk", ks[0])
+        valid = profile is not None and len(profile) == len(ks) + 2 and \
+            all(map(math.isfinite, profile)) and profile[-2] > 0
+        shares = [t / profile[-2] for t in profile[:-2]] if valid else [1.0]
+        value = ITEMSIZE[compressor.values or dtype]
+        times = [costs.sparse_seconds(
+            d, 8 * (HEADER_BYTES + k * (ITEMSIZE[index_dtype_for(d)] + value)))
+            for k in ks[:len(shares)]]
+        # the level: the most share per second (the first of equals: the smaller k)
+        best = 0
+        for i in range(1, len(times)):
+            if shares[i] * times[best] > shares[best] * times[i]:
+                best = i
+        route, seconds = Route("topk", ks[best]), times[best]
+        if not feedback:  # what top-k leaves out is lost: it takes 1 / E(k) as many steps
+            seconds = seconds / shares[best] if shares[best] > 0 else math.inf
+        # the route: the least time, dense on ties, then top-k
+        if allreduce:
+            dense = costs.dense_seconds(d, 8 * ITEMSIZE[dtype])
+            if dense <= seconds:
+                route, seconds = DENSE, dense
+            if cast and valid and costs.cast is not None and dtype == "float32" and \
+                    costs.cast_seconds(d) < seconds:
+                route = Route("cast", shift=cast_shift(profile[-1]))
+        return route
+
+    def plan(self, tensors: dict, compressor, costs: Costs | None, allreduce=(),
+             feedback: bool = True) -> dict:
+        """Every tensor's route together: ``tensors`` maps names to (d, dtype, profile).
+        Each takes :meth:`route`; then, since Horovod fuses a step's allreduces by dtype,
+        the casts keep their float16 message only where what they save pays for it (its
+        alpha, less float32's where no tensor stays dense)."""
+        routes = {name: self.route(d, dtype, compressor, costs, profile,
+                                   allreduce=dtype in allreduce, cast="float16" in allreduce,
+                                   feedback=feedback)
+                  for name, (d, dtype, profile) in tensors.items()}
+        casts = [name for name, r in routes.items() if r.kind == "cast"]
+        if casts and costs is not None:
+            saved = sum(costs.dense_seconds(tensors[n][0], 32) - costs.cast_seconds(tensors[n][0])
+                        for n in casts)
+            alone = all(r.kind != "dense" for r in routes.values())
+            if saved <= costs.half[0] - (costs.allreduce[0] if alone else 0.0):
+                routes.update({name: DENSE for name in casts})
+        return routes
+
+    def codec(self, k: int, like: TopK) -> TopK:
+        """Top-k at ``k`` in ``like``'s wire formats (one object per k)."""
+        key = (k, like.values, like.indices)
+        if key not in self._codecs:
+            self._codecs[key] = TopK(k=k, values=like.values, indices=like.indices)
+        return self._codecs[key]
 
     def choose(self, bk, v, compressor):
-        """The sparse route is the spec's compressor as it is (the frontend takes the
-        dense route itself, see :meth:`dense`)."""
+        """The spec's compressor (the planned k comes from the frontend, see
+        :meth:`route`)."""
         return compressor
 
 
-def fit_costs(link_seconds, compute_seconds) -> Costs:
-    """Costs from the agreed timings: ``link_seconds`` = allreduce at LINK_BYTES, then
-    allgather at LINK_BYTES; ``compute_seconds`` at COMPUTE_SIZES."""
+def fit_costs(link_seconds, compute_seconds, cast_seconds) -> Costs:
+    """Costs from the agreed timings: ``link_seconds`` = allreduce of float32, allgather,
+    allreduce of float16, each at LINK_BYTES; ``compute_seconds`` and ``cast_seconds``
+    at COMPUTE_SIZES."""
     from .policy import calibrate
-    bits = [8 * b for b in LINK_BYTES]
-    m = len(LINK_BYTES)
-    return Costs(calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:]),
-                 calibrate(list(COMPUTE_SIZES), compute_seconds))
+    bits, sizes, m = [8 * b for b in LINK_BYTES], list(COMPUTE_SIZES), len(LINK_BYTES)
+    return Costs(calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:2 * m]),
+                 calibrate(sizes, compute_seconds), calibrate(sizes, cast_seconds),
+                 calibrate(bits, link_seconds[2 * m:3 * m]))
 
 
 def refuse_unmeasured(pipeline, where: str):
@@ -128,4 +283,3 @@ def refuse_unmeasured(pipeline, where: str):
             f"{pipeline.spec()}: auto measures Horovod's allreduce and allgather, which "
             f"{where} does not use yet; use hvd_compress.torch.compression(...) on "
             "Horovod's optimizer, or a fixed spec such as 'topk:0.01+ef14'")
-

@@ -18,7 +18,7 @@ import time
 from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
-from .auto import Auto, Costs
+from .auto import CAST_HEADROOM, Auto, Costs, Route, cast_from_wire, cast_to_wire
 from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
 from .payload import FLAG_NONFINITE, Stamp, pack, raise_for_verdict, split_gathered
@@ -31,7 +31,8 @@ NONFINITE = ("propagate", "raise")
 
 class Outgoing(NamedTuple):
     """What :meth:`Exchange.begin` hands a frontend. ``payload`` and ``codec`` are None on
-    auto's dense route (``dense_route``); tensors are any backend's, hence ``Any``."""
+    auto's dense and cast routes (``dense_route``); tensors are any backend's, hence
+    ``Any``."""
     name: str
     step: Any             # an int, or a step-counter tensor inside a graph
     wire: Any             # what to hand to the collective
@@ -42,8 +43,9 @@ class Outgoing(NamedTuple):
     dtype: str
     prior: Any = None     # the pipeline state before this step (kept if the step is void)
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
-    dense_route: bool = False  # auto sent the tensor as it is, by a plain allreduce
+    dense_route: bool = False  # auto sent the tensor as it is or cast, by an allreduce
     into: Any = None      # the flat input, whose memory the average may take (overwrite)
+    shift: int | None = None  # auto's cast route: the payload is float16(x * 2**shift)
 
 
 class Exchange:
@@ -91,8 +93,16 @@ class Exchange:
         self.telemetry = Telemetry()
         self.states: dict[str, Any] = {}  # name -> feedback state (a NamedTuple) or None
         self.steps: dict[str, int] = {}
-        # measured costs every rank agrees on, for auto (see core/auto.py)
-        self.costs: Costs | None = None
+        # auto (see core/auto.py): the measured costs and the gradients' profiles every
+        # rank agrees on, this rank's own profiles while ``profiling`` (both: name ->
+        # (d, dtype, floats), the floats summed over the ranks in the agreed ones), and
+        # every tensor's route under them (planned together, once per measurement)
+        self._auto = self.pipeline.policy if isinstance(self.pipeline.policy, Auto) else None
+        self._costs: Costs | None = None
+        self._profiles: dict[str, tuple] = {}
+        self.profiling = False
+        self.local_profiles: dict[str, tuple] = {}
+        self._routes: dict[tuple, Route] | None = None
         self.model_size = None if model_size is None else \
             check_int("exchange", "model_size", model_size, 1)
         self._spec: str | None = None          # the pipeline's spec, once asked for
@@ -103,6 +113,43 @@ class Exchange:
         # says the step is void) and never wait for the device to say whether it is finite
         self._reads_values = not (self.pipeline.compressor.fixed_size and (
             self.pipeline.policy is None or isinstance(self.pipeline.policy, Auto)))
+
+    @property
+    def costs(self) -> Costs | None:
+        """The costs auto plans by, every rank's alike (None until measured)."""
+        return self._costs
+
+    @costs.setter
+    def costs(self, costs: Costs | None):
+        self._costs, self._routes = costs, None
+
+    @property
+    def profiles(self) -> dict:
+        """name -> (entries, dtype, the sum over ranks of auto's profile of that tensor:
+        see :meth:`hvd_compress.core.auto.Auto.profile`)."""
+        return self._profiles
+
+    @profiles.setter
+    def profiles(self, profiles: dict):
+        self._profiles, self._routes = dict(profiles), None
+
+    def route(self, name: str, d: int, dtype: str) -> Route:
+        """auto's plan for tensor ``name`` under the agreed costs and profiles: every
+        profiled tensor's is made together once per measurement
+        (:meth:`hvd_compress.core.auto.Auto.plan`), any other's alone at the spec's k."""
+        assert self._auto is not None
+
+        def plan(tensors):
+            return self._auto.plan(tensors, self.pipeline.compressor, self._costs,
+                                   self.allreduce_dtypes, self.pipeline.feedback is not None)
+        if self._routes is None:
+            self._routes = {(n, *self._profiles[n][:2]): r
+                            for n, r in plan(self._profiles).items()}
+        key = (name, d, dtype)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = plan({name: (d, dtype, None)})[name]
+        return route
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
               gather=None, overwrite: bool = False) -> Outgoing:
@@ -124,9 +171,17 @@ class Exchange:
             step = self.next_step(name)
         self.rank = rank
         t0 = time.perf_counter()
-        if bk.dtype(tensor) in self.allreduce_dtypes and self.pipeline.dense_route(
-                bk.size(tensor), bk.dtype(tensor), self.costs):
-            return self._begin_dense(bk, name, tensor, step, t0)
+        level = None
+        if self._auto is not None and bk.eager():
+            d, dtype = bk.size(tensor), bk.dtype(tensor)
+            if self.profiling:
+                self.local_profiles[name] = (d, dtype, self._auto.profile(
+                    bk, bk.flatten(tensor), self.pipeline.compressor))
+            route = self.route(name, d, dtype)
+            if route.kind != "topk":
+                return self._begin_dense(bk, name, tensor, step, t0,
+                                         route.shift if route.kind == "cast" else None)
+            level = self._auto.codec(route.k, self.pipeline.compressor)
         flat = bk.flatten(tensor)
         finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
         zeroed = not bk.eager() or self._reads_values or not bk.avoids_syncs(flat)
@@ -136,7 +191,7 @@ class Exchange:
         prior = self.load_state(bk, name, flat)
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
-            gather=gather, dense=dense, model_size=self.model_size)
+            gather=gather, dense=dense, model_size=self.model_size, level=level)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -163,15 +218,20 @@ class Exchange:
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into)
 
-    def _begin_dense(self, bk, name, tensor, step, t0) -> Outgoing:
-        """auto's dense route: the tensor itself travels by allreduce, exactly as Horovod
-        sends it uncompressed (no copy, no pass over it), and the feedback state waits
-        untouched for the next sparse step (EF14's residual is still what was not sent)."""
+    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None) -> Outgoing:
+        """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
+        as Horovod sends it uncompressed (no copy, no pass over it), or (``shift`` not
+        None) scaled by 2**shift and cast to float16, as Horovod's ``Compression.fp16``
+        sends it but inside float16's range; the feedback state waits untouched for the
+        next top-k step (EF14's residual is still what was not sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
-        bits = 8 * d * ITEMSIZE[dtype]
-        self.log(step, name, bits // 8, d, d, bits, time.perf_counter() - t0, None)
-        return Outgoing(name, step, tensor, True, None, None, bk.shape(tensor), dtype,
-                        None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True)
+        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift)
+        nbytes = d * ITEMSIZE[bk.dtype(wire)]
+        self.log(step, name, nbytes, d, d, 8 * d * ITEMSIZE[dtype],
+                 time.perf_counter() - t0, None)
+        return Outgoing(name, step, wire, True, None, None, bk.shape(tensor), dtype,
+                        None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True,
+                        shift=shift)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once
@@ -222,7 +282,9 @@ class Exchange:
         self.world_size = n
         if outgoing.dense_route:  # Horovod's own result, as uncompressed Horovod returns it
             if self.nonfinite == "raise" and not bk.all_finite(out):
-                self._refuse_nonfinite(outgoing.name, outgoing.step, None)
+                self._refuse_nonfinite(outgoing.name, outgoing.step, None, outgoing.shift)
+            if outgoing.shift is not None:
+                out = cast_from_wire(bk, out, outgoing.dtype, outgoing.shift)
             return bk.reshape(out, outgoing.shape)
         out = bk.flatten(out)
         mean = outgoing.codec.decode_flat(bk, outgoing.payload._replace(values=out))
@@ -327,13 +389,17 @@ class Exchange:
         return tf.numpy_function(check, [bad, flags], tf.bool, stateful=True,
                                  name="hvd_compress_nonfinite")
 
-    def _refuse_nonfinite(self, name, step, ranks):
+    def _refuse_nonfinite(self, name, step, ranks, shift=None):
         if self.nonfinite != "raise":
             return False
         who = f"rank(s) {list(ranks)}" if ranks else "some rank (the allreduced sum is not finite)"
         at = "" if step is None else f" at step {int(step)}"
+        cast = "" if shift is None else (
+            f" (or it overflowed float16: auto sent it cast, scaled by 2**{shift} from the "
+            f"gradients of its last measurement, which leaves room for {CAST_HEADROOM:.0f}x "
+            "larger ones; measure more often with auto:every=N)")
         raise HvdCompressError(
-            f"gradient {name!r} holds NaN or infinite values on {who}{at}; with "
+            f"gradient {name!r} holds NaN or infinite values on {who}{at}{cast}; with "
             "nonfinite='raise' every rank stops here (nonfinite='propagate' hands every rank "
             "a NaN update instead, as dense Horovod does, so loss scalers can skip the step)")
 

@@ -96,14 +96,8 @@ class Pipeline:
         """Whether ranks agree on the level (dynamic:agree=true): see :meth:`encode`."""
         return self.policy is not None and self.policy.agree
 
-    def dense_route(self, d: int, dtype: str, costs) -> bool:
-        """Whether ``auto`` sends a tensor of ``d`` entries dense by allreduce, bypassing
-        compression and feedback, under the measured ``costs`` (dense until measured)."""
-        dense = getattr(self.policy, "dense", None)
-        return dense is not None and dense(d, dtype, self.compressor, costs)
-
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
-               gather=None, dense=None, model_size=None) -> Encoded:
+               gather=None, dense=None, model_size=None, level=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
         ``measure`` also returns the compression error of the vector compressed, relative
@@ -112,9 +106,10 @@ class Pipeline:
         :meth:`Dynamic.agree_k` runs twice before the payload is formed (every rank must
         encode this tensor at this point of its step). ``dense`` says whether this
         is a warm-up step where ``key.step`` is a graph tensor (inside ``tf.function`` the
-        frontend branches on the step and traces both phases). With ``auto`` this is the
-        sparse route (see :meth:`dense_route`). ``model_size``: the entries of the whole
-        model, which ``perturb`` spreads its noise over (required with it)."""
+        frontend branches on the step and traces both phases). ``level``: the compressor
+        ``auto`` planned for this tensor, in place of the spec's (see
+        :meth:`hvd_compress.core.auto.Auto.route`). ``model_size``: the entries of the
+        whole model, which ``perturb`` spreads its noise over (required with it)."""
         codec = self.codec(key.step) if dense is None else \
             (self._dense if dense else self.compressor)
         used, error = [codec], [None]
@@ -129,7 +124,8 @@ class Pipeline:
                     k = self.policy.agree_k(bk, v, gather)
                     used[0] = self.policy.codec(k, self.compressor, fixed=True)
                 else:
-                    used[0] = self.policy.choose(bk, v, self.compressor)
+                    used[0] = level if level is not None else \
+                        self.policy.choose(bk, v, self.compressor)
             return used[0]
 
         def compress(v):
@@ -211,7 +207,7 @@ def resolve_pipeline(obj) -> Pipeline:
         raise HvdCompressError(
             f"expected a spec string, a Compressor or a Pipeline, got {type(obj).__name__}")
     stages = parse(obj)
-    if stages[0][0] == "auto":  # shorthand: the sparse route auto picks from
+    if stages[0][0] == "auto":  # shorthand: the least k and the feedback auto plans with
         stages = parse("topk:0.01+ef14") + stages
     name, args, kwargs = stages[0]
     compressor = build(name, args, kwargs, ("compressor",), obj)

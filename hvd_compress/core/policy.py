@@ -312,11 +312,14 @@ class Dynamic(Algorithm):
 
 def calibrate(sizes_bits, seconds):
     """(alpha, beta) of ``t = alpha + beta * bits`` by least squares over measured
-    collective times, for ``Dynamic(cost="allgather", alpha=..., beta=...)``."""
-    import numpy as np
-    x = np.asarray(sizes_bits, np.float64)
-    t = np.asarray(seconds, np.float64)
-    A = np.stack([np.ones_like(x), x], 1)
-    (alpha, beta), *_ = np.linalg.lstsq(A, t, rcond=None)
-    return float(max(alpha, 0.0)), float(max(beta, 0.0))
+    collective times, for ``Dynamic(cost="allgather", alpha=..., beta=...)``. In plain
+    Python floats, whose operations are correctly rounded everywhere: ranks that plan
+    from the same timings get the same figures to the last bit, whatever their CPU."""
+    x = [float(v) for v in sizes_bits]
+    t = [float(v) for v in seconds]
+    mx, mt = sum(x) / len(x), sum(t) / len(t)
+    sxx = sum((v - mx) ** 2 for v in x)
+    beta = sum((u - mx) * (v - mt) for u, v in zip(x, t)) / sxx if sxx else 0.0
+    alpha = mt - beta * mx
+    return max(alpha, 0.0), max(beta, 0.0)
 

@@ -94,10 +94,13 @@ class Compression:
         ``"raise"`` (HvdCompressError on every rank, naming the parameter and ranks).
 
     With ``auto`` in the spec (``"auto"``, ``"topk:0.01+ef21sgdm+auto"``), every rank
-    measures Horovod's allreduce and allgather and this package's compression at the first
-    launch of step 1 and every ``every`` steps after (see :mod:`hvd_compress.core.auto`),
-    and each tensor (or fused bucket) takes the faster of a dense allreduce and the spec's
-    sparse route; ``exchange.costs`` holds the figures every rank agreed on.
+    profiles its gradients on the step before each measurement, then measures Horovod's
+    allreduce and allgather, this package's compression and the float16 cast at the
+    first launch of step 1 and every ``every`` steps after (see
+    :mod:`hvd_compress.core.auto`); each tensor (or fused bucket) takes a dense
+    allreduce, a float16 cast or top-k at the k that sends the most of the gradient per
+    second. ``exchange.costs`` and ``exchange.profiles`` hold what every rank agreed on,
+    ``exchange.route(name, d, dtype)`` each tensor's plan.
 
     Attributes:
       telemetry: one record per parameter per step (bits sent, entries kept, time).
@@ -203,8 +206,9 @@ class Compression:
         from horovod.torch.mpi_ops import Adasum
         if not hasattr(optimizer, "op") or optimizer.op == Adasum:
             raise _adasum_error(self.pipeline.spec())  # Adasum reduces model deltas
-        if self.pipeline.agrees and getattr(optimizer, "_groups", None):
-            raise _groups_agree_error(self.pipeline.spec())
+        if (self.pipeline.agrees or self._auto is not None) and \
+                getattr(optimizer, "_groups", None):
+            raise _groups_error(self.pipeline)
         if self.comm is not None and self.comm.Get_size() != optimizer.process_set.size():
             raise HvdCompressError(
                 f"the mpi4py communicator has {self.comm.Get_size()} ranks, the optimizer's "
@@ -361,31 +365,54 @@ class Compression:
         if self._auto is not None and self._round >= self._measure_at:
             self._measure(opt, like)
             self._measure_at = self._round + self._auto.every
+        if self._auto is not None:  # the step before a measurement profiles the gradients
+            self.exchange.profiling = self._round == self._measure_at - 1
 
     def _measure(self, opt, like):
-        """auto: measure the link and the compression (see :mod:`hvd_compress.core.auto`).
-        Every rank does it at its first launch of the same step, before any tensor of that
-        step is compressed, whatever its hook order, and takes the slowest rank's figures:
-        every rank routes every tensor alike."""
+        """auto: measure the link, the compression and the cast, and sum the gradients'
+        profiles of the step before (see :mod:`hvd_compress.core.auto`). Every rank does
+        it at its first launch of the same step, before any tensor of that step is
+        compressed, whatever its hook order, and takes the slowest rank's times and the
+        same sums: every rank plans every tensor alike."""
         import torch
 
-        from ..core.auto import COMPUTE_SIZES, LINK_BYTES, fit_costs
+        from ..core.auto import COMPUTE_SIZES, LINK_BYTES, cast_from_wire, cast_to_wire, fit_costs
 
-        tag, t = f"{_PREFIX}auto:{self._measured}", self.transport
+        tag, t, ex, bk = f"{_PREFIX}auto:{self._measured}", self.transport, self.exchange, \
+            self._bk
         times = t.time_link(LINK_BYTES, tag, like.device)
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
-        n, rank = t.size(), t.rank()
+        n, rank, casts = t.size(), t.rank(), []
         for d in COMPUTE_SIZES:
             x = torch.randn(d, generator=torch.Generator().manual_seed(d)).to(like.device)
 
             def compress_and_decode(i):
-                out = scratch.begin(self._bk, f"x{d}", x, rank)
-                scratch.finish_gathered(self._bk, torch.cat([out.wire] * n), out, n, False)
+                out = scratch.begin(bk, f"x{d}", x, rank)
+                scratch.finish_gathered(bk, torch.cat([out.wire] * n), out, n, False)
             times.append(best_of(3, compress_and_decode))
-        agreed = t.max_over_ranks(times, f"{tag}.agree")
-        m = 2 * len(LINK_BYTES)
-        self.exchange.costs = fit_costs(agreed[:m], agreed[m:])
+            # the cast route's own work, read back so a device finishes it
+            casts.append(best_of(3, lambda i: float(cast_from_wire(
+                bk, cast_to_wire(bk, x, 4), "float32", 4)[-1])))
+        # the gradients' profiles of the step before, summed over the ranks, in name
+        # order; the first collective also tells every rank whether all profiled alike
+        names = sorted(ex.local_profiles)
+        floats = [v for name in names for v in ex.local_profiles[name][2]]
+        agreed = t.over_ranks(times + casts + [len(floats), -len(floats)], f"{tag}.agree")
+        m, c = 3 * len(LINK_BYTES), len(COMPUTE_SIZES)
+        if agreed[-2] != -agreed[-1]:
+            raise HvdCompressError(
+                f"auto: ranks profiled different gradients ({int(-agreed[-1])} to "
+                f"{int(agreed[-2])} numbers) on step {self._round - 1}; every rank must "
+                "reduce the same parameters, and a step that failed on one rank must fail "
+                "on every rank")
+        ex.costs = fit_costs(agreed[:m], agreed[m:m + c], agreed[m + c:m + 2 * c])
+        if floats:
+            sums = iter(t.over_ranks(floats, f"{tag}.profiles", op="sum"))
+            ex.profiles = {name: (*ex.local_profiles[name][:2],
+                                  [next(sums) for _ in ex.local_profiles[name][2]])
+                           for name in names}
+        ex.local_profiles = {}
         self._measured += 1
 
     def _fused(self, tensor) -> bool:
@@ -470,8 +497,8 @@ class Compression:
         if self.comm is not None or self.whole_model:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
-        if self.pipeline.agrees:
-            raise _groups_agree_error(self.pipeline.spec())
+        if self.pipeline.agrees or self._auto is not None:
+            raise _groups_error(self.pipeline)
 
         checks = [self._introduce(opt, name, t) for name, t in named]
         for name, t in named:
@@ -504,11 +531,16 @@ def _placeholder(tensor):
     return torch.zeros(1, dtype=torch.float32, device=tensor.device)
 
 
-def _groups_agree_error(spec):
+def _groups_error(pipeline):
+    if pipeline.agrees:
+        return HvdCompressError(
+            f"{pipeline.spec()}: agree=true settles each tensor's k with the other ranks at "
+            "synchronize, one tensor after another in name order, which a grouped "
+            "collective launched from its hooks cannot wait for; drop groups= or agree=true")
     return HvdCompressError(
-        f"{spec}: agree=true settles each tensor's k with the other ranks at synchronize, "
-        "one tensor after another in name order, which a grouped collective launched from "
-        "its hooks cannot wait for; drop groups= or agree=true")
+        f"{pipeline.spec()}: auto plans each tensor's route apart (dense, float16 or top-k "
+        "at its own k), which one grouped collective cannot carry; drop groups= or auto "
+        "(fuse_below= buckets small tensors together)")
 
 
 def _adasum_error(spec):

@@ -90,16 +90,18 @@ class HorovodTransport(Transport):
                              process_set=self.opt.process_set).numpy()
 
     def time_link(self, sizes, name: str, device) -> list:
-        """Seconds of a whole allreduce, then of a whole allgather, of each size in bytes
-        handed in by every rank (the best of two, after one more); blocking, so every rank
-        must call it at the same point of its sequence of collectives."""
+        """Seconds of a whole allreduce of float32, of a whole allgather and of a whole
+        allreduce of float16, of each size in bytes handed in by every rank (the best of
+        two, after one more); blocking, so every rank must call it at the same point of
+        its sequence of collectives."""
         import torch
         import horovod.torch as hvd
         ps, times = self.opt.process_set, []
-        for kind in ("allreduce", "allgather"):
+        for kind in ("allreduce", "allgather", "allreduce16"):
             for nbytes in sizes:
-                if kind == "allreduce":
-                    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+                if kind != "allgather":
+                    dtype = torch.float32 if kind == "allreduce" else torch.float16
+                    buf = torch.zeros(nbytes // dtype.itemsize, dtype=dtype, device=device)
                     run = lambda tag: hvd.allreduce(buf, name=tag, process_set=ps)  # noqa: E731
                 else:
                     buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -107,11 +109,13 @@ class HorovodTransport(Transport):
                 times.append(best_of(2, lambda i: run(f"{name}.{kind}.{nbytes}.{i}")))
         return times
 
-    def max_over_ranks(self, values, name: str) -> list:
-        """Every rank's ``values``, elementwise max over the ranks (blocking)."""
+    def over_ranks(self, values, name: str, op: str = "max") -> list:
+        """Every rank's float ``values``, elementwise ``op`` ("max" or "sum") over the
+        ranks, the same numbers on every rank (blocking; float64)."""
         import torch
         import horovod.torch as hvd
-        return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+        return hvd.allreduce(torch.tensor(values, dtype=torch.float64),
+                             op=hvd.Max if op == "max" else hvd.Sum, name=name,
                              process_set=self.opt.process_set).tolist()
 
 

@@ -213,9 +213,12 @@ def test_perturbation_is_isotropic_over_the_whole_model():
     assert comp.exchange.model_size == sum(p.numel() for p in model.parameters()) == 259
 
 
-def test_agreed_level_refuses_groups():
-    with pytest.raises(HvdCompressError, match="drop groups= or agree=true"):
-        run_and_compare("topk+ef14+dynamic:c0=2000,agree=true", "agree.groups", groups=2)
+@pytest.mark.parametrize("spec, why", [("topk+ef14+dynamic:c0=2000,agree=true",
+                                        "drop groups= or agree=true"),
+                                       ("auto", "drop groups= or auto")])
+def test_per_tensor_levels_refuse_groups(spec, why):
+    with pytest.raises(HvdCompressError, match=why):
+        run_and_compare(spec, f"groups.refused.{spec}", groups=2)
 
 
 @pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "threshold:lam=0.05+ef14", "fp16"])
@@ -309,68 +312,149 @@ def test_small_tensors_travel_fused(spec, binding, transport):
     assert torch.equal(everyone, flat.expand(size, -1)), "parameters differ across ranks"
 
 
-def ef14_topk_oracle(everyone, residuals, ratio, sparse):
-    """NumPy restatement of EF14 over auto's routes: sparse, every rank sends the top k of
-    its compensated gradient (ties to the lower position) and keeps the rest; dense, the
-    gradients are averaged as they are and the residuals wait. The update is the mean."""
-    if not sparse:
+AUTO_RATIOS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+
+
+def auto_profile(grads, least):
+    """NumPy restatement of a tensor's profile summed over the ranks: per candidate k
+    (the spec's, then AUTO_RATIOS of d above it) the energy of each rank's k largest
+    entries, then the total energy and the largest magnitudes, each summed."""
+    d = grads[0].size
+    ks = [least] + sorted({k for k in (max(1, int(r * d)) for r in AUTO_RATIOS)
+                           if least < k <= d})
+    energy = [np.cumsum(np.sort(g.astype(np.float64) ** 2)[::-1]) for g in grads]
+    return ks, [sum(e[k - 1] for e in energy) for k in ks] + \
+        [sum(e[-1] for e in energy), sum(float(np.abs(g).max()) for g in grads)]
+
+
+def auto_plan(costs, profiled, least):
+    """NumPy restatement of auto's plan (with error feedback), every tensor together.
+    Per tensor: the k whose share of the ranks' energy is the largest per second of
+    top-k's time, then the fastest of dense, top-k at that k and a cast (scaled so the
+    summed largest magnitude lands in [32, 64]); then, if what the casts save does not
+    pay for the float16 message's alpha (less float32's where no tensor stays dense),
+    no casts. Returns name -> the routes within rounding of the best, best first."""
+    (ar, br), (ag, bg), (a, b), cast, half = costs
+    ah, bh = (ar, br) if half is None else half  # float16 allreduces, where timed apart
+    plans, saved = {}, 0.0
+    for n, grads in profiled.items():
+        d = grads[0].size
+        ks, profile = auto_profile(grads, max(1, int(least * d)))
+        shares = np.array(profile[:-2]) / profile[-2]
+        times = np.array([a + b * d + ag + bg * 8 * (24 + 8 * k) for k in ks])
+        per_second = shares / times
+        options = {("topk", k, 0): t for k, t, e in zip(ks, times, per_second)
+                   if e >= per_second.max() * (1 - 1e-9)}
+        options[("dense", 0, 0)] = br * 32 * d
+        if cast is not None:
+            shift = int(np.floor(np.log2(65504 / 1024 / profile[-1])))
+            options[("cast", 0, shift)] = cast[0] + cast[1] * d + bh * 16 * d
+        fastest = min(options.values())
+        plans[n] = sorted((r for r, t in options.items() if t <= fastest * (1 + 1e-9)),
+                          key=lambda r: (options[r], ["dense", "topk", "cast"].index(r[0])))
+        if plans[n][0][0] == "cast":
+            saved += br * 32 * d - options[plans[n][0]]
+    if saved:
+        alone = all(p[0][0] != "dense" for p in plans.values())
+        if saved <= ah - (ar if alone else 0.0):
+            plans = {n: [("dense", 0, 0)] if p[0][0] == "cast" else p for n, p in plans.items()}
+    return plans
+
+
+def ef14_route_oracle(everyone, residuals, route):
+    """NumPy restatement of EF14 over auto's routes: top-k, every rank sends the k largest
+    of its compensated gradient (ties to the lower position) and keeps the rest; dense
+    and cast, the gradients (scaled by 2**shift and cast to float16) are averaged as they
+    are and the residuals wait. The update is the mean."""
+    kind, k, shift = route
+    if kind == "dense":
         return np.mean(everyone, 0, dtype=np.float32)
+    if kind == "cast":
+        half = (everyone * np.float32(2.0 ** shift)).astype(np.float16).astype(np.float32)
+        return np.mean(half, 0, dtype=np.float32) * np.float32(2.0 ** -shift)
     sent = []
     for r, g in enumerate(everyone):
         p = residuals[r] + g
         s = np.zeros_like(p)
-        keep = np.argsort(-np.abs(p), kind="stable")[:max(1, int(ratio * p.size))]
+        keep = np.argsort(-np.abs(p), kind="stable")[:k]
         s[keep] = p[keep]
         residuals[r] = p - s
         sent.append(s)
     return np.sum(sent, 0) * np.float32(1.0 / len(everyone))
 
 
-@pytest.mark.parametrize("route", ["measured", "sparse", "dense"])
-def test_auto_routes_every_tensor_alike_on_every_rank(route):
-    """auto measures at step 1 and routes each tensor dense or top-k + EF14 from the
-    slowest rank's figures. Every rank holds the same costs and makes the same choice;
-    the gradients equal a NumPy restatement of EF14 over the routes taken. 'sparse' and
-    'dense' set the costs every rank uses after the measurement, so both routes run."""
+@pytest.mark.parametrize("route", ["measured", "topk", "dense", "cast"])
+def test_auto_plans_every_tensor_alike_on_every_rank(route):
+    """auto profiles every tensor at step 0, measures at step 1 and plans each tensor
+    dense, cast or top-k at some k + EF14 from the slowest rank's times and the ranks'
+    summed profiles. Every rank holds the same costs and profiles (the sums of a NumPy
+    restatement of every rank's) and makes the same choice, a NumPy restatement's; the
+    gradients equal a NumPy restatement of EF14 over the routes taken. 'topk', 'dense'
+    and 'cast' set the costs every rank uses from step 2, so every route runs."""
     from hvd_compress.core.auto import Costs
     model, _, _ = model_and_data(0)
-    comp = hct.compression("topk:0.25+ef14+auto:every=1000", seed=7)
+    comp = hct.compression("topk:0.01+ef14+auto:every=1000", seed=7)
     dopt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
                                     named_parameters=model.named_parameters(),
                                     compression=comp)
     names = [n for n, _ in model.named_parameters()]
-    residuals = {n: [np.zeros(p.numel(), np.float32) for _ in range(size)]
-                 for n, p in model.named_parameters()}
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    residuals = {n: [np.zeros(sizes[n], np.float32) for _ in range(size)] for n in names}
+    slow, free = (1e-3, 1e-6), (0.0, 0.0)
+    # top-k: an allgather whose bytes cost, so the k taken depends on the profiles
+    forced = {"topk": Costs(slow, (1e-6, 1e-8), free), "dense": Costs((1e-9, 1e-15), slow, free),
+              "cast": Costs((1e-9, 1e-6), (1e-2, 1e-6), free, free)}.get(route)
+    profiled, plans = None, None
     for step in range(4):
-        if step == 2 and route != "measured":  # after the measurement of step 1
-            slow, fast = (1e-3, 1e-6), (1e-9, 1e-15)
-            link = (slow, fast) if route == "sparse" else (fast, slow)
-            comp.exchange.costs = Costs(link[0], link[1], (0.0, 0.0))
+        if step == 2 and forced is not None:  # after the measurement of step 1
+            comp.exchange.costs = forced
         _, x, y = model_and_data(step)
         local = local_grads(model, x, y)
         everyone = {n: hvd.allgather(local[n].reshape(1, -1), name=f"auto.{route}.{step}.{n}")
                     .numpy() for n in names}
+        profiled = profiled or everyone
         dopt.zero_grad()
         loss_fn(model, x, y).backward()
         dopt.synchronize()
-        bits = {r.name: r.bits for r in comp.telemetry.rows if r.step == step}
-        assert len(bits) == len(names)
+        if step >= 1:
+            for n in names:  # the ranks' profiles, summed
+                d, dtype, got = comp.exchange.profiles[n]
+                want = auto_profile(list(profiled[n]), max(1, int(0.01 * d)))[1]
+                assert (d, dtype) == (sizes[n], "float32")
+                np.testing.assert_allclose(got, want, rtol=1e-9)
+            plans = auto_plan(comp.exchange.costs, {n: list(profiled[n]) for n in names}, 0.01)
+        rows = {r.name: r for r in comp.telemetry.rows if r.step == step}
+        assert set(rows) == set(names)
+        taken = {}
         for n, p in model.named_parameters():
-            dense_bits = 8 * 4 * p.numel()
-            sparse = bits[n] != dense_bits
+            d, row = sizes[n], rows[n]
+            taken[n] = ("dense", 0, 0) if row.bits == 32 * d else \
+                ("cast", 0) if row.bits == 16 * d and row.count == d else \
+                ("topk", row.count, 0)
             if step == 0:
-                assert not sparse, "before the first measurement every tensor goes dense"
-            if step >= 2 and route != "measured":
-                assert sparse == (route == "sparse"), (n, bits[n])
-            want = ef14_topk_oracle(everyone[n], residuals[n], 0.25, sparse)
-            torch.testing.assert_close(p.grad.reshape(-1).numpy(), want, rtol=1e-6, atol=1e-6)
-        routes = torch.tensor([[bits[n] for n in names]])
+                assert taken[n] == ("dense", 0, 0), "before the first measurement: dense"
+                want = ef14_route_oracle(everyone[n], residuals[n], taken[n])
+            else:
+                assert taken[n] in [r[:len(taken[n])] for r in plans[n]], (n, taken[n], plans)
+                taken[n] = next(r for r in plans[n] if r[:len(taken[n])] == taken[n])
+                want = ef14_route_oracle(everyone[n], residuals[n], taken[n])
+            if step >= 2 and forced is not None:
+                assert taken[n][0] == route, (n, taken[n])
+            if taken[n][0] == "cast":  # Horovod sums float16 in its own order
+                torch.testing.assert_close(p.grad.reshape(-1).numpy(), want, rtol=2e-3,
+                                           atol=2e-3 * float(np.abs(want).max()))
+            else:
+                torch.testing.assert_close(p.grad.reshape(-1).numpy(), want, rtol=1e-6,
+                                           atol=1e-6)
+        if step >= 2 and route == "topk":  # neither end of [1, 5, 19]: the profile chose
+            assert taken["0.weight"] == ("topk", 5, 0)
+        routes = torch.tensor([[rows[n].bits for n in names]])
         assert torch.equal(hvd.allgather(routes, name=f"auto.routes.{route}.{step}"),
                            routes.expand(size, -1)), "ranks routed a tensor differently"
         with dopt.skip_synchronize():
             dopt.step()
-    costs = torch.tensor([[v for part in comp.exchange.costs for v in part]],
-                         dtype=torch.float64)
+    costs = torch.tensor([[v for part in comp.exchange.costs if part is not None
+                           for v in part]], dtype=torch.float64)
     assert torch.equal(hvd.allgather(costs, name=f"auto.costs.{route}"),
                        costs.expand(size, -1)), "ranks measured different costs"
 
