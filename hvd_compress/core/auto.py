@@ -143,17 +143,15 @@ class Route(NamedTuple):
 DENSE = Route("dense")
 
 
-def cast_to_wire(bk, x, shift: int, owned: bool = False):
-    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact);
-    ``owned``: x may be scaled in its own memory (no tensor of its size made for it)."""
-    if shift:
-        x = bk.mul_(x, float(2.0 ** shift)) if owned else x * float(2.0 ** shift)
-    return bk.astype(x, "float16")
+def cast_to_wire(bk, x, shift: int):
+    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact), in
+    one pass where the framework allows."""
+    return bk.scaled(x, float(2.0 ** shift), "float16") if shift else bk.astype(x, "float16")
 
 
 def cast_from_wire(bk, y, dtype: str, shift: int):
     """The inverse of :func:`cast_to_wire` on a (summed) float16 payload: a new tensor of
-    ``dtype``, scaled back in its own memory."""
+    ``dtype``, scaled back in its own memory (in ``dtype``: float16 would underflow)."""
     y = bk.astype(y, dtype)
     return bk.mul_(y, float(2.0 ** -shift)) if shift else y
 

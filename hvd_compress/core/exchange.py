@@ -161,10 +161,9 @@ class Exchange:
         the frontend's allgather of a float64 row, which ``dynamic:agree=true`` uses to
         settle this step's k with the other ranks (see :meth:`Pipeline.encode`).
         ``overwrite``: the average of sparse payloads may be written into ``tensor``'s
-        memory, and auto's cast route scales it there (Horovod's PyTorch optimizer
-        overwrites the gradient with the average anyway), which saves a tensor of its
-        size per step. Nothing else keeps a reference to it: payload values are gathered
-        copies, feedback states fresh tensors."""
+        memory (Horovod's PyTorch optimizer overwrites the gradient with the average
+        anyway), which saves a tensor of its size per step. Nothing else keeps a reference
+        to it: payload values are gathered copies, feedback states fresh tensors."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -181,8 +180,7 @@ class Exchange:
             route = self.route(name, d, dtype)
             if route.kind != "topk":
                 return self._begin_dense(bk, name, tensor, step, t0,
-                                         route.shift if route.kind == "cast" else None,
-                                         overwrite)
+                                         route.shift if route.kind == "cast" else None)
             level = self._auto.codec(route.k, self.pipeline.compressor)
         flat = bk.flatten(tensor)
         finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
@@ -220,16 +218,15 @@ class Exchange:
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into)
 
-    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
-                     overwrite: bool) -> Outgoing:
+    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None) -> Outgoing:
         """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
         as Horovod sends it uncompressed (no copy, no pass over it), or (``shift`` not
-        None) scaled by 2**shift (in the tensor's memory with ``overwrite``) and cast to
-        float16, as Horovod's ``Compression.fp16`` sends it but inside float16's range;
-        the feedback state waits untouched for the next top-k step (EF14's residual is
-        still what was not sent)."""
+        None) scaled by 2**shift and cast to float16 in one pass, as Horovod's
+        ``Compression.fp16`` sends it but inside float16's range; the feedback state
+        waits untouched for the next top-k step (EF14's residual is still what was not
+        sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
-        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift, overwrite)
+        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift)
         nbytes = d * ITEMSIZE[bk.dtype(wire)]
         self.log(step, name, nbytes, d, d, 8 * d * ITEMSIZE[dtype],
                  time.perf_counter() - t0, None)

@@ -51,6 +51,10 @@ class Backend:
     def reshape(self, x, shape): raise NotImplementedError
     def astype(self, x, dtype: str): raise NotImplementedError
     def bitcast(self, x, dtype: str): raise NotImplementedError
+    def scaled(self, x, factor: float, dtype: str):
+        """``x * factor``, computed in x's dtype and stored as ``dtype``: one pass where
+        the framework writes a product straight into another dtype."""
+        return self.astype(x * factor, dtype)
 
     def size(self, x) -> int:
         n = 1
@@ -181,6 +185,9 @@ class NumpyBackend(Backend):
             return (x.astype(np.uint32) << 16).view(np.float32).astype(_NP_DTYPES[dtype])
         return x.astype(_NP_DTYPES[dtype], copy=False)
     def bitcast(self, x, dtype): return np.ascontiguousarray(x).view(_NP_DTYPES[dtype])
+    def scaled(self, x, factor, dtype):
+        return np.multiply(x, x.dtype.type(factor), out=np.empty(x.shape, _NP_DTYPES[dtype]),
+                           casting="same_kind")
     def zeros(self, n, dtype, like): return np.zeros(n, _NP_DTYPES[dtype])
     def arange(self, n, like, dtype="int64"): return np.arange(n, dtype=_NP_DTYPES[dtype])
     def constant(self, values, dtype, like): return np.asarray(values, _NP_DTYPES[dtype])
@@ -273,6 +280,10 @@ class TorchBackend(Backend):
     def astype(self, x, dtype):
         t = self._dt[dtype]
         return x if x.dtype == t else x.to(t)
+    def scaled(self, x, factor, dtype):
+        # the product's dtype is x's (a Python float does not promote it); out= casts
+        out = self.t.empty(x.shape, dtype=self._dt[dtype], device=x.device)
+        return self.t.mul(x, factor, out=out)
     def bitcast(self, x, dtype):
         x = x.contiguous()
         if x.storage_offset() % ITEMSIZE[dtype]:  # a slice of a gathered byte buffer

@@ -392,8 +392,8 @@ class Compression:
                 scratch.finish_gathered(bk, torch.cat([out.wire] * n), out, n, False)
             times.append(best_of(3, compress_and_decode))
             # the cast route's own work, read back so a device finishes it
-            casts.append(best_of(3, lambda i: float(cast_from_wire(  # x scaled in place
-                bk, cast_to_wire(bk, x, 4 - 8 * (i % 2), owned=True), "float32", 4)[-1])))
+            casts.append(best_of(3, lambda i: float(cast_from_wire(
+                bk, cast_to_wire(bk, x, 4), "float32", 4)[-1])))
         # the gradients' profiles of the step before, summed over the ranks, in name
         # order; the first collective also tells every rank whether all profiled alike
         names = sorted(ex.local_profiles)
