@@ -323,6 +323,11 @@ def test_auto_routes_by_the_cost_model():
         assert route(d, slow, cast=True) == route(d, slow)  # a cast needs a profile
     assert route(10 ** 7, slow) == Route("topk", 10 ** 5)
     assert route(10, slow) == DENSE
+    # an absolute k above a tensor's size, and an empty tensor, plan without raising
+    absolute = resolve_pipeline("topk:k=50+ef14+auto").compressor
+    assert auto.route(10, "float32", absolute, slow) == DENSE
+    assert auto.route(10, "float32", absolute, slow, allreduce=False) == Route("topk", 10)
+    assert route(0, slow) == DENSE
     # fits that came out free (a noisy machine clamps a negative slope to 0) still plan
     free = Costs((0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
     profile = [1.0, 2.0, 4.0, 4.0, 1.0]  # k = 10, 30, 100, then the total and the largest
@@ -440,6 +445,12 @@ def test_auto_casts_only_where_the_float16_message_pays():
     del tensors["tiny"]
     assert {r.kind for r in plan(1e-4 + saved * 0.99).values()} == {"cast"}
     assert plan(1e-4 + saved * 1.01) == {n: DENSE for n in tensors}
+    # a dropped cast takes its tensor's next best route, here top-k
+    fast_topk = Costs((1e-4, 1e-8), (1e-6, 1e-9), (1e-6, 1e-10), (1e-6, 1e-10), (1.0, 1e-11))
+    routes = auto.plan(tensors, topk, fast_topk, allreduce=("float16", "float32"))
+    assert {r.kind for r in routes.values()} == {"topk"}
+    assert {r.kind for r in auto.plan(tensors, topk, fast_topk._replace(allreduce16=(0.0, 1e-11)),
+                                      allreduce=("float16", "float32")).values()} == {"cast"}
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 1e4])

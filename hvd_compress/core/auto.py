@@ -46,16 +46,19 @@ Time alone decides between dense and top-k because error feedback keeps what top
 leaves out of a step and sends it in later ones (the level decides how soon). Without
 feedback (``topk:0.01+auto``) the rest is lost, and top-k's time counts as 1 / E(k)
 times longer. A cast is what Horovod's ``Compression.fp16`` sends, except that it first
-scales the tensor by the power of two that puts the ranks' summed largest magnitude at
-the last measurement within [32, 64]: gradients of any size keep float16's 11 bits of
-precision instead of flushing to zero or overflowing, and may grow 1024x before the
-sum overflows (then the update is not finite, as with any NaN gradient: see
-``nonfinite``; measure more often with a smaller ``every``). Its rounding is not kept
-for later steps.
+scales the tensor by the power of two that puts the ranks' summed largest magnitude (in
+the profile before the last measurement) between 32 and 65504 / 1024: gradients of any size
+keep float16's 11 bits of precision instead of flushing to zero, and may grow 1024x
+before the float16 sum overflows. If it does (or some rank's gradient is not finite),
+every rank sees the same non-finite sum and sends the tensor again as it is, in one more
+allreduce that step (logged as a row of its own); reading the sum's finiteness costs a
+wait per cast tensor and step on an accelerator. Its rounding is not kept for later
+steps.
 
 A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
 first measurement (the first step) every tensor goes dense; a tensor without a profile
-(one seen first after it) takes the spec's k. Costs and profiles are measurements, not
+(one seen first after it) is planned alone from the costs (dense, or top-k at the spec's
+k). Costs and profiles are measurements, not
 training state: they are not checkpointed, and a resumed run routes dense for one step,
 then measures again. The dense and cast routes leave the feedback state untouched, so
 EF14's residual still holds what was not sent and goes out with the next top-k step;
@@ -72,7 +75,8 @@ Args:
   every: steps between measurements (500). Each measurement costs a few collectives of
     up to 256 KiB, two timed compressions and casts (about 2 s in all on a 100 Mbit/s
     link shared by 4 ranks), and on the step before it one top-k of a tenth of each
-    tensor (the profile: a float64 copy of each tensor, one at a time).
+    tensor (the profile: a top-k of the largest candidate k, a tenth of the tensor or
+    less, over a float64 copy of it, one tensor at a time).
 """
 from __future__ import annotations
 
@@ -144,14 +148,15 @@ DENSE = Route("dense")
 
 
 def cast_to_wire(bk, x, shift: int):
-    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact), in
-    one pass where the framework allows."""
+    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact),
+    without a scaled copy of x where the framework writes the product into float16."""
     return bk.scaled(x, float(2.0 ** shift), "float16") if shift else bk.astype(x, "float16")
 
 
 def cast_from_wire(bk, y, dtype: str, shift: int):
     """The inverse of :func:`cast_to_wire` on a (summed) float16 payload: a new tensor of
-    ``dtype``, scaled back in its own memory (in ``dtype``: float16 would underflow)."""
+    ``dtype`` (float32), scaled back in its own memory (in ``dtype``: float16 would
+    underflow)."""
     y = bk.astype(y, dtype)
     return bk.mul_(y, float(2.0 ** -shift)) if shift else y
 
@@ -183,7 +188,7 @@ class Auto(Algorithm):
     def candidates(self, d: int, compressor) -> list:
         """The k top-k may take for a tensor of ``d`` entries: the spec's, then each of
         :data:`RATIOS` above it (the same on every rank)."""
-        least = compressor.k_for(d)
+        least = min(compressor.k, d) if compressor.k is not None else compressor.k_for(d)
         more = {max(1, int(r * d)) for r in RATIOS}
         return [least] + sorted(k for k in more if least < k <= d)
 
@@ -206,9 +211,14 @@ class Auto(Algorithm):
         docstring): ``profile`` is the sum over ranks of :meth:`profile` (None: the
         spec's k); ``allreduce``: the tensor's dtype can be allreduced; ``cast``: float16
         can; ``feedback``: the pipeline keeps what top-k does not send."""
+        return self._timed(d, dtype, compressor, costs, profile, allreduce, cast,
+                           feedback)[0]
+
+    def _timed(self, d, dtype, compressor, costs, profile, allreduce, cast, feedback):
+        """(:meth:`route`, its seconds)."""
+        if costs is None or d == 0:
+            return (DENSE if allreduce else Route("topk", compressor.k_for(d))), 0.0
         ks = self.candidates(d, compressor)
-        if costs is None:
-            return DENSE if allreduce else Route("topk", ks[0])
         valid = profile is not None and len(profile) == len(ks) + 2 and \
             all(map(math.isfinite, profile)) and profile[-2] > 0
         shares = [t / profile[-2] for t in profile[:-2]] if valid else [1.0]
@@ -229,28 +239,39 @@ class Auto(Algorithm):
             dense = costs.dense_seconds(d, 8 * ITEMSIZE[dtype])
             if dense <= seconds:
                 route, seconds = DENSE, dense
-            if cast and valid and costs.cast is not None and dtype == "float32" and \
-                    costs.cast_seconds(d) < seconds:
-                route = Route("cast", shift=cast_shift(profile[-1]))
-        return route
+            shift = cast_shift(profile[-1]) if valid else None
+            if cast and shift is not None and abs(shift) < 100 and costs.cast is not None \
+                    and dtype == "float32" and costs.cast_seconds(d) < seconds:
+                route, seconds = Route("cast", shift=shift), costs.cast_seconds(d)
+        return route, seconds
 
     def plan(self, tensors: dict, compressor, costs: Costs | None, allreduce=(),
              feedback: bool = True) -> dict:
         """Every tensor's route together: ``tensors`` maps names to (d, dtype, profile).
         Each takes :meth:`route`; then, since Horovod fuses a step's allreduces by dtype,
-        the casts keep their float16 message only where what they save pays for it (its
-        alpha, less float32's where no tensor stays dense)."""
-        routes = {name: self.route(d, dtype, compressor, costs, profile,
-                                   allreduce=dtype in allreduce, cast="float16" in allreduce,
-                                   feedback=feedback)
+        the casts keep their float16 message only where what they save against each
+        tensor's next best route pays for that message's alpha (none where a float16
+        tensor goes dense anyway; less float32's where the casts leave no float32 tensor
+        dense that would be dense without them)."""
+        def timed(d, dtype, profile, cast):
+            return self._timed(d, dtype, compressor, costs, profile, dtype in allreduce,
+                               cast and "float16" in allreduce, feedback)
+        routes = {name: timed(d, dtype, profile, True)[0]
                   for name, (d, dtype, profile) in tensors.items()}
         casts = [name for name, r in routes.items() if r.kind == "cast"]
-        if casts and costs is not None:
-            saved = sum(costs.dense_seconds(tensors[n][0], 32) - costs.cast_seconds(tensors[n][0])
-                        for n in casts)
-            alone = all(r.kind != "dense" for r in routes.values())
-            if saved <= costs.half[0] - (costs.allreduce[0] if alone else 0.0):
-                routes.update({name: DENSE for name in casts})
+        if not casts or costs is None:
+            return routes
+        saved, fallback = 0.0, {}
+        for name in casts:
+            d, dtype, profile = tensors[name]
+            fallback[name], seconds = timed(d, dtype, profile, False)
+            saved += seconds - costs.cast_seconds(d)
+        dense = {tensors[n][1] for n, r in routes.items() if r.kind == "dense"}
+        message = 0.0 if "float16" in dense else costs.half[0]
+        if "float32" not in dense and any(r.kind == "dense" for r in fallback.values()):
+            message -= costs.allreduce[0]  # the casts leave no float32 message to send
+        if saved <= message:
+            routes.update(fallback)
         return routes
 
     def codec(self, k: int, like: TopK) -> TopK:

@@ -46,6 +46,7 @@ class Outgoing(NamedTuple):
     dense_route: bool = False  # auto sent the tensor as it is or cast, by an allreduce
     into: Any = None      # the flat input, whose memory the average may take (overwrite)
     shift: int | None = None  # auto's cast route: the payload is float16(x * 2**shift)
+    source: Any = None    # ... and x, for a resend as it is (see resend_dense)
 
 
 class Exchange:
@@ -126,8 +127,8 @@ class Exchange:
     @property
     def profiles(self) -> dict:
         """name -> (entries, dtype, the sum over ranks of auto's profile of that tensor:
-        see :meth:`hvd_compress.core.auto.Auto.profile`)."""
-        return self._profiles
+        see :meth:`hvd_compress.core.auto.Auto.profile`); a copy (set them whole)."""
+        return dict(self._profiles)
 
     @profiles.setter
     def profiles(self, profiles: dict):
@@ -136,7 +137,8 @@ class Exchange:
     def route(self, name: str, d: int, dtype: str) -> Route:
         """auto's plan for tensor ``name`` under the agreed costs and profiles: every
         profiled tensor's is made together once per measurement
-        (:meth:`hvd_compress.core.auto.Auto.plan`), any other's alone at the spec's k."""
+        (:meth:`hvd_compress.core.auto.Auto.plan`), any other's alone from the costs
+        (dense, or top-k at the spec's k)."""
         assert self._auto is not None
 
         def plan(tensors):
@@ -232,7 +234,21 @@ class Exchange:
                  time.perf_counter() - t0, None)
         return Outgoing(name, step, wire, True, None, None, bk.shape(tensor), dtype,
                         None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True,
-                        shift=shift)
+                        shift=shift, source=None if shift is None else tensor)
+
+    def resend_dense(self, bk, sum_, outgoing: Outgoing):
+        """The cast route's fallback: None where the float16 sum is finite; else, since
+        every rank holds the same sum and so decides alike, the Outgoing that sends the
+        tensor again as it is (the sum overflowed float16, or some rank's gradient is not
+        finite, which the dense sum then shows). Costs a read of one flag per cast
+        tensor and step (a wait on an accelerator). The resend's bits are logged as a
+        row of its own (count 0, no dense bits: the tensor was counted once)."""
+        if outgoing.shift is None or bk.all_finite(sum_):
+            return None
+        d = bk.size(outgoing.source)
+        self.log(outgoing.step, outgoing.name, d * ITEMSIZE[outgoing.dtype], 0, d, 0, 0.0,
+                 None)
+        return outgoing._replace(wire=outgoing.source, shift=None, source=None)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once

@@ -52,8 +52,8 @@ class Backend:
     def astype(self, x, dtype: str): raise NotImplementedError
     def bitcast(self, x, dtype: str): raise NotImplementedError
     def scaled(self, x, factor: float, dtype: str):
-        """``x * factor``, computed in x's dtype and stored as ``dtype``: one pass where
-        the framework writes a product straight into another dtype."""
+        """``x * factor``, computed in x's dtype and stored as ``dtype``, in one call
+        that writes the product into a tensor of ``dtype`` where the framework can."""
         return self.astype(x * factor, dtype)
 
     def size(self, x) -> int:

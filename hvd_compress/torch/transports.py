@@ -53,6 +53,19 @@ class HorovodTransport(Transport):
     def scale_factors(self):
         return scale_factors(self.opt)
 
+    def finish(self, exchange, bk, result, out, n: int, summed: bool):
+        """As every transport's, except that a cast whose float16 sum is not finite goes
+        again as it is (:meth:`Exchange.resend_dense`; blocking, the same on every rank)."""
+        again = exchange.resend_dense(bk, result, out) if out.dense_route else None
+        if again is not None:
+            import horovod.torch as hvd
+            pre, post = self.scale_factors()
+            result = hvd.allreduce(again.wire, name=f"hvd_compress.resend:{out.name}",
+                                   op=self.opt.op, prescale_factor=pre,
+                                   postscale_factor=post, process_set=self.opt.process_set)
+            out = again
+        return super().finish(exchange, bk, result, out, n, summed)
+
     def start(self, out, name: str):
         import horovod.torch as hvd
         ps = self.opt.process_set
