@@ -58,12 +58,7 @@ class HorovodTransport(Transport):
         again as it is (:meth:`Exchange.resend_dense`; blocking, the same on every rank)."""
         again = exchange.resend_dense(bk, result, out) if out.dense_route else None
         if again is not None:
-            import horovod.torch as hvd
-            pre, post = self.scale_factors()
-            result = hvd.allreduce(again.wire, name=f"hvd_compress.resend:{out.name}",
-                                   op=self.opt.op, prescale_factor=pre,
-                                   postscale_factor=post, process_set=self.opt.process_set)
-            out = again
+            result, out = self.start(again, f"hvd_compress.resend:{out.name}")(), again
         return super().finish(exchange, bk, result, out, n, summed)
 
     def start(self, out, name: str):
