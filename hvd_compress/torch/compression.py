@@ -460,12 +460,15 @@ class Compression:
         holds the same gradients here. Idempotent within a step: the mpi4py transport
         calls it before it moves anything."""
         checks, self._held_checks = self._held_checks, []
-        try:
-            for check in checks:  # ranks that disagree on a member raise before buckets form
-                check()
-        except BaseException:
+        failed = None
+        for check in checks:  # ranks that disagree on a member raise before buckets form,
+            try:              # after every check's collectives finished: none stays in
+                check()       # flight under a name the next step would reuse
+            except BaseException as error:
+                failed = failed or error
+        if failed is not None:
             self._drop_step()
-            raise
+            raise failed
         opt = self._optimizer
         self._start_fused(opt)
         agreed, self._agreed_grads = self._agreed_grads, {}
