@@ -9,8 +9,8 @@ of 1 trains on a squared error), batch 32 per rank, random data; each spec train
 unmodified `hvd.DistributedOptimizer` (forward, backward, exchange, SGD update), two
 warm-up steps, then the median of --steps steps, and their sum. Dense and fp16 are
 Horovod's own; the others pass `hvd_compress.torch.compression(spec,
-fuse_below=--fuse-below)`. Rank 0 prints the median seconds, the total and the bits each
-rank sent per step, and writes them as JSON.
+fuse_below=--fuse-below)`. The specs take turns step by step. Rank 0 prints the median
+seconds, the total and the bits each rank sent per step, and writes them as JSON.
 """
 import argparse
 import json
@@ -25,7 +25,9 @@ import hvd_compress.torch as hct
 SPECS = ["none", "horovod-fp16", "topk:0.01+ef21sgdm", "topk:0.001+ef14", "auto"]
 
 
-def step_times(spec, args):
+def trainer(spec, args):
+    """One training step of a fresh model under ``spec`` (a closure), and its
+    compression."""
     torch.manual_seed(0)
     w = args.width
     sizes = [int(s) for s in args.layers.split(",")] if args.layers else [256, w, w, w, 10]
@@ -49,22 +51,36 @@ def step_times(spec, args):
     else:
         y = torch.randint(0, sizes[-1], (32,), generator=g)
         loss = torch.nn.functional.cross_entropy
-    times = []
-    for i in range(args.steps + 2):
-        t0 = time.perf_counter()
+
+    def step():
         opt.zero_grad()
         loss(model(x), y).backward()
         opt.step()
-        # the slowest rank's time is the step's
-        times.append(hvd.allreduce(torch.tensor([time.perf_counter() - t0]), op=hvd.Max,
-                                   name=f"time.{spec}.{i}").item())
-    numel = sum(p.numel() for p in model.parameters())
-    if spec in ("none", "horovod-fp16"):
-        bits = numel * (32 if spec == "none" else 16)
-    else:
-        last = max(r.step for r in comp.telemetry.rows)
-        bits = sum(r.bits for r in comp.telemetry.rows if r.step == last)
-    return statistics.median(times[2:]), sum(times[2:]), bits, numel
+    return step, comp, sum(p.numel() for p in model.parameters())
+
+
+def step_times(specs, args):
+    """Per spec: (median step seconds, their sum, bits per step and rank, parameters).
+    The specs take turns step by step (the ranks' models live side by side), so a
+    slower stretch of a shared machine falls on every spec alike."""
+    runs = {spec: trainer(spec, args) for spec in specs}
+    times: dict = {spec: [] for spec in specs}
+    for i in range(args.steps + 2):
+        for spec, (step, _, _) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            # the slowest rank's time is the step's
+            times[spec].append(hvd.allreduce(torch.tensor([time.perf_counter() - t0]),
+                                             op=hvd.Max, name=f"time.{spec}.{i}").item())
+    out = {}
+    for spec, (_, comp, numel) in runs.items():
+        if spec in ("none", "horovod-fp16"):
+            bits = numel * (32 if spec == "none" else 16)
+        else:
+            last = max(r.step for r in comp.telemetry.rows)
+            bits = sum(r.bits for r in comp.telemetry.rows if r.step == last)
+        out[spec] = statistics.median(times[spec][2:]), sum(times[spec][2:]), bits, numel
+    return out
 
 
 def main():
@@ -79,8 +95,7 @@ def main():
     hvd.init()
     torch.set_num_threads(1)
     out = {}
-    for spec in args.specs:
-        seconds, total, bits, numel = step_times(spec, args)
+    for spec, (seconds, total, bits, numel) in step_times(args.specs, args).items():
         out[spec] = {"seconds": seconds, "total": total, "bits": bits}
         if hvd.rank() == 0:
             print(f"{spec:<28}{seconds:>10.4f} s{total:>9.2f} s in all{bits:>14,} "

@@ -479,21 +479,32 @@ def test_auto_cast_keeps_small_and_large_gradients(xp, scale):
     assert np.isfinite(spike).all()
 
 
-def test_auto_cast_route_through_the_exchange():
-    """The cast route hands the allreduce float16(g * 2**shift) and turns the sum back
-    into the average in the gradient's dtype, feedback state untouched; a sum that
-    overflowed float16 anyway (gradients 1024x larger than at the measurement) is named
-    as such with nonfinite='raise'."""
+def cast_exchanges(nonfinite, g):
+    """Two ranks' Exchanges of ``topk:0.1+ef14+auto`` whose plan casts tensor 'w' (the
+    ranks' gradients ``g``)."""
     from hvd_compress.core.auto import Costs
     from hvd_compress.core.exchange import Exchange
     link = Costs((1e-9, 1e-6), (1e-2, 1e-6), (0.0, 0.0), (0.0, 0.0))
-    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
-    exs = [Exchange("topk:0.1+ef14+auto", nonfinite="raise") for _ in range(2)]
+    exs = [Exchange("topk:0.1+ef14+auto", nonfinite=nonfinite) for _ in range(2)]
     for ex in exs:
         ex.profiles = {"w": (300, "float32", [sum(v) for v in zip(
             *(ex.pipeline.policy.profile(bk, x, ex.pipeline.compressor) for x in g))])}
         ex.costs = link
-    outs = [ex.begin(bk, "w", g[r], r) for r, ex in enumerate(exs)]
+    return exs
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_auto_cast_route_through_the_exchange(overwrite):
+    """The cast route hands the allreduce float16(g * 2**shift) and turns the sum back
+    into the average in the gradient's dtype, feedback state untouched: with
+    ``overwrite`` scaled in the gradient's memory, where the update is written back,
+    else in new tensors, the gradient left as it was; a sum that overflowed float16
+    anyway (gradients 1024x larger than at the measurement) is named as such with
+    nonfinite='raise'."""
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("raise", g)
+    sent = [x.copy() for x in g]
+    outs = [ex.begin(bk, "w", sent[r], r, overwrite=overwrite) for r, ex in enumerate(exs)]
     shift = exs[0].route("w", 300, "float32").shift
     assert exs[0].route("w", 300, "float32").kind == "cast" and shift > 20
     assert all(o.wire.dtype == np.float16 and o.dense_route and o.shift == shift for o in outs)
@@ -505,12 +516,42 @@ def test_auto_cast_route_through_the_exchange():
     np.testing.assert_array_equal(outs[0].wire, scaled[0])
     np.testing.assert_array_equal(update, mean.astype(np.float32) * np.float32(2.0 ** -shift))
     np.testing.assert_allclose(update, (g[0] + g[1]) / 2, rtol=4e-3, atol=1e-12)
+    if overwrite:
+        assert np.shares_memory(update, sent[0])  # the update takes the gradient's memory
+    else:
+        np.testing.assert_array_equal(sent[0], g[0])  # the gradient as it was
     assert "w" not in exs[0].states  # the feedback state waits for a top-k step
     with np.errstate(over="ignore"):
-        spike = exs[0].begin(bk, "w", 1e4 * g[0], 0)
+        spike = exs[0].begin(bk, "w", 1e4 * g[0], 0, overwrite=overwrite)
     assert not np.isfinite(spike.wire).all()
     with pytest.raises(hc.HvdCompressError, match="overflowed float16.*auto:every"):
         exs[0].finish_allreduced(bk, spike.wire, spike, 2, False)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_auto_cast_that_overflows_is_sent_again_in_the_gradients_dtype(overwrite):
+    """Where the float16 sum is not finite, every rank sends the tensor again (as it is,
+    or as scaled in its memory, then scaled back): the update is the float32 average
+    exactly (scaling by a power of two is exact), logged as a row of count 0; a finite
+    sum sends nothing again."""
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("propagate", g)
+    spikes = [1e4 * x for x in g]
+    sent = [x.copy() for x in spikes]
+    with np.errstate(over="ignore"):
+        outs = [ex.begin(bk, "w", sent[r], r, overwrite=overwrite)
+                for r, ex in enumerate(exs)]
+        sum16 = outs[0].wire + outs[1].wire
+    assert not np.isfinite(sum16).all()
+    again = [ex.resend_dense(bk, sum16, o) for ex, o in zip(exs, outs)]
+    assert all(a is not None and a.wire is s and a.wire.dtype == np.float32
+               for a, s in zip(again, sent))
+    mean = (again[0].wire + again[1].wire) * np.float32(0.5)  # what the average returns
+    update = exs[0].finish_allreduced(bk, mean, again[0], 2, False)
+    np.testing.assert_array_equal(update, (spikes[0] + spikes[1]) * np.float32(0.5))
+    rows = [r for r in exs[0].telemetry.rows if r.name == "w"]
+    assert [(r.count, r.bits) for r in rows] == [(300, 16 * 300), (0, 32 * 300)]
+    assert exs[0].resend_dense(bk, np.zeros(300, np.float16), outs[0]) is None
 
 
 def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():

@@ -7,7 +7,10 @@ than Horovod's dense ring allreduce. ``auto`` measures both sides and plans each
 
 * the link: the frontend times real allreduces (of float32 and of float16) and
   allgathers of two sizes on the training's own process set and fits
-  ``t = alpha + beta * bits`` to each (:func:`hvd_compress.core.policy.calibrate`);
+  ``t = alpha + beta * bits`` to each (:func:`hvd_compress.core.policy.calibrate`): 1 KiB,
+  and the first of 256 KiB, 1 MiB, 4 MiB, 16 MiB whose allreduce takes 10 ms (or the
+  largest gradient's size), so that the slope is measured where bytes, not latency,
+  decide the time;
 * the compression: it times this package's own per-tensor path (the ``Exchange`` every
   frontend runs) at two sizes on the gradients' device, ``t = a + b * d``, and the
   cast route's scaling and casts the same way;
@@ -73,8 +76,9 @@ and ended 1.05 points below dense's held-out accuracy (0.8335 against 0.8440).
 
 Args:
   every: steps between measurements (500). Each measurement costs a few collectives of
-    up to 256 KiB, two timed compressions and casts (about 2 s in all on a 100 Mbit/s
-    link shared by 4 ranks), and on the step before it one top-k of a tenth of each
+    up to 256 KiB on a slow link (about 2 s in all at 100 Mbit/s shared by 4 ranks), of
+    up to 16 MiB on a fast one (tenths of a second), two timed compressions and casts,
+    and on the step before it one top-k of a tenth of each
     tensor (the profile: a top-k of the largest candidate k, a tenth of the tensor or
     less, over a float64 copy of it, one tensor at a time).
 """
@@ -98,8 +102,13 @@ RATIOS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 # next measurement, and entries down to about 2^-30 of the largest still nonzero
 FLOAT16_MAX = 65504.0
 CAST_HEADROOM = 1024.0
-# what the frontends time: collective sizes in bytes, and tensor sizes for the compute
+# what the frontends time: collective sizes in bytes (the larger one grows, by 4x up to
+# LINK_MAX_BYTES and the largest gradient, until a float32 allreduce takes LINK_SECONDS on
+# the slowest rank: on a fast link a small one is all latency and noise, and its slope
+# was off by 10x), and tensor sizes for the compute
 LINK_BYTES = (1 << 10, 1 << 18)
+LINK_SECONDS = 0.01
+LINK_MAX_BYTES = 1 << 24
 COMPUTE_SIZES = (1 << 12, 1 << 20)
 
 
@@ -147,17 +156,24 @@ class Route(NamedTuple):
 DENSE = Route("dense")
 
 
-def cast_to_wire(bk, x, shift: int):
-    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact),
-    without a scaled copy of x where the framework writes the product into float16."""
-    return bk.scaled(x, float(2.0 ** shift), "float16") if shift else bk.astype(x, "float16")
+def cast_to_wire(bk, x, shift: int, in_place: bool = False):
+    """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact). With
+    ``in_place`` x is scaled in its own memory first (one pass in place, then the plain
+    cast); else the product is written into float16 directly where the framework can
+    (no scaled copy of x, but on a CPU torch's mixed-dtype multiply is about twice the
+    cost of the cast)."""
+    if not shift:
+        return bk.astype(x, "float16")
+    if in_place:
+        return bk.astype(bk.mul_(x, float(2.0 ** shift)), "float16")
+    return bk.scaled(x, float(2.0 ** shift), "float16")
 
 
-def cast_from_wire(bk, y, dtype: str, shift: int):
-    """The inverse of :func:`cast_to_wire` on a (summed) float16 payload: a new tensor of
-    ``dtype`` (float32), scaled back in its own memory (in ``dtype``: float16 would
-    underflow)."""
-    y = bk.astype(y, dtype)
+def cast_from_wire(bk, y, dtype: str, shift: int, into=None):
+    """The inverse of :func:`cast_to_wire` on a (summed) payload: in ``dtype`` (float32),
+    scaled back there (float16 would underflow), in ``into``'s memory where given (the
+    tensor the payload was cast from), else in a new tensor."""
+    y = bk.astype(y, dtype) if into is None else bk.overwrite(into, y)
     return bk.mul_(y, float(2.0 ** -shift)) if shift else y
 
 
@@ -287,12 +303,12 @@ class Auto(Algorithm):
         return compressor
 
 
-def fit_costs(link_seconds, compute_seconds, cast_seconds) -> Costs:
+def fit_costs(link_bytes, link_seconds, compute_seconds, cast_seconds) -> Costs:
     """Costs from the agreed timings: ``link_seconds`` = allreduce of float32, allgather,
-    allreduce of float16, each at LINK_BYTES; ``compute_seconds`` and ``cast_seconds``
-    at COMPUTE_SIZES."""
+    allreduce of float16, each at the sizes ``link_bytes``; ``compute_seconds`` and
+    ``cast_seconds`` at COMPUTE_SIZES."""
     from .policy import calibrate
-    bits, sizes, m = [8 * b for b in LINK_BYTES], list(COMPUTE_SIZES), len(LINK_BYTES)
+    bits, sizes, m = [8 * b for b in link_bytes], list(COMPUTE_SIZES), len(link_bytes)
     return Costs(calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:2 * m]),
                  calibrate(sizes, compute_seconds), calibrate(sizes, cast_seconds),
                  calibrate(bits, link_seconds[2 * m:3 * m]))

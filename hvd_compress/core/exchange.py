@@ -46,7 +46,8 @@ class Outgoing(NamedTuple):
     dense_route: bool = False  # auto sent the tensor as it is or cast, by an allreduce
     into: Any = None      # the flat input, whose memory the average may take (overwrite)
     shift: int | None = None  # auto's cast route: the payload is float16(x * 2**shift)
-    source: Any = None    # ... and x, for a resend as it is (see resend_dense)
+    source: Any = None    # ... and x, for a resend (see resend_dense); where ``into`` is
+    #                       x too, x was scaled in its memory and the update goes there
 
 
 class Exchange:
@@ -182,7 +183,8 @@ class Exchange:
             route = self.route(name, d, dtype)
             if route.kind != "topk":
                 return self._begin_dense(bk, name, tensor, step, t0,
-                                         route.shift if route.kind == "cast" else None)
+                                         route.shift if route.kind == "cast" else None,
+                                         overwrite)
             level = self._auto.codec(route.k, self.pipeline.compressor)
         flat = bk.flatten(tensor)
         finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
@@ -220,35 +222,44 @@ class Exchange:
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into)
 
-    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None) -> Outgoing:
+    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
+                     overwrite: bool) -> Outgoing:
         """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
         as Horovod sends it uncompressed (no copy, no pass over it), or (``shift`` not
-        None) scaled by 2**shift and cast to float16 in one pass, as Horovod's
-        ``Compression.fp16`` sends it but inside float16's range; the feedback state
-        waits untouched for the next top-k step (EF14's residual is still what was not
-        sent)."""
+        None) scaled by 2**shift and cast to float16, as Horovod's ``Compression.fp16``
+        sends it but inside float16's range. With ``overwrite`` the scaling happens in
+        the tensor's memory, where the update is written back at the end (Horovod's
+        in-place allreduce takes that memory too): no float32 tensor of its size is
+        made, and the scaled cast is the one pass Horovod's own cast is. The feedback
+        state waits untouched for the next top-k step (EF14's residual is still what was
+        not sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
-        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift)
+        in_place = overwrite and shift is not None
+        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift, in_place)
         nbytes = d * ITEMSIZE[bk.dtype(wire)]
         self.log(step, name, nbytes, d, d, 8 * d * ITEMSIZE[dtype],
                  time.perf_counter() - t0, None)
         return Outgoing(name, step, wire, True, None, None, bk.shape(tensor), dtype,
                         None, self.stamp(name, bk.shape(tensor), dtype), dense_route=True,
-                        shift=shift, source=None if shift is None else tensor)
+                        shift=shift, source=None if shift is None else tensor,
+                        into=tensor if in_place else None)
 
     def resend_dense(self, bk, sum_, outgoing: Outgoing):
         """The cast route's fallback: None where the float16 sum is finite; else, since
         every rank holds the same sum and so decides alike, the Outgoing that sends the
-        tensor again as it is (the sum overflowed float16, or some rank's gradient is not
-        finite, which the dense sum then shows). Costs a read of one flag per cast
-        tensor and step (a wait on an accelerator). The resend's bits are logged as a
-        row of its own (count 0, no dense bits: the tensor was counted once)."""
+        tensor again in its own dtype (the sum overflowed float16, or some rank's
+        gradient is not finite, which the dense sum then shows): as it is, or as scaled
+        in its memory, and then scaled back. Costs a read of one flag per cast tensor
+        and step (a wait on an accelerator). The resend's bits are logged as a row of its
+        own (count 0, no dense bits: the tensor was counted once)."""
         if outgoing.shift is None or bk.all_finite(sum_):
             return None
         d = bk.size(outgoing.source)
         self.log(outgoing.step, outgoing.name, d * ITEMSIZE[outgoing.dtype], 0, d, 0, 0.0,
                  None)
-        return outgoing._replace(wire=outgoing.source, shift=None, source=None)
+        scaled = outgoing.into is not None
+        return outgoing._replace(wire=outgoing.source, source=None,
+                                 shift=outgoing.shift if scaled else None, into=None)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once
@@ -301,7 +312,7 @@ class Exchange:
             if self.nonfinite == "raise" and not bk.all_finite(out):
                 self._refuse_nonfinite(outgoing.name, outgoing.step, None, outgoing.shift)
             if outgoing.shift is not None:
-                out = cast_from_wire(bk, out, outgoing.dtype, outgoing.shift)
+                out = cast_from_wire(bk, out, outgoing.dtype, outgoing.shift, outgoing.into)
             return bk.reshape(out, outgoing.shape)
         out = bk.flatten(out)
         mean = outgoing.codec.decode_flat(bk, outgoing.payload._replace(values=out))

@@ -315,10 +315,11 @@ class TorchBackend(Backend):
     def max(self, x): return x.max()
     def min(self, x): return x.min()
     def finite_flag(self, x):
-        if not self.avoids_syncs(x):  # on a CPU a read costs nothing: the fewest operations
-            wide = self.t.float32 if x.element_size() < 4 else None  # 16-bit sums overflow
-            return bool(self.t.isfinite(x.sum(dtype=wide))) or bool(self.t.isfinite(x).all())
-        # on the device, the extremes: NaN propagates through min and max; no overflow
+        if not self.avoids_syncs(x) and x.element_size() >= 4:
+            # on a CPU a read costs nothing: the fewest operations (a 16-bit sum would
+            # overflow early, and widening it costs more than the extremes)
+            return bool(self.t.isfinite(x.sum())) or bool(self.t.isfinite(x).all())
+        # the extremes: NaN propagates through min and max; no overflow
         if x.numel() == 0:
             return self.t.ones((), dtype=self.t.bool, device=x.device)
         lo, hi = self.t.aminmax(x)

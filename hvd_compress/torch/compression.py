@@ -376,11 +376,25 @@ class Compression:
         same sums: every rank plans every tensor alike."""
         import torch
 
-        from ..core.auto import COMPUTE_SIZES, LINK_BYTES, cast_from_wire, cast_to_wire, fit_costs
+        from ..core.auto import (
+            COMPUTE_SIZES,
+            LINK_BYTES,
+            LINK_MAX_BYTES,
+            LINK_SECONDS,
+            cast_from_wire,
+            cast_to_wire,
+            fit_costs,
+        )
+        from ..core.ops import ITEMSIZE
 
         tag, t, ex, bk = f"{_PREFIX}auto:{self._measured}", self.transport, self.exchange, \
             self._bk
-        times = t.time_link(LINK_BYTES, tag, like.device)
+        largest = max([d * ITEMSIZE[dtype] for d, dtype, _ in ex.local_profiles.values()],
+                      default=0)
+        sizes = (LINK_BYTES[0], t.link_size(LINK_BYTES[1], LINK_SECONDS,
+                                            min(largest, LINK_MAX_BYTES), f"{tag}.size",
+                                            like.device))
+        times = t.time_link(sizes, tag, like.device)
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
         n, rank, casts = t.size(), t.rank(), []
@@ -390,23 +404,29 @@ class Compression:
             def compress_and_decode(i):
                 out = scratch.begin(bk, f"x{d}", x, rank)
                 scratch.finish_gathered(bk, torch.cat([out.wire] * n), out, n, False)
+
+            def cast_route(i):
+                """The cast route's own work, as the frontend does it: scale in place and
+                cast, read the sum's finiteness, write it back scaled (read back, so a
+                device finishes it; x ends as it was: the scalings are exact)."""
+                wire = cast_to_wire(bk, x, 4, in_place=True)
+                bk.all_finite(wire)
+                return float(cast_from_wire(bk, wire, "float32", 4, into=x)[-1])
             times.append(best_of(3, compress_and_decode))
-            # the cast route's own work, read back so a device finishes it
-            casts.append(best_of(3, lambda i: float(cast_from_wire(
-                bk, cast_to_wire(bk, x, 4), "float32", 4)[-1])))
+            casts.append(best_of(3, cast_route))
         # the gradients' profiles of the step before, summed over the ranks, in name
         # order; the first collective also tells every rank whether all profiled alike
         names = sorted(ex.local_profiles)
         floats = [v for name in names for v in ex.local_profiles[name][2]]
         agreed = t.over_ranks(times + casts + [len(floats), -len(floats)], f"{tag}.agree")
-        m, c = 3 * len(LINK_BYTES), len(COMPUTE_SIZES)
+        m, c = 3 * len(sizes), len(COMPUTE_SIZES)
         if agreed[-2] != -agreed[-1]:
             raise HvdCompressError(
                 f"auto: ranks profiled different gradients ({int(-agreed[-1])} to "
                 f"{int(agreed[-2])} numbers) on step {self._round - 1}; every rank must "
                 "reduce the same parameters, and a step that failed on one rank must fail "
                 "on every rank")
-        ex.costs = fit_costs(agreed[:m], agreed[m:m + c], agreed[m + c:m + 2 * c])
+        ex.costs = fit_costs(sizes, agreed[:m], agreed[m:m + c], agreed[m + c:m + 2 * c])
         if floats:
             sums = iter(t.over_ranks(floats, f"{tag}.profiles", op="sum"))
             ex.profiles = {name: (*ex.local_profiles[name][:2],

@@ -117,6 +117,24 @@ class HorovodTransport(Transport):
                 times.append(best_of(2, lambda i: run(f"{name}.{kind}.{nbytes}.{i}")))
         return times
 
+    def link_size(self, nbytes: int, seconds: float, largest: int, name: str,
+                  device) -> int:
+        """The first of ``nbytes``, 4 ``nbytes``, 16 ``nbytes``, ... whose float32
+        allreduce takes at least ``seconds`` on some rank, or that is not below some
+        rank's ``largest``; blocking, and every rank returns the same (any rank's reason
+        to stop stops every rank)."""
+        import torch
+        import horovod.torch as hvd
+        ps = self.opt.process_set
+        while True:
+            buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+            took = best_of(2, lambda i: hvd.allreduce(buf, name=f"{name}.{nbytes}.{i}",
+                                                      process_set=ps))
+            if self.over_ranks([float(took >= seconds or nbytes >= largest)],
+                               f"{name}.{nbytes}")[0]:
+                return nbytes
+            nbytes *= 4
+
     def over_ranks(self, values, name: str, op: str = "max") -> list:
         """Every rank's float ``values``, elementwise ``op`` ("max" or "sum") over the
         ranks, the same numbers on every rank (blocking; float64)."""

@@ -391,6 +391,24 @@ def ef14_route_oracle(everyone, residuals, route):
     return np.sum(sent, 0) * np.float32(1.0 / len(everyone))
 
 
+def test_auto_grows_the_link_measurement_alike_on_every_rank():
+    """The link's larger size grows 4x at a time until its allreduce takes long enough on
+    some rank, or reaches some rank's largest gradient: every rank returns the same size
+    whatever its own times and limits."""
+    from hvd_compress.torch.transports import HorovodTransport
+    model, _, _ = model_and_data(0)
+    t = HorovodTransport(hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+        compression=hct.compression("topk:0.01+ef14+auto")))
+    assert t.link_size(1024, 0.0, 1 << 20, "grow.0", "cpu") == 1024  # long enough at once
+    # never long enough: up to the least largest (rank 0's), through 4 KiB ... 1 MiB
+    largest = (1 << 18) + 1 if rank == 0 else 1 << 30
+    assert t.link_size(1024, float("inf"), largest, "grow.1", "cpu") == 1 << 20
+    # one rank slow enough (a limit of 0 seconds) stops every rank
+    seconds = 0.0 if rank == size - 1 else float("inf")
+    assert t.link_size(1024, seconds, 1 << 20, "grow.2", "cpu") == 1024
+
+
 @pytest.mark.parametrize("route", ["measured", "topk", "dense", "cast"])
 def test_auto_plans_every_tensor_alike_on_every_rank(route):
     """auto profiles every tensor at step 0, measures at step 1 and plans each tensor
