@@ -546,12 +546,48 @@ def test_auto_cast_that_overflows_is_sent_again_in_the_gradients_dtype(overwrite
     again = [ex.resend_dense(bk, sum16, o) for ex, o in zip(exs, outs)]
     assert all(a is not None and a.wire is s and a.wire.dtype == np.float32
                for a, s in zip(again, sent))
+    for s_, x in zip(sent, spikes):  # as the gradient was: scaled back where scaled
+        np.testing.assert_array_equal(s_, x)
     mean = (again[0].wire + again[1].wire) * np.float32(0.5)  # what the average returns
     update = exs[0].finish_allreduced(bk, mean, again[0], 2, False)
     np.testing.assert_array_equal(update, (spikes[0] + spikes[1]) * np.float32(0.5))
     rows = [r for r in exs[0].telemetry.rows if r.name == "w"]
     assert [(r.count, r.bits) for r in rows] == [(300, 16 * 300), (0, 32 * 300)]
     assert exs[0].resend_dense(bk, np.zeros(300, np.float16), outs[0]) is None
+
+
+def test_auto_cast_of_a_nan_gradient_raises_with_the_gradient_as_it_was():
+    """nonfinite='raise': a NaN on one rank makes the float16 sum NaN, every rank sends
+    the tensor again in float32 (the gradient scaled back in its memory first), and the
+    dense sum's NaN is named as a gradient's, not as an overflow."""
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("raise", g)
+    bad = g[1].copy()
+    bad[7] = np.nan
+    sent = [g[0].copy(), bad.copy()]
+    outs = [ex.begin(bk, "w", sent[r], r, overwrite=True) for r, ex in enumerate(exs)]
+    assert outs[0].into is not None  # scaled in its memory
+    again = exs[0].resend_dense(bk, outs[0].wire + outs[1].wire, outs[0])
+    np.testing.assert_array_equal(sent[0], g[0])
+    mean = (again.wire + exs[1].resend_dense(bk, outs[0].wire + outs[1].wire,
+                                             outs[1]).wire) * np.float32(0.5)
+    with pytest.raises(hc.HvdCompressError, match="NaN or infinite") as raised:
+        exs[0].finish_allreduced(bk, mean, again, 2, False)
+    assert "overflowed" not in str(raised.value)
+
+
+def test_auto_cast_of_a_strided_gradient_is_made_apart():
+    """A gradient whose entries are not in order in its memory (a transposed view,
+    channels_last) is scaled and cast into a new contiguous float16 tensor, as a
+    collective needs, and left as it was."""
+    import torch
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("raise", g)
+    for x in (g[0].reshape(20, 15).T, torch.from_numpy(g[0].reshape(20, 15)).T):
+        b = backend_for(x)
+        out = exs[0].begin(b, "w", x, 0, overwrite=True)
+        assert out.into is None and b.contiguous(out.wire) and b.dtype(out.wire) == "float16"
+        np.testing.assert_array_equal(np.asarray(x), g[0].reshape(20, 15).T)
 
 
 def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():

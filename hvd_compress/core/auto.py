@@ -8,9 +8,10 @@ than Horovod's dense ring allreduce. ``auto`` measures both sides and plans each
 * the link: the frontend times real allreduces (of float32 and of float16) and
   allgathers of two sizes on the training's own process set and fits
   ``t = alpha + beta * bits`` to each (:func:`hvd_compress.core.policy.calibrate`): 1 KiB,
-  and the first of 256 KiB, 1 MiB, 4 MiB, 16 MiB whose allreduce takes 10 ms (or the
-  largest gradient's size), so that the slope is measured where bytes, not latency,
-  decide the time;
+  and the first of 256 KiB, 1 MiB, 4 MiB, 16 MiB whose allreduce takes 10 ms, or that is
+  not below the largest gradient, so that the slope is measured where bytes, not
+  latency, decide the time (the allgather's part at most 16 MiB / ranks, as every rank
+  receives them all);
 * the compression: it times this package's own per-tensor path (the ``Exchange`` every
   frontend runs) at two sizes on the gradients' device, ``t = a + b * d``, and the
   cast route's scaling and casts the same way;
@@ -77,7 +78,8 @@ and ended 1.05 points below dense's held-out accuracy (0.8335 against 0.8440).
 Args:
   every: steps between measurements (500). Each measurement costs a few collectives of
     up to 256 KiB on a slow link (about 2 s in all at 100 Mbit/s shared by 4 ranks), of
-    up to 16 MiB on a fast one (tenths of a second), two timed compressions and casts,
+    up to 16 MiB (and allgathers of up to 16 MiB in all) on a fast one (tenths of a
+    second on the 4 ranks of docs/BENCHMARKS.md), two timed compressions and casts,
     and on the step before it one top-k of a tenth of each
     tensor (the profile: a top-k of the largest candidate k, a tenth of the tensor or
     less, over a float64 copy of it, one tensor at a time).
@@ -303,13 +305,15 @@ class Auto(Algorithm):
         return compressor
 
 
-def fit_costs(link_bytes, link_seconds, compute_seconds, cast_seconds) -> Costs:
-    """Costs from the agreed timings: ``link_seconds`` = allreduce of float32, allgather,
-    allreduce of float16, each at the sizes ``link_bytes``; ``compute_seconds`` and
-    ``cast_seconds`` at COMPUTE_SIZES."""
+def fit_costs(link_bytes, gather_bytes, link_seconds, compute_seconds,
+              cast_seconds) -> Costs:
+    """Costs from the agreed timings: ``link_seconds`` = allreduce of float32 at the
+    sizes ``link_bytes``, allgather at ``gather_bytes``, allreduce of float16 at
+    ``link_bytes``; ``compute_seconds`` and ``cast_seconds`` at COMPUTE_SIZES."""
     from .policy import calibrate
     bits, sizes, m = [8 * b for b in link_bytes], list(COMPUTE_SIZES), len(link_bytes)
-    return Costs(calibrate(bits, link_seconds[:m]), calibrate(bits, link_seconds[m:2 * m]),
+    gathered = [8 * b for b in gather_bytes]
+    return Costs(calibrate(bits, link_seconds[:m]), calibrate(gathered, link_seconds[m:2 * m]),
                  calibrate(sizes, compute_seconds), calibrate(sizes, cast_seconds),
                  calibrate(bits, link_seconds[2 * m:3 * m]))
 

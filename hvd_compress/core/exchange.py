@@ -163,10 +163,13 @@ class Exchange:
         tensor and Python cannot compare it (see :meth:`Pipeline.encode`). ``gather`` is
         the frontend's allgather of a float64 row, which ``dynamic:agree=true`` uses to
         settle this step's k with the other ranks (see :meth:`Pipeline.encode`).
-        ``overwrite``: the average of sparse payloads may be written into ``tensor``'s
-        memory (Horovod's PyTorch optimizer overwrites the gradient with the average
-        anyway), which saves a tensor of its size per step. Nothing else keeps a reference
-        to it: payload values are gathered copies, feedback states fresh tensors."""
+        ``overwrite``: ``tensor``'s memory belongs to the exchange until the update
+        (Horovod's PyTorch optimizer overwrites the gradient with the average anyway):
+        the average of sparse payloads may be written there, which saves a tensor of its
+        size per step, and auto's cast scales the tensor there (it holds the scaled
+        gradient until the update is written back; a step that fails in between leaves
+        it so). Nothing else keeps a reference to it: payload values are gathered copies,
+        feedback states fresh tensors."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -227,14 +230,15 @@ class Exchange:
         """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
         as Horovod sends it uncompressed (no copy, no pass over it), or (``shift`` not
         None) scaled by 2**shift and cast to float16, as Horovod's ``Compression.fp16``
-        sends it but inside float16's range. With ``overwrite`` the scaling happens in
-        the tensor's memory, where the update is written back at the end (Horovod's
-        in-place allreduce takes that memory too): no float32 tensor of its size is
-        made, and the scaled cast is the one pass Horovod's own cast is. The feedback
+        sends it but inside float16's range. With ``overwrite`` (and a contiguous
+        tensor) the scaling happens in the tensor's memory, where the update is written
+        back at the end (Horovod's in-place allreduce takes that memory too): no float32
+        tensor of its size is made, and the scaled cast is the one pass Horovod's own
+        cast is. The feedback
         state waits untouched for the next top-k step (EF14's residual is still what was
         not sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
-        in_place = overwrite and shift is not None
+        in_place = overwrite and shift is not None and bk.contiguous(tensor)
         wire = tensor if shift is None else cast_to_wire(bk, tensor, shift, in_place)
         nbytes = d * ITEMSIZE[bk.dtype(wire)]
         self.log(step, name, nbytes, d, d, 8 * d * ITEMSIZE[dtype],
@@ -247,19 +251,22 @@ class Exchange:
     def resend_dense(self, bk, sum_, outgoing: Outgoing):
         """The cast route's fallback: None where the float16 sum is finite; else, since
         every rank holds the same sum and so decides alike, the Outgoing that sends the
-        tensor again in its own dtype (the sum overflowed float16, or some rank's
-        gradient is not finite, which the dense sum then shows): as it is, or as scaled
-        in its memory, and then scaled back. Costs a read of one flag per cast tensor
-        and step (a wait on an accelerator). The resend's bits are logged as a row of its
-        own (count 0, no dense bits: the tensor was counted once)."""
+        tensor again as it is, in its own dtype (the sum overflowed float16, or some
+        rank's gradient is not finite, which the dense sum then shows). A tensor scaled
+        in its memory is scaled back there first (exactly: a power of two; only an entry
+        2^122 times the profiled largest overflowed float32 when scaled, and goes as
+        infinite). Costs a read of one flag per cast tensor and step (a wait on an
+        accelerator). The resend's bits are logged as a row of its own (count 0, no
+        dense bits: the tensor was counted once)."""
         if outgoing.shift is None or bk.all_finite(sum_):
             return None
-        d = bk.size(outgoing.source)
+        source = outgoing.source
+        if outgoing.into is not None:
+            source = bk.mul_(source, float(2.0 ** -outgoing.shift))
+        d = bk.size(source)
         self.log(outgoing.step, outgoing.name, d * ITEMSIZE[outgoing.dtype], 0, d, 0, 0.0,
                  None)
-        scaled = outgoing.into is not None
-        return outgoing._replace(wire=outgoing.source, source=None,
-                                 shift=outgoing.shift if scaled else None, into=None)
+        return outgoing._replace(wire=source, source=None, shift=None, into=None)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once

@@ -114,6 +114,10 @@ class Backend:
         n = self.size(pos)
         return pos if n == k else pos[:k] if n > k else \
             self.concat([pos, self.zeros(k - n, "int64", pos)])
+    def contiguous(self, x) -> bool:
+        """Whether x's entries lie in its memory in order (an in-place result then has
+        the layout a collective needs)."""
+        return True
     def avoids_syncs(self, x) -> bool:
         """Whether work on x should take the branch without host synchronisations where
         one exists (values read on the host, outputs sized by the data): true for tensors
@@ -244,6 +248,7 @@ class NumpyBackend(Backend):
     def overwrite(self, a, b):
         np.copyto(a, b)
         return a
+    def contiguous(self, x): return bool(x.flags.c_contiguous)
     def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
@@ -369,6 +374,7 @@ class TorchBackend(Backend):
     def mul_(self, a, c): return a.mul_(c)
     def add_(self, a, b): return a.add_(b)
     def overwrite(self, a, b): return a.copy_(b)
+    def contiguous(self, x): return x.is_contiguous()
     def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:

@@ -389,15 +389,16 @@ class Compression:
 
         tag, t, ex, bk = f"{_PREFIX}auto:{self._measured}", self.transport, self.exchange, \
             self._bk
+        n, rank, casts = t.size(), t.rank(), []
         largest = max([d * ITEMSIZE[dtype] for d, dtype, _ in ex.local_profiles.values()],
                       default=0)
-        sizes = (LINK_BYTES[0], t.link_size(LINK_BYTES[1], LINK_SECONDS,
-                                            min(largest, LINK_MAX_BYTES), f"{tag}.size",
-                                            like.device))
-        times = t.time_link(sizes, tag, like.device)
+        big = t.link_size(LINK_BYTES[1], LINK_SECONDS, min(largest, LINK_MAX_BYTES),
+                          f"{tag}.size", like.device)
+        sizes = (LINK_BYTES[0], big)
+        gather_sizes = (LINK_BYTES[0], max(LINK_BYTES[1], min(big, LINK_MAX_BYTES // n)))
+        times = t.time_link(sizes, gather_sizes, tag, like.device)
         scratch = Exchange(Pipeline(self.pipeline.compressor, self.pipeline.feedback),
                            transport="scratch")
-        n, rank, casts = t.size(), t.rank(), []
         for d in COMPUTE_SIZES:
             x = torch.randn(d, generator=torch.Generator().manual_seed(d)).to(like.device)
 
@@ -408,7 +409,8 @@ class Compression:
             def cast_route(i):
                 """The cast route's own work, as the frontend does it: scale in place and
                 cast, read the sum's finiteness, write it back scaled (read back, so a
-                device finishes it; x ends as it was: the scalings are exact)."""
+                device finishes it; x ends rounded to float16, which the times do not
+                mind)."""
                 wire = cast_to_wire(bk, x, 4, in_place=True)
                 bk.all_finite(wire)
                 return float(cast_from_wire(bk, wire, "float32", 4, into=x)[-1])
@@ -426,7 +428,8 @@ class Compression:
                 f"{int(agreed[-2])} numbers) on step {self._round - 1}; every rank must "
                 "reduce the same parameters, and a step that failed on one rank must fail "
                 "on every rank")
-        ex.costs = fit_costs(sizes, agreed[:m], agreed[m:m + c], agreed[m + c:m + 2 * c])
+        ex.costs = fit_costs(sizes, gather_sizes, agreed[:m], agreed[m:m + c],
+                             agreed[m + c:m + 2 * c])
         if floats:
             sums = iter(t.over_ranks(floats, f"{tag}.profiles", op="sum"))
             ex.profiles = {name: (*ex.local_profiles[name][:2],
@@ -484,7 +487,7 @@ class Compression:
         for check in checks:  # ranks that disagree on a member raise before buckets form,
             try:              # after every check's collectives finished: none stays in
                 check()       # flight under a name the next step would reuse
-            except BaseException as error:
+            except Exception as error:
                 failed = failed or error
         if failed is not None:
             self._drop_step()

@@ -97,16 +97,17 @@ class HorovodTransport(Transport):
         return hvd.allgather(torch.from_numpy(row.reshape(1, -1)), name=name,
                              process_set=self.opt.process_set).numpy()
 
-    def time_link(self, sizes, name: str, device) -> list:
-        """Seconds of a whole allreduce of float32, of a whole allgather and of a whole
-        allreduce of float16, of each size in bytes handed in by every rank (the best of
-        two, after one more); blocking, so every rank must call it at the same point of
+    def time_link(self, sizes, gather_sizes, name: str, device) -> list:
+        """Seconds of a whole allreduce of float32 (of each of ``sizes``, in bytes handed
+        in by every rank), of a whole allgather (``gather_sizes``: every rank receives
+        all ranks' parts) and of a whole allreduce of float16 (``sizes``), the best of
+        two after one more; blocking, so every rank must call it at the same point of
         its sequence of collectives."""
         import torch
         import horovod.torch as hvd
         ps, times = self.opt.process_set, []
         for kind in ("allreduce", "allgather", "allreduce16"):
-            for nbytes in sizes:
+            for nbytes in gather_sizes if kind == "allgather" else sizes:
                 if kind != "allgather":
                     dtype = torch.float32 if kind == "allreduce" else torch.float16
                     buf = torch.zeros(nbytes // dtype.itemsize, dtype=dtype, device=device)

@@ -203,9 +203,11 @@ def test_one_vector_for_the_model_through_the_tree(mode):
 def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(transport):
     """Over mpi4py the first-exchange fingerprints are compared before the flush moves
     anything (the allgather used to fail inside MPI, the tree to stop halfway), and the
-    checks that passed finish theirs: a gather left in flight made the next optimizer's
-    first step fail on its name."""
+    checks that passed finish theirs: a gather left in flight (Horovod keeps a handle
+    until it is waited on) made the next optimizer's first step fail on its name."""
+    from horovod.torch import mpi_ops
     for _ in range(2):
+        pending = len(mpi_ops._handle_map)
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 4)
         if rank == 0:
@@ -218,6 +220,7 @@ def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(t
         with pytest.raises(HvdCompressError, match="disagree on the name, shape or dtype of "
                                                    "parameter 'bias'"):
             dopt.synchronize()
+        assert len(mpi_ops._handle_map) == pending, "a check's collective was not waited on"
 
 
 def test_the_tree_needs_topk_with_ef14():
