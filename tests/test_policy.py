@@ -90,6 +90,19 @@ def test_affine_overhead_moves_k_up():
     assert ks == sorted(ks) and ks[0] == 1 and ks[-1] > 100
 
 
+def test_allgather_policy_from_noisy_timings_errs_toward_fewer_bits():
+    """Timings that do not grow with the bits (a busy machine) fit no slope: the policy
+    takes the largest Allgather's seconds per bit instead of refusing beta=0; clean
+    timings give the ring model's alpha and beta."""
+    from hvd_compress.comm.mpi import allgather_policy
+    noisy = [(8 << 10, 3e-3), (8 << 16, 9e-3), (8 << 20, 2e-3)]
+    policy = allgather_policy(noisy, 4, kmin=1)
+    assert policy.beta == pytest.approx(2e-3 / (8 << 20) / 3) and policy.alpha >= 0
+    clean = [(b, 2e-5 + 3e-9 * b) for b in (8 << 10, 8 << 16, 8 << 20)]
+    policy = allgather_policy(clean, 4)
+    assert (policy.alpha, policy.beta) == pytest.approx((2e-5 / 3, 1e-9))
+
+
 def test_calibrate_recovers_alpha_beta():
     bits = np.array([1e3, 1e4, 1e5, 1e6])
     assert calibrate(bits, 2e-5 + 3e-9 * bits) == pytest.approx((2e-5, 3e-9))

@@ -203,13 +203,23 @@ def measure_allgather(comm, sizes_bytes=(1 << 10, 1 << 14, 1 << 17, 1 << 20), re
 
 
 def calibrated_policy(comm, **kwargs):
-    """A ``dynamic`` policy whose allgather cost was measured on ``comm``: the fitted
-    t = a + b * bits over measured Allgathers gives alpha = a / (n - 1) and
-    beta = b / (n - 1) for the ring model (n - 1)(alpha + beta * bits)."""
+    """A ``dynamic`` policy whose allgather cost was measured on ``comm`` (see
+    :func:`allgather_policy`)."""
+    return allgather_policy(measure_allgather(comm), comm.Get_size(), **kwargs)
+
+
+def allgather_policy(timings, n: int, **kwargs):
+    """A ``dynamic`` policy from measured (bits per rank, seconds) Allgathers of ``n``
+    ranks: the fitted t = a + b * bits gives alpha = a / (n - 1) and beta = b / (n - 1)
+    for the ring model (n - 1)(alpha + beta * bits). Where noise left no growth with the
+    bits to fit (a busy machine), b is the largest Allgather's seconds per bit, the most
+    the data allow: the policy then errs toward fewer bits, instead of refusing."""
     from ..core.policy import Dynamic, calibrate
 
-    n = comm.Get_size()
-    bits, seconds = zip(*measure_allgather(comm))
+    bits, seconds = zip(*timings)
     a, b = calibrate(bits, seconds)
+    if b <= 0:
+        largest = max(range(len(bits)), key=lambda i: bits[i])
+        b = seconds[largest] / bits[largest]
     m = max(n - 1, 1)
     return Dynamic(cost="allgather", alpha=a / m, beta=b / m, n=n, **kwargs)
