@@ -642,5 +642,5 @@ def test_auto_is_refused_where_costs_are_not_measured():
     with pytest.raises(hc.HvdCompressError, match="auto measures"):
         hctf.compression("auto")
     import hvd_compress.torch as hct
-    with pytest.raises(hc.HvdCompressError, match="auto measures"):
-        hct.compression("auto", comm=object())
+    with pytest.raises(hc.HvdCompressError, match="tree transport"):
+        hct.compression("auto", comm=object(), transport="tree")

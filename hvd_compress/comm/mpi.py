@@ -156,6 +156,16 @@ def allgather_bytes(comm, buf, fixed_size: bool, cuda_aware: bool = False):
     return restore(recv)
 
 
+def allreduce_sum(comm, buf):
+    """The elementwise sum of every rank's float32 or float64 ``buf`` over ``comm`` (one
+    Allreduce through host memory), same backend and shape."""
+    bk = backend_for(buf)
+    send, restore = _host_view(bk, buf, False)
+    recv = np.empty_like(send)
+    comm.Allreduce(send, recv)
+    return restore(recv)
+
+
 def _host_view(bk, buf, cuda_aware):
     """(buffer MPI can read, function mapping a numpy result back to buf's kind)."""
     if bk.name == "numpy":

@@ -30,13 +30,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..core.auto import Auto, refuse_unmeasured
+from ..core.auto import Auto
 from ..core.compressor import check_int
 from ..core.exchange import Exchange
 from ..core.gtopk import check_pipeline
 from ..core.ops import backend_named
 from ..core.payload import Stamp, check_stamps
-from ..core.pipeline import Pipeline
+from ..core.pipeline import Pipeline, resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
 from .transports import HorovodTransport, MpiTransport, TreeTransport, best_of, scale_factors
@@ -94,8 +94,9 @@ class Compression:
         ``"raise"`` (HvdCompressError on every rank, naming the parameter and ranks).
 
     With ``auto`` in the spec (``"auto"``, ``"topk:0.01+ef21sgdm+auto"``), every rank
-    profiles its gradients on the step before each measurement, then measures Horovod's
-    allreduce and allgather, this package's compression and the float16 cast at the
+    profiles its gradients on the step before each measurement, then measures the
+    transport's allreduce and allgather (Horovod's, or MPI's with ``comm=``: there no
+    float16 cast, which MPI cannot sum), this package's compression and the cast at the
     first launch of step 1 and every ``every`` steps after (see
     :mod:`hvd_compress.core.auto`); each tensor (or fused bucket) takes a dense
     allreduce, a float16 cast or top-k at the k that sends the most of the gradient per
@@ -120,18 +121,19 @@ class Compression:
         if self.tree and comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
+        pipeline = resolve_pipeline(spec)
         # Horovod's torch allreduce has no bfloat16 kernel: bf16 payloads are gathered;
-        # over mpi4py everything is gathered
-        dtypes = () if comm is not None else ("float16", "float32", "float64")
+        # over mpi4py everything is gathered but auto's dense route (MPI sums no float16)
+        dtypes = ("float16", "float32", "float64") if comm is None else \
+            ("float32", "float64") if isinstance(pipeline.policy, Auto) else ()
         self.fuse_below = check_int("compression", "fuse_below", fuse_below, 0)
         route = ("mpi4py" if comm is not None else "horovod") + \
             ("/tree" if self.tree else "") + \
             ("/whole-model" if whole_model else "") + \
             (f"/fuse-below={self.fuse_below}" if self.fuse_below else "")
-        self.exchange = Exchange(spec, seed, allreduce_dtypes=dtypes, measure_error=measure_error,
-                                 nonfinite=nonfinite, transport=route)
-        if comm is not None:
-            refuse_unmeasured(self.exchange.pipeline, "comm= (the mpi4py transport)")
+        self.exchange = Exchange(pipeline, seed, allreduce_dtypes=dtypes,
+                                 measure_error=measure_error, nonfinite=nonfinite,
+                                 transport=route)
         if self.tree:
             check_pipeline(self.exchange.pipeline, "compression(transport='tree')")
         self._auto = self.exchange.pipeline.policy if \

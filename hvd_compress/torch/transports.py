@@ -24,16 +24,60 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..errors import HvdCompressError
 
 
 class Transport:
-    """What every transport shares: how its results become updates."""
+    """What every transport shares: how its results become updates, and how auto times
+    its collectives (each transport's ``_timed`` runs one kind, ``over_ranks`` agrees)."""
+
+    sums_float16 = True  # its allreduce sums float16 (auto's cast route needs it)
 
     def finish(self, exchange, bk, result, out, n: int, summed: bool):
         """The update from what ``wait()`` returned for ``out``."""
         read = exchange.finish_allreduced if out.by_allreduce else exchange.finish_gathered
         return read(bk, result, out, n, summed)
+
+    def time_link(self, sizes, gather_sizes, name: str, device) -> list:
+        """Seconds of a whole allreduce of float32 (of each of ``sizes``, in bytes handed
+        in by every rank), of a whole allgather (``gather_sizes``: every rank receives
+        all ranks' parts) and of a whole allreduce of float16 (``sizes``; those of
+        float32 where this transport sums no float16), the best of two after one more;
+        blocking, so every rank must call it at the same point of its sequence of
+        collectives."""
+        times: list[float] = []
+        for kind in ("allreduce", "allgather", "allreduce16"):
+            if kind == "allreduce16" and not self.sums_float16:
+                times += times[:len(sizes)]
+                continue
+            for nbytes in gather_sizes if kind == "allgather" else sizes:
+                times.append(self._timed(kind, nbytes, f"{name}.{kind}.{nbytes}", device))
+        return times
+
+    def link_size(self, nbytes: int, seconds: float, largest: int, name: str,
+                  device) -> int:
+        """The first of ``nbytes``, 4 ``nbytes``, 16 ``nbytes``, ... whose float32
+        allreduce takes at least ``seconds`` on some rank, or that is not below some
+        rank's ``largest``; blocking, and every rank returns the same (any rank's reason
+        to stop stops every rank)."""
+        while True:
+            took = self._timed("allreduce", nbytes, f"{name}.{nbytes}", device)
+            if self.over_ranks([float(took >= seconds or nbytes >= largest)],
+                               f"{name}.{nbytes}.stop")[0]:
+                return nbytes
+            nbytes *= 4
+
+    def _timed(self, kind: str, nbytes: int, name: str, device) -> float:
+        """Seconds of one whole collective of ``kind`` ("allreduce" of float32,
+        "allreduce16", "allgather" of bytes) of ``nbytes`` per rank."""
+        raise NotImplementedError
+
+    def over_ranks(self, values, name: str, op: str = "max") -> list:
+        """Every rank's float ``values``, elementwise ``op`` ("max" or "sum") over the
+        ranks, the same numbers on every rank (blocking; float64)."""
+        raise NotImplementedError
 
 
 class HorovodTransport(Transport):
@@ -97,44 +141,18 @@ class HorovodTransport(Transport):
         return hvd.allgather(torch.from_numpy(row.reshape(1, -1)), name=name,
                              process_set=self.opt.process_set).numpy()
 
-    def time_link(self, sizes, gather_sizes, name: str, device) -> list:
-        """Seconds of a whole allreduce of float32 (of each of ``sizes``, in bytes handed
-        in by every rank), of a whole allgather (``gather_sizes``: every rank receives
-        all ranks' parts) and of a whole allreduce of float16 (``sizes``), the best of
-        two after one more; blocking, so every rank must call it at the same point of
-        its sequence of collectives."""
-        import torch
-        import horovod.torch as hvd
-        ps, times = self.opt.process_set, []
-        for kind in ("allreduce", "allgather", "allreduce16"):
-            for nbytes in gather_sizes if kind == "allgather" else sizes:
-                if kind != "allgather":
-                    dtype = torch.float32 if kind == "allreduce" else torch.float16
-                    buf = torch.zeros(nbytes // dtype.itemsize, dtype=dtype, device=device)
-                    run = lambda tag: hvd.allreduce(buf, name=tag, process_set=ps)  # noqa: E731
-                else:
-                    buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-                    run = lambda tag: hvd.allgather(buf, name=tag, process_set=ps)  # noqa: E731
-                times.append(best_of(2, lambda i: run(f"{name}.{kind}.{nbytes}.{i}")))
-        return times
-
-    def link_size(self, nbytes: int, seconds: float, largest: int, name: str,
-                  device) -> int:
-        """The first of ``nbytes``, 4 ``nbytes``, 16 ``nbytes``, ... whose float32
-        allreduce takes at least ``seconds`` on some rank, or that is not below some
-        rank's ``largest``; blocking, and every rank returns the same (any rank's reason
-        to stop stops every rank)."""
+    def _timed(self, kind: str, nbytes: int, name: str, device) -> float:
         import torch
         import horovod.torch as hvd
         ps = self.opt.process_set
-        while True:
-            buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-            took = best_of(2, lambda i: hvd.allreduce(buf, name=f"{name}.{nbytes}.{i}",
-                                                      process_set=ps))
-            if self.over_ranks([float(took >= seconds or nbytes >= largest)],
-                               f"{name}.{nbytes}")[0]:
-                return nbytes
-            nbytes *= 4
+        if kind == "allgather":
+            buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            run = lambda tag: hvd.allgather(buf, name=tag, process_set=ps)  # noqa: E731
+        else:
+            dtype = torch.float32 if kind == "allreduce" else torch.float16
+            buf = torch.zeros(nbytes // dtype.itemsize, dtype=dtype, device=device)
+            run = lambda tag: hvd.allreduce(buf, name=tag, process_set=ps)  # noqa: E731
+        return best_of(2, lambda i: run(f"{name}.{i}"))
 
     def over_ranks(self, values, name: str, op: str = "max") -> list:
         """Every rank's float ``values``, elementwise ``op`` ("max" or "sum") over the
@@ -167,9 +185,9 @@ class MpiTransport(Transport):
     def size(self) -> int:
         return self.comm.Get_size()
 
+    sums_float16 = False  # MPI has no float16 sum
+
     def start(self, out, name: str):
-        if out.by_allreduce:
-            raise HvdCompressError(f"{out.name}: the mpi4py transport gathers every payload")
         if name in self._pending or name in self._arrived:
             raise HvdCompressError(f"{name!r} is already on its way over mpi4py this step")
         self._pending[name] = out
@@ -199,8 +217,34 @@ class MpiTransport(Transport):
             self._pending.clear()
 
     def _move(self, out):
-        from ..comm.mpi import allgather_bytes
+        from ..comm.mpi import allgather_bytes, allreduce_sum
+        if out.by_allreduce:  # auto's dense route: the sum, averaged in finish
+            return allreduce_sum(self.comm, out.wire)
         return allgather_bytes(self.comm, out.wire, out.codec.fixed_size)
+
+    def finish(self, exchange, bk, result, out, n: int, summed: bool):
+        """As every transport's; an allreduced sum becomes the average unless ``summed``
+        (as Horovod's average divides its sum)."""
+        if out.by_allreduce and not summed:
+            result = bk.mul_(result, 1.0 / n)
+        return super().finish(exchange, bk, result, out, n, summed)
+
+    def _timed(self, kind, nbytes, name, device):
+        import torch
+
+        from ..comm.mpi import allgather_bytes, allreduce_sum
+        if kind == "allgather":
+            buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            return best_of(2, lambda i: allgather_bytes(self.comm, buf, True))
+        buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        return best_of(2, lambda i: allreduce_sum(self.comm, buf))
+
+    def over_ranks(self, values, name, op="max"):
+        from mpi4py import MPI
+        send = np.asarray(values, np.float64)
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, op=MPI.MAX if op == "max" else MPI.SUM)
+        return recv.tolist()
 
 
 class TreeTransport(MpiTransport):

@@ -223,6 +223,57 @@ def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(t
         assert len(mpi_ops._handle_map) == pending, "a check's collective was not waited on"
 
 
+@pytest.mark.parametrize("route", ["dense", "topk"])
+def test_auto_over_mpi4py_plans_alike_on_every_rank(route):
+    """auto over comm=: MPI's allreduce and allgather are timed at step 1, every tensor
+    goes dense until then, and as the costs forced from step 2 say after: dense is every
+    rank's mean gradient exactly (an MPI sum, then 1/n as Horovod's average), top-k +
+    EF14 loses nothing (updates plus the ranks' mean residual add up to the mean
+    gradients); a float16 cast is never planned, however cheap (MPI sums no float16);
+    every rank ends with the same parameters, bit for bit."""
+    from hvd_compress.core.auto import Costs
+    torch.manual_seed(0)
+    model = torch.nn.Linear(40, 3)
+    comp = hct.compression("topk:k=2+ef14+auto:every=1000", comm=comm)
+    dopt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), named_parameters=model.named_parameters(),
+        compression=comp)
+    free, slow, cheap = (0.0, 0.0), (1e-3, 1e-6), (1e-9, 1e-16)
+    forced = {"dense": Costs(cheap, slow, free, free, cheap),
+              "topk": Costs(slow, cheap, free, free, cheap)}[route]
+    params = dict(model.named_parameters())
+    sum_mean = {n: np.zeros(p.numel(), np.float32) for n, p in params.items()}
+    sum_update = {n: np.zeros(p.numel(), np.float32) for n, p in params.items()}
+    for step in range(4):
+        if step == 2:
+            assert comp.exchange.costs is not None  # measured at step 1
+            comp.exchange.costs = forced
+        grads = {n: integers(p.numel(), 10 * rank + step) for n, p in params.items()}
+        dopt.zero_grad()
+        sum((p * torch.from_numpy(grads[n]).reshape(p.shape)).sum()
+            for n, p in params.items()).backward()
+        dopt.synchronize()
+        for n, p in params.items():
+            mean = everyone(grads[n]).sum(0) * np.float32(1.0 / size)
+            got = p.grad.numpy().reshape(-1)
+            row, = [r for r in comp.telemetry.rows if r.step == step and r.name == n]
+            if step == 0 or (step >= 2 and route == "dense"):
+                assert row.bits == 32 * p.numel()
+                np.testing.assert_array_equal(got, mean)
+            elif step >= 2:
+                assert row.count < p.numel()  # top-k at its planned k, not a cast (count d)
+            sum_mean[n] += mean
+            sum_update[n] += got
+        with dopt.skip_synchronize():
+            dopt.step()
+    for n in params:
+        residual = everyone(comp.exchange.states[n].residual.numpy()).mean(0) \
+            if n in comp.exchange.states else 0
+        np.testing.assert_allclose(sum_update[n] + residual, sum_mean[n], rtol=1e-5, atol=1e-4)
+    flat = np.concatenate([p.detach().numpy().reshape(-1) for p in model.parameters()])
+    np.testing.assert_array_equal(everyone(flat), np.tile(flat, (size, 1)))
+
+
 def test_the_tree_needs_topk_with_ef14():
     for spec in ("topk:0.1", "topk:0.1+ef21sgdm", "randk:0.1+ef14", "topk+ef14+dynamic"):
         with pytest.raises(HvdCompressError, match="tree transport"):
