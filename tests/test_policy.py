@@ -592,7 +592,7 @@ def test_auto_cast_of_a_nan_gradient_raises_with_the_gradient_as_it_was():
 def test_auto_cast_of_a_strided_gradient_is_made_apart():
     """A gradient whose entries are not in order in its memory (a transposed view,
     channels_last) is scaled and cast into a new contiguous float16 tensor, as a
-    collective needs, and left as it was."""
+    collective needs, and left as it was; the dense route sends a copy in order."""
     import torch
     g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
     exs = cast_exchanges("raise", g)
@@ -601,6 +601,10 @@ def test_auto_cast_of_a_strided_gradient_is_made_apart():
         out = exs[0].begin(b, "w", x, 0, overwrite=True)
         assert out.into is None and b.contiguous(out.wire) and b.dtype(out.wire) == "float16"
         np.testing.assert_array_equal(np.asarray(x), g[0].reshape(20, 15).T)
+        exs[1].costs = None  # before the measurement: dense, in a copy in order
+        out = exs[1].begin(b, "w", x, 1, overwrite=True)
+        assert out.dense_route and out.shift is None and b.contiguous(out.wire)
+        np.testing.assert_array_equal(np.asarray(out.wire), np.asarray(x))
 
 
 def test_auto_dense_route_sends_the_tensor_and_keeps_the_residual():

@@ -228,7 +228,8 @@ class Exchange:
     def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
                      overwrite: bool) -> Outgoing:
         """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
-        as Horovod sends it uncompressed (no copy, no pass over it), or (``shift`` not
+        as Horovod sends it uncompressed (no copy, no pass over it, unless its entries
+        are not in order in memory: then a copy that is), or (``shift`` not
         None) scaled by 2**shift and cast to float16, as Horovod's ``Compression.fp16``
         sends it but inside float16's range. With ``overwrite`` (and a contiguous
         tensor) the scaling happens in the tensor's memory, where the update is written
@@ -239,7 +240,8 @@ class Exchange:
         not sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
         in_place = overwrite and shift is not None and bk.contiguous(tensor)
-        wire = tensor if shift is None else cast_to_wire(bk, tensor, shift, in_place)
+        wire = bk.in_order(tensor) if shift is None else \
+            cast_to_wire(bk, tensor, shift, in_place)
         nbytes = d * ITEMSIZE[bk.dtype(wire)]
         self.log(step, name, nbytes, d, d, 8 * d * ITEMSIZE[dtype],
                  time.perf_counter() - t0, None)

@@ -118,6 +118,10 @@ class Backend:
         """Whether x's entries lie in its memory in order (an in-place result then has
         the layout a collective needs)."""
         return True
+    def in_order(self, x):
+        """x, or a copy of it whose entries lie in memory in order (collectives need it:
+        a channels_last gradient's do not)."""
+        return x
     def avoids_syncs(self, x) -> bool:
         """Whether work on x should take the branch without host synchronisations where
         one exists (values read on the host, outputs sized by the data): true for tensors
@@ -249,6 +253,7 @@ class NumpyBackend(Backend):
         np.copyto(a, b)
         return a
     def contiguous(self, x): return bool(x.flags.c_contiguous)
+    def in_order(self, x): return np.ascontiguousarray(x)
     def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
@@ -375,6 +380,7 @@ class TorchBackend(Backend):
     def add_(self, a, b): return a.add_(b)
     def overwrite(self, a, b): return a.copy_(b)
     def contiguous(self, x): return x.is_contiguous()
+    def in_order(self, x): return x.contiguous()
     def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:

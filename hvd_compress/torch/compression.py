@@ -256,6 +256,10 @@ class Compression:
             finish = self._launch(opt, name, tensor)
             return _placeholder(tensor), _Handled(finish)
         codec = self.pipeline.compressor
+        grouped = any(f.f_code.co_name == "_grouped_allreduce_grad_async"
+                      for f in (caller, caller.f_back) if f is not None)
+        if grouped and (self._auto is not None or self.pipeline.agrees):
+            raise _groups_error(self.pipeline)  # no optimizer of ours takes it either
         if not self._plain_cast():
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name and an allgather: use "
@@ -363,6 +367,7 @@ class Compression:
         if name in self._round_names:
             self._round += 1
             self._round_names.clear()
+            self.transport.new_step()
         self._round_names.add(name)
         if self._auto is not None and self._round >= self._measure_at:
             self._measure(opt, like)

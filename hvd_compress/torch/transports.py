@@ -35,6 +35,9 @@ class Transport:
 
     sums_float16 = True  # its allreduce sums float16 (auto's cast route needs it)
 
+    def new_step(self):
+        """A new step's first gradient is launched: forget what the last one held."""
+
     def finish(self, exchange, bk, result, out, n: int, summed: bool):
         """The update from what ``wait()`` returned for ``out``."""
         read = exchange.finish_allreduced if out.by_allreduce else exchange.finish_gathered
@@ -87,6 +90,12 @@ class HorovodTransport(Transport):
 
     def __init__(self, opt):
         self.opt = opt
+        self._casts: dict = {}    # this step's casts: name -> (their wait, once; Outgoing)
+        self._settled: dict = {}  # ... name -> (result, Outgoing), resent where it must
+
+    def new_step(self):
+        self._casts.clear()
+        self._settled.clear()
 
     def rank(self) -> int:
         return self.opt.process_set.rank()
@@ -99,11 +108,34 @@ class HorovodTransport(Transport):
 
     def finish(self, exchange, bk, result, out, n: int, summed: bool):
         """As every transport's, except that a cast whose float16 sum is not finite goes
-        again as it is (:meth:`Exchange.resend_dense`; blocking, the same on every rank)."""
-        again = exchange.resend_dense(bk, result, out) if out.dense_route else None
-        if again is not None:
-            result, out = self.start(again, f"hvd_compress.resend:{out.name}")(), again
+        again as it is (:meth:`Exchange.resend_dense`, the same on every rank): see
+        :meth:`_settle`."""
+        if out.dense_route and out.shift is not None:
+            if out.name not in self._settled:
+                self._settle(exchange, bk)
+            result, out = self._settled.pop(out.name)
         return super().finish(exchange, bk, result, out, n, summed)
+
+    def _settle(self, exchange, bk):
+        """Wait for every cast this step started, then start every resend they need before
+        waiting on any. Horovod matches collectives by name, but ranks finish their
+        gradients in orders of their own (a parameter unused on one rank is filled in at
+        synchronize and comes last there): a rank that waited on one resend before
+        starting the next would wait forever on a rank that needs them the other way
+        round. Every cast a step sends is started before any is waited on (Horovod's
+        synchronize launches the missing ones first; a fused bucket starts at the first
+        wait, and settles alone, once every rank has started it)."""
+        casts, self._casts = self._casts, {}
+        again = {}
+        for name, (wait, out) in casts.items():
+            result = wait()
+            resend = exchange.resend_dense(bk, result, out)
+            if resend is None:
+                self._settled[name] = (result, out)
+            else:
+                again[name] = (self.start(resend, f"hvd_compress.resend:{name}"), resend)
+        for name, (wait, resend) in again.items():
+            self._settled[name] = (wait(), resend)
 
     def start(self, out, name: str):
         import horovod.torch as hvd
@@ -115,7 +147,10 @@ class HorovodTransport(Transport):
                                           process_set=ps)
         else:
             handle = hvd.allgather_async(out.wire, name=name, process_set=ps)
-        return lambda: horovod_result(out.name, lambda: hvd.synchronize(handle))
+        wait = _once(lambda: horovod_result(out.name, lambda: hvd.synchronize(handle)))
+        if out.dense_route and out.shift is not None:  # a cast: see _settle
+            self._casts[out.name] = (wait, out)
+        return wait
 
     def start_group(self, outs, name: str):
         """One grouped collective (``groups=``): Horovod negotiates and fuses it once.
@@ -286,6 +321,17 @@ def scale_factors(opt):
     from horovod.torch.mpi_ops import Average
     f = opt.gradient_predivide_factor
     return (1.0 / f, f) if opt.op == Average else (1.0, 1.0)
+
+
+def _once(fn):
+    """``fn``, called at most once: later calls return the first call's result."""
+    got: list = []
+
+    def call():
+        if not got:
+            got.append(fn())
+        return got[0]
+    return call
 
 
 def horovod_result(name, wait):

@@ -221,6 +221,21 @@ def test_per_tensor_levels_refuse_groups(spec, why):
         run_and_compare(spec, f"groups.refused.{spec}", groups=2)
 
 
+@pytest.mark.parametrize("spec, why", [("topk+ef14+dynamic:c0=2000,agree=true",
+                                        "drop groups= or agree=true"),
+                                       ("auto", "drop groups= or auto")])
+def test_horovods_own_optimizer_with_groups_refuses_per_tensor_levels_alike(spec, why):
+    """Horovod's own optimizer with groups= hands the compression each group's tensors
+    without names: the refusal says what to drop (not to use an optimizer that refuses
+    too), on every rank, before anything moves."""
+    model, x, y = model_and_data(0)
+    hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                             named_parameters=model.named_parameters(),
+                             compression=hct.compression(spec), groups=2)
+    with pytest.raises(HvdCompressError, match=why):
+        loss_fn(model, x, y).backward()
+
+
 @pytest.mark.parametrize("spec", ["topk:0.2+ef21sgdm", "threshold:lam=0.05+ef14", "fp16"])
 def test_mpi4py_carries_the_payloads_under_horovod(spec):
     from mpi4py import MPI
@@ -389,6 +404,48 @@ def ef14_route_oracle(everyone, residuals, route):
         residuals[r] = p - s
         sent.append(s)
     return np.sum(sent, 0) * np.float32(1.0 / len(everyone))
+
+
+def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders():
+    """'side' is used on rank 0 only: the other ranks' Horovod fills its gradients in at
+    synchronize, so the ranks finish their gradients in different orders (rank 0: b,
+    side, a; the others: b, a, side). At step 3 every cast's
+    float16 sum overflows: every rank starts every resend before waiting on one (one
+    resend at a time used to wait forever), and the update is every rank's mean gradient
+    (a NumPy sum of the gradients plain autograd gives each rank)."""
+    from hvd_compress.core.auto import Costs
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "side": torch.nn.Linear(8, 8),
+                                 "b": torch.nn.Linear(8, 2)})
+    comp = hct.compression("topk:0.01+ef14+auto:every=1000")
+    dopt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                    named_parameters=model.named_parameters(),
+                                    compression=comp)
+
+    def loss(m, step):
+        h = m["a"](torch.full((1, 8), float(rank + 1)))
+        if rank == 0:
+            h = h + m["side"](h)
+        return m["b"](h).sum() * (1e8 if step == 3 else 1.0)
+    for step in range(4):
+        if step == 2:  # every tensor cast from here
+            comp.exchange.costs = Costs((1e-9, 1e-6), (1e-2, 1e-6), (0.0, 0.0), (0.0, 0.0))
+        shadow = copy.deepcopy(model)
+        loss(shadow, step).backward()
+        mean = {n: hvd.allgather(torch.zeros_like(p).reshape(1, -1) if p.grad is None else
+                                 p.grad.reshape(1, -1), name=f"resend.{step}.{n}")
+                .double().mean(0).numpy() for n, p in shadow.named_parameters()}
+        dopt.zero_grad()
+        loss(model, step).backward()
+        dopt.synchronize()
+        resent = {r.name for r in comp.telemetry.rows if r.step == step and not r.count}
+        assert resent == (set(mean) if step == 3 else set())
+        for n, p in model.named_parameters():
+            tol = 2e-3 if step == 2 else 1e-6  # float16 sums at step 2; float32 resends
+            np.testing.assert_allclose(p.grad.reshape(-1).double().numpy(), mean[n],
+                                       rtol=tol, atol=tol * np.abs(mean[n]).max())
+        with dopt.skip_synchronize():
+            dopt.step()
 
 
 def test_auto_grows_the_link_measurement_alike_on_every_rank():
