@@ -569,6 +569,44 @@ def test_auto_cast_that_overflows_is_sent_again_in_the_gradients_dtype(overwrite
     assert exs[0].resend_dense(bk, np.zeros(300, np.float16), outs[0]) is None
 
 
+def test_auto_cast_scale_follows_the_gradient_between_measurements():
+    """From the float16 sum every rank holds alike: once its largest entry is 2^10 below
+    the first seen since the plan (the gradient shrank 1e6x), the next steps' scale
+    grows by the power of two between them, and the update keeps float16's precision
+    (it had flushed to subnormals); after each overflow (then 1e8x larger) the next
+    steps' scale is 2^10 smaller, until the same gradient no longer overflows."""
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("propagate", g)
+
+    def step(grads):
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what is tested
+            outs = [ex.begin(bk, "w", x.copy(), r)
+                    for r, (ex, x) in enumerate(zip(exs, grads))]
+            mean = ((outs[0].wire.astype(np.float32) + outs[1].wire.astype(np.float32))
+                    * 0.5).astype(np.float16)
+        again = [ex.resend_dense(bk, mean, o) for ex, o in zip(exs, outs)]
+        update = exs[0].finish_allreduced(bk, mean, outs[0], 2, False) \
+            if again[0] is None else None
+        return update, again, [ex.route("w", 300, "float32").shift for ex in exs]
+
+    def error(update, grads):
+        want = (grads[0] + grads[1]) / 2
+        return float(np.abs(update - want).max() / np.abs(want).max())
+    _, again, (first, _) = step(g)
+    assert again == [None, None]
+    small = [np.float32(1e-6) * x for x in g]
+    flushed, _, shifts = step(small)
+    assert shifts[0] == shifts[1] and 19 <= shifts[0] - first <= 21
+    kept, _, _ = step(small)
+    assert error(kept, small) < 2 ** -10 < error(flushed, small)
+    big = [np.float32(1e8) * x for x in small]  # 2^26.6 larger: past 2^10 of headroom twice
+    for overflow in (1, 2):
+        _, again, grown = step(big)
+        assert again[0] is not None and grown[0] == grown[1] == shifts[0] - 10 * overflow
+    _, again, _ = step(big)
+    assert again == [None, None]
+
+
 def test_auto_cast_of_a_nan_gradient_raises_with_the_gradient_as_it_was():
     """nonfinite='raise': a NaN on one rank makes the float16 sum NaN, every rank sends
     the tensor again in float32 (the gradient scaled back in its memory first), and the

@@ -57,12 +57,13 @@ before the float16 sum overflows. If it does (or some rank's gradient is not fin
 every rank sees the same non-finite sum and sends the tensor again as it is, in one more
 allreduce that step (logged as a row of its own; every rank starts all of a step's
 resends before it waits on one); reading the sum's finiteness costs a wait per cast
-tensor and step on an accelerator. Its rounding is not kept for later steps. A gradient
-that shrinks after a measurement keeps the scale chosen for it: entries below about
-2^-30 of the largest magnitude measured (2^-24 once scaled) flush to zero in float16 (a
-gradient 1e6 times smaller loses about half a percent; 1e8 times smaller, most of
-itself) until the next measurement, so a run whose gradients shrink fast wants a
-smaller ``every``.
+tensor and step on an accelerator. Its rounding is not kept for later steps. Between
+measurements the scale follows the gradient, from the float16 sum every rank holds
+alike: after an overflow it shrinks 2^10 for the next steps (the sum would overflow at
+every step otherwise), and once the sum's largest entry falls 2^10 below the first seen
+since the plan, it grows back by the power of two between them (float16 would
+otherwise flush the small entries of a shrinking gradient: 1e8 times smaller, most of
+them); a scale past 2^100 sends the tensor dense until the next measurement.
 
 A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
 first measurement (the first step) every tensor goes dense; a tensor without a profile
@@ -109,6 +110,8 @@ RATIOS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 # next measurement, and entries down to about 2^-30 of the largest still nonzero
 FLOAT16_MAX = 65504.0
 CAST_HEADROOM = 1024.0
+HEADROOM_BITS = 10   # log2(CAST_HEADROOM): how far the scale moves when the gradient does
+SHIFT_CLAMP = 100    # scales of 2^100 or more are refused (a gradient of 0, or near it)
 # what the frontends time: collective sizes in bytes (the larger one grows, by 4x up to
 # LINK_MAX_BYTES and the largest gradient, until a float32 allreduce takes LINK_SECONDS on
 # the slowest rank: on a fast link a small one is all latency and noise, and its slope
@@ -188,7 +191,8 @@ def cast_shift(largest: float) -> int:
     """The power of two a cast scales by, from the ranks' summed largest magnitude: the
     one that puts it in [32, 64] (exact: frexp, not a logarithm that libraries round
     differently, so every rank computes the same)."""
-    return max(-100, min(100, math.frexp(FLOAT16_MAX / CAST_HEADROOM / largest)[1] - 1))
+    return max(-SHIFT_CLAMP, min(SHIFT_CLAMP,
+                                 math.frexp(FLOAT16_MAX / CAST_HEADROOM / largest)[1] - 1))
 
 
 @register("policy", "auto")
@@ -263,7 +267,7 @@ class Auto(Algorithm):
             if dense <= seconds:
                 route, seconds = DENSE, dense
             shift = cast_shift(profile[-1]) if valid else None
-            if cast and shift is not None and abs(shift) < 100 and costs.cast is not None \
+            if cast and shift is not None and abs(shift) < SHIFT_CLAMP and costs.cast is not None \
                     and dtype == "float32" and costs.cast_seconds(d) < seconds:
                 route, seconds = Route("cast", shift=shift), costs.cast_seconds(d)
         return route, seconds

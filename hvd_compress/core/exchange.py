@@ -14,11 +14,21 @@ once and run many times (TensorFlow graphs) overrides :meth:`next_step`,
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, NamedTuple
 
 from ..errors import HvdCompressError
-from .auto import CAST_HEADROOM, Auto, Costs, Route, cast_from_wire, cast_to_wire
+from .auto import (
+    CAST_HEADROOM,
+    HEADROOM_BITS,
+    SHIFT_CLAMP,
+    Auto,
+    Costs,
+    Route,
+    cast_from_wire,
+    cast_to_wire,
+)
 from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
 from .payload import FLAG_NONFINITE, Stamp, pack, raise_for_verdict, split_gathered
@@ -105,6 +115,7 @@ class Exchange:
         self.profiling = False
         self.local_profiles: dict[str, tuple] = {}
         self._routes: dict[tuple, Route] | None = None
+        self._cast_seen: dict[tuple, float] = {}  # cast -> its first sum's largest entry
         self.model_size = None if model_size is None else \
             check_int("exchange", "model_size", model_size, 1)
         self._spec: str | None = None          # the pipeline's spec, once asked for
@@ -123,7 +134,7 @@ class Exchange:
 
     @costs.setter
     def costs(self, costs: Costs | None):
-        self._costs, self._routes = costs, None
+        self._costs, self._routes, self._cast_seen = costs, None, {}
 
     @property
     def profiles(self) -> dict:
@@ -133,7 +144,7 @@ class Exchange:
 
     @profiles.setter
     def profiles(self, profiles: dict):
-        self._profiles, self._routes = dict(profiles), None
+        self._profiles, self._routes, self._cast_seen = dict(profiles), None, {}
 
     def route(self, name: str, d: int, dtype: str) -> Route:
         """auto's plan for tensor ``name`` under the agreed costs and profiles: every
@@ -257,10 +268,16 @@ class Exchange:
         rank's gradient is not finite, which the dense sum then shows). A tensor scaled
         in its memory is scaled back there first (exactly: a power of two; only an entry
         2^122 times the profiled largest overflowed float32 when scaled, and goes as
-        infinite). Costs a read of one flag per cast tensor and step (a wait on an
-        accelerator). The resend's bits are logged as a row of its own (count 0, no
+        infinite). The sum's extremes also set the next steps' scale (see
+        :meth:`_follow_scale`). Costs one read of two numbers per cast tensor and step
+        (a wait on an accelerator). The resend's bits are logged as a row of its own (count 0, no
         dense bits: the tensor was counted once)."""
-        if outgoing.shift is None or bk.all_finite(sum_):
+        if outgoing.shift is None:
+            return None
+        lo, hi = bk.extremes(sum_)
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        self._follow_scale(outgoing, bk.size(sum_), finite, max(-lo, hi) if finite else 0.0)
+        if finite:
             return None
         source = outgoing.source
         if outgoing.into is not None:
@@ -269,6 +286,30 @@ class Exchange:
         self.log(outgoing.step, outgoing.name, d * ITEMSIZE[outgoing.dtype], 0, d, 0, 0.0,
                  None)
         return outgoing._replace(wire=source, source=None, shift=None, into=None)
+
+    def _follow_scale(self, outgoing: Outgoing, d: int, finite: bool, largest: float):
+        """The cast's scale for the next steps, from this step's float16 sum (the same
+        on every rank, so every rank changes it alike): 2^10 smaller after an overflow
+        (the gradient grew past the headroom, or a rank's was not finite); larger by the
+        power of two that brings the sum's largest entry back to the first one seen
+        since the plan, once it is 2^10 below it (the gradient shrank, and float16
+        would flush its small entries). A scale past the clamp sends the tensor dense
+        until the next measurement."""
+        key, routes = (outgoing.name, d, outgoing.dtype), self._routes
+        route = None if routes is None else routes.get(key)
+        if routes is None or route is None or route.kind != "cast" or \
+                route.shift != outgoing.shift:
+            return
+        if not finite:
+            shift = route.shift - HEADROOM_BITS
+        else:
+            first = self._cast_seen.setdefault(key, largest) or largest
+            self._cast_seen[key] = first
+            if largest == 0.0 or largest * 2.0 ** HEADROOM_BITS >= first:
+                return
+            shift = route.shift + math.frexp(first / largest)[1] - 1
+        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else \
+            Route("dense", 0, 0)
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once

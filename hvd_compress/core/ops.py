@@ -114,6 +114,12 @@ class Backend:
         n = self.size(pos)
         return pos if n == k else pos[:k] if n > k else \
             self.concat([pos, self.zeros(k - n, "int64", pos)])
+    def extremes(self, x) -> tuple:
+        """(least, largest) entry of x as Python floats, in one read (NaN where x holds
+        one; (0.0, 0.0) for an empty x)."""
+        if self.size(x) == 0:
+            return 0.0, 0.0
+        return float(self.min(x)), float(self.max(x))
     def contiguous(self, x) -> bool:
         """Whether x's entries lie in its memory in order (an in-place result then has
         the layout a collective needs)."""
@@ -380,6 +386,11 @@ class TorchBackend(Backend):
     def add_(self, a, b): return a.add_(b)
     def overwrite(self, a, b): return a.copy_(b)
     def contiguous(self, x): return x.is_contiguous()
+    def extremes(self, x):
+        if x.numel() == 0:
+            return 0.0, 0.0
+        lo, hi = self.t.aminmax(x.reshape(-1))
+        return tuple(self.t.stack([lo, hi]).double().tolist())  # one read
     def in_order(self, x): return x.contiguous()
     def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):

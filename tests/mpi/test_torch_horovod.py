@@ -412,7 +412,8 @@ def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders
     side, a; the others: b, a, side). At step 3 every cast's
     float16 sum overflows: every rank starts every resend before waiting on one (one
     resend at a time used to wait forever), and the update is every rank's mean gradient
-    (a NumPy sum of the gradients plain autograd gives each rank)."""
+    (a NumPy sum of the gradients plain autograd gives each rank); every rank then
+    scales each tensor 2^10 smaller for the next steps, alike."""
     from hvd_compress.core.auto import Costs
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "side": torch.nn.Linear(8, 8),
@@ -440,6 +441,14 @@ def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders
         dopt.synchronize()
         resent = {r.name for r in comp.telemetry.rows if r.step == step and not r.count}
         assert resent == (set(mean) if step == 3 else set())
+        shifts = torch.tensor([[comp.exchange.route(n, p.numel(), "float32").shift
+                                for n, p in model.named_parameters()]])
+        everyone = hvd.allgather(shifts, name=f"resend.shifts.{step}")
+        assert torch.equal(everyone, shifts.expand(size, -1)), "ranks scale apart"
+        if step == 2:
+            before = shifts
+        elif step == 3:  # after the overflow, 2^10 smaller for the next steps
+            assert torch.equal(shifts, before - 10)
         for n, p in model.named_parameters():
             tol = 2e-3 if step == 2 else 1e-6  # float16 sums at step 2; float32 resends
             np.testing.assert_allclose(p.grad.reshape(-1).double().numpy(), mean[n],
