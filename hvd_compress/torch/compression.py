@@ -326,7 +326,11 @@ class Compression:
             # ranks configured apart would otherwise break the transport, not raise
             self._held_checks.append(introduce)
             introduce = None
-        return _after(introduce, self._send(opt, name, tensor))
+        sent = self._send(opt, name, tensor)
+        # the held ones start before this rank waits on anything: a rank that waited
+        # first (on a cast's resend) for what another starts only at its first held wait
+        # would wait forever
+        return _after(introduce, lambda: (self._start_buckets(), sent())[1])
 
     def _introduce(self, opt, name, tensor):
         """On a parameter's first exchange: the placeholder allreduce under its name (see
@@ -419,7 +423,7 @@ class Compression:
                 device finishes it; x ends rounded to float16, which the times do not
                 mind)."""
                 wire = cast_to_wire(bk, x, 4, in_place=True)
-                bk.all_finite(wire)
+                bk.extremes(wire)
                 return float(cast_from_wire(bk, wire, "float32", 4, into=x)[-1])
             times.append(best_of(3, compress_and_decode))
             casts.append(best_of(3, cast_route))
@@ -480,6 +484,8 @@ class Compression:
             held.clear()
         self._buckets.clear()
         self._held_checks.clear()
+        if self.transport is not None:
+            self.transport.new_step()
 
     def _start_buckets(self):
         """Compress and start the held gradients: fused ones as one vector per bucket (one

@@ -112,6 +112,8 @@ class HorovodTransport(Transport):
         :meth:`_settle`."""
         if out.dense_route and out.shift is not None:
             if out.name not in self._settled:
+                # registered at start, unless a step that failed halfway dropped it
+                self._casts.setdefault(out.name, (lambda: result, out))
                 self._settle(exchange, bk)
             result, out = self._settled.pop(out.name)
         return super().finish(exchange, bk, result, out, n, summed)
@@ -122,20 +124,25 @@ class HorovodTransport(Transport):
         gradients in orders of their own (a parameter unused on one rank is filled in at
         synchronize and comes last there): a rank that waited on one resend before
         starting the next would wait forever on a rank that needs them the other way
-        round. Every cast a step sends is started before any is waited on (Horovod's
-        synchronize launches the missing ones first; a fused bucket starts at the first
-        wait, and settles alone, once every rank has started it)."""
+        round. Every cast a step sends is started before any is waited on: Horovod's
+        synchronize launches the missing ones first, and the frontend starts its fused
+        buckets before a rank's first wait. The settling relies on every rank holding the
+        same float16 sums, as Horovod's allreduce gives them (ring results are
+        broadcast; other reductions add in a commutative order)."""
         casts, self._casts = self._casts, {}
         again = {}
-        for name, (wait, out) in casts.items():
-            result = wait()
-            resend = exchange.resend_dense(bk, result, out)
-            if resend is None:
-                self._settled[name] = (result, out)
-            else:
-                again[name] = (self.start(resend, f"hvd_compress.resend:{name}"), resend)
-        for name, (wait, resend) in again.items():
-            self._settled[name] = (wait(), resend)
+        try:
+            for name, (wait, out) in casts.items():
+                result = wait()
+                resend = exchange.resend_dense(bk, result, out)
+                if resend is None:
+                    self._settled[name] = (result, out)
+                else:
+                    again[name] = (self.start(resend, f"hvd_compress.resend:{name}"),
+                                   resend)
+        finally:  # what was started is waited on, even where another wait failed
+            for name, (wait, resend) in again.items():
+                self._settled[name] = (wait(), resend)
 
     def start(self, out, name: str):
         import horovod.torch as hvd
@@ -324,13 +331,20 @@ def scale_factors(opt):
 
 
 def _once(fn):
-    """``fn``, called at most once: later calls return the first call's result."""
+    """``fn``, called at most once: later calls return the first call's result, or
+    raise its error again."""
     got: list = []
 
     def call():
         if not got:
-            got.append(fn())
-        return got[0]
+            try:
+                got.append((True, fn()))
+            except BaseException as error:
+                got.append((False, error))
+        ok, value = got[0]
+        if not ok:
+            raise value
+        return value
     return call
 
 

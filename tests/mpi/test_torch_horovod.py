@@ -406,10 +406,12 @@ def ef14_route_oracle(everyone, residuals, route):
     return np.sum(sent, 0) * np.float32(1.0 / len(everyone))
 
 
-def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders():
+@pytest.mark.parametrize("fuse_below", [0, 64])
+def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders(fuse_below):
     """'side' is used on rank 0 only: the other ranks' Horovod fills its gradients in at
     synchronize, so the ranks finish their gradients in different orders (rank 0: b,
-    side, a; the others: b, a, side). At step 3 every cast's
+    side, a; the others: b, a, side), and with ``fuse_below`` a rank may wait on its
+    bucket (the biases and b's weight) first. At step 3 every cast's
     float16 sum overflows: every rank starts every resend before waiting on one (one
     resend at a time used to wait forever), and the update is every rank's mean gradient
     (a NumPy sum of the gradients plain autograd gives each rank); every rank then
@@ -417,8 +419,8 @@ def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders
     from hvd_compress.core.auto import Costs
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "side": torch.nn.Linear(8, 8),
-                                 "b": torch.nn.Linear(8, 2)})
-    comp = hct.compression("topk:0.01+ef14+auto:every=1000")
+                                 "b": torch.nn.Linear(8, 8), "c": torch.nn.Linear(8, 1)})
+    comp = hct.compression("topk:0.01+ef14+auto:every=1000", fuse_below=fuse_below)
     dopt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
                                     named_parameters=model.named_parameters(),
                                     compression=comp)
@@ -427,7 +429,11 @@ def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders
         h = m["a"](torch.full((1, 8), float(rank + 1)))
         if rank == 0:
             h = h + m["side"](h)
-        return m["b"](h).sum() * (1e8 if step == 3 else 1.0)
+        # rank 1 makes the tiny "c" last, so its (bucketed) gradients come first there;
+        # the others make it first, so b's weight comes first there
+        parts = [lambda: m["b"](h).sum(), lambda: m["c"](h.detach()).sum()]
+        out = sum(f() for f in (parts if rank == 1 else parts[::-1]))
+        return out * (1e8 if step == 3 else 1.0)
     for step in range(4):
         if step == 2:  # every tensor cast from here
             comp.exchange.costs = Costs((1e-9, 1e-6), (1e-2, 1e-6), (0.0, 0.0), (0.0, 0.0))
@@ -439,10 +445,12 @@ def test_cast_resends_never_wait_on_each_other_when_ranks_finish_in_other_orders
         dopt.zero_grad()
         loss(model, step).backward()
         dopt.synchronize()
+        sent = {r.name for r in comp.telemetry.rows if r.step == step and r.count}
         resent = {r.name for r in comp.telemetry.rows if r.step == step and not r.count}
-        assert resent == (set(mean) if step == 3 else set())
-        shifts = torch.tensor([[comp.exchange.route(n, p.numel(), "float32").shift
-                                for n, p in model.named_parameters()]])
+        assert resent == (sent if step == 3 else set())
+        assert (sent == set(mean)) == (fuse_below == 0)  # else buckets of the small ones
+        shifts = torch.tensor([[route.shift for _, route in sorted(comp.exchange._routes.items())]]
+                              if comp.exchange._routes else [[]])
         everyone = hvd.allgather(shifts, name=f"resend.shifts.{step}")
         assert torch.equal(everyone, shifts.expand(size, -1)), "ranks scale apart"
         if step == 2:
