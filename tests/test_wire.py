@@ -256,3 +256,23 @@ def test_a_refused_header_leaves_the_state_as_before_the_step(on_device):
         assert torch.equal(ex.states["w"].residual, before)
     finally:
         type(bk).avoid_syncs_on_cpu = False
+
+
+def test_a_collectives_wait_runs_once_and_raises_its_error_again():
+    """The torch transports' waits may be called twice (a cast's by the settling of the
+    step's resends, then by Horovod's synchronize): the collective is waited on once, and
+    an error (Horovod's synchronize drops the handle when it raises) comes back again
+    instead of a None."""
+    from hvd_compress.torch.transports import _once
+    calls = []
+    wait = _once(lambda: calls.append(1) or len(calls))
+    assert (wait(), wait(), calls) == (1, 1, [1])
+
+    def fail():
+        calls.append(2)
+        raise hc.HvdCompressError("the collective failed")
+    wait = _once(fail)
+    for _ in range(2):
+        with pytest.raises(hc.HvdCompressError, match="the collective failed"):
+            wait()
+    assert calls == [1, 2]
