@@ -109,8 +109,8 @@ RATIOS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 # float16's largest / CAST_HEADROOM: room for gradients to grow that much before the
 # next measurement, and entries down to about 2^-30 of the largest still nonzero
 FLOAT16_MAX = 65504.0
-CAST_HEADROOM = 1024.0
-HEADROOM_BITS = 10   # log2(CAST_HEADROOM): how far the scale moves when the gradient does
+HEADROOM_BITS = 10   # ... as a power of two: how far the scale moves when the gradient does
+CAST_HEADROOM = 2.0 ** HEADROOM_BITS
 SHIFT_CLAMP = 100    # scales of 2^100 or more are refused (a gradient of 0, or near it)
 # what the frontends time: collective sizes in bytes (the larger one grows, by 4x up to
 # LINK_MAX_BYTES and the largest gradient, until a float32 allreduce takes LINK_SECONDS on

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from ..errors import HvdCompressError
 from .auto import (
     CAST_HEADROOM,
+    DENSE,
     HEADROOM_BITS,
     SHIFT_CLAMP,
     Auto,
@@ -246,9 +247,8 @@ class Exchange:
         tensor) the scaling happens in the tensor's memory, where the update is written
         back at the end (Horovod's in-place allreduce takes that memory too): no float32
         tensor of its size is made, and the scaled cast is the one pass Horovod's own
-        cast is. The feedback
-        state waits untouched for the next top-k step (EF14's residual is still what was
-        not sent)."""
+        cast is. The feedback state waits untouched for the next top-k step (EF14's
+        residual is still what was not sent)."""
         d, dtype = bk.size(tensor), bk.dtype(tensor)
         in_place = overwrite and shift is not None and bk.contiguous(tensor)
         wire = bk.in_order(tensor) if shift is None else \
@@ -270,8 +270,8 @@ class Exchange:
         2^122 times the profiled largest overflowed float32 when scaled, and goes as
         infinite). The sum's extremes also set the next steps' scale (see
         :meth:`_follow_scale`). Costs one read of two numbers per cast tensor and step
-        (a wait on an accelerator). The resend's bits are logged as a row of its own (count 0, no
-        dense bits: the tensor was counted once)."""
+        (a wait on an accelerator). The resend's bits are logged as a row of its own
+        (count 0, no dense bits: the tensor was counted once)."""
         if outgoing.shift is None:
             return None
         lo, hi = bk.extremes(sum_)
@@ -303,13 +303,11 @@ class Exchange:
         if not finite:
             shift = route.shift - HEADROOM_BITS
         else:
-            first = self._cast_seen.setdefault(key, largest) or largest
-            self._cast_seen[key] = first
+            first = self._cast_seen[key] = self._cast_seen.get(key) or largest
             if largest == 0.0 or largest * 2.0 ** HEADROOM_BITS >= first:
                 return
             shift = route.shift + math.frexp(first / largest)[1] - 1
-        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else \
-            Route("dense", 0, 0)
+        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once

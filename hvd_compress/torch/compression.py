@@ -208,8 +208,7 @@ class Compression:
         from horovod.torch.mpi_ops import Adasum
         if not hasattr(optimizer, "op") or optimizer.op == Adasum:
             raise _adasum_error(self.pipeline.spec())  # Adasum reduces model deltas
-        if (self.pipeline.agrees or self._auto is not None) and \
-                getattr(optimizer, "_groups", None):
+        if self._plans_per_tensor() and getattr(optimizer, "_groups", None):
             raise _groups_error(self.pipeline)
         if self.comm is not None and self.comm.Get_size() != optimizer.process_set.size():
             raise HvdCompressError(
@@ -258,7 +257,7 @@ class Compression:
         codec = self.pipeline.compressor
         grouped = any(f.f_code.co_name == "_grouped_allreduce_grad_async"
                       for f in (caller, caller.f_back) if f is not None)
-        if grouped and (self._auto is not None or self.pipeline.agrees):
+        if grouped and self._plans_per_tensor():
             raise _groups_error(self.pipeline)  # no optimizer of ours takes it either
         if not self._plain_cast():
             raise HvdCompressError(
@@ -268,6 +267,11 @@ class Compression:
                 "cannot carry it")
         p = codec.compress(tensor, Key(self.exchange.seed, None, "", 0))
         return p.values, p
+
+    def _plans_per_tensor(self) -> bool:
+        """Whether each tensor's level is settled apart (agree=true, auto), which one
+        grouped collective cannot carry."""
+        return self.pipeline.agrees or self._auto is not None
 
     def _plain_cast(self) -> bool:
         """Whether the pipeline is a bare deterministic cast that any allreduce can carry."""
@@ -419,7 +423,7 @@ class Compression:
 
             def cast_route(i):
                 """The cast route's own work, as the frontend does it: scale in place and
-                cast, read the sum's finiteness, write it back scaled (read back, so a
+                cast, read the sum's extremes, write it back scaled (read back, so a
                 device finishes it; x ends rounded to float16, which the times do not
                 mind)."""
                 wire = cast_to_wire(bk, x, 4, in_place=True)
@@ -495,6 +499,8 @@ class Compression:
         not give. Every parameter was launched before Horovod waits on any, so every rank
         holds the same gradients here. Idempotent within a step: the mpi4py transport
         calls it before it moves anything."""
+        if not (self._held_checks or self._model_grads or self._agreed_grads):
+            return  # nothing held (this runs before every wait)
         checks, self._held_checks = self._held_checks, []
         failed = None
         for check in checks:  # ranks that disagree on a member raise before buckets form,
@@ -536,7 +542,7 @@ class Compression:
         if self.comm is not None or self.whole_model:
             raise HvdCompressError("groups= needs per-tensor Horovod collectives; drop groups= "
                                    "or comm= / whole_model=")
-        if self.pipeline.agrees or self._auto is not None:
+        if self._plans_per_tensor():
             raise _groups_error(self.pipeline)
 
         checks = [self._introduce(opt, name, t) for name, t in named]

@@ -110,7 +110,7 @@ class HorovodTransport(Transport):
         """As every transport's, except that a cast whose float16 sum is not finite goes
         again as it is (:meth:`Exchange.resend_dense`, the same on every rank): see
         :meth:`_settle`."""
-        if out.dense_route and out.shift is not None:
+        if out.shift is not None:  # a cast
             if out.name not in self._settled:
                 # registered at start, unless a step that failed halfway dropped it
                 self._casts.setdefault(out.name, (lambda: result, out))
@@ -154,8 +154,9 @@ class HorovodTransport(Transport):
                                           process_set=ps)
         else:
             handle = hvd.allgather_async(out.wire, name=name, process_set=ps)
-        wait = _once(lambda: horovod_result(out.name, lambda: hvd.synchronize(handle)))
-        if out.dense_route and out.shift is not None:  # a cast: see _settle
+        wait = lambda: horovod_result(out.name, lambda: hvd.synchronize(handle))  # noqa: E731
+        if out.shift is not None:  # a cast, waited on by _settle, then by its finish
+            wait = _once(wait)
             self._casts[out.name] = (wait, out)
         return wait
 
