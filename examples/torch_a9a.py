@@ -2,7 +2,7 @@
 
 The README's first command (`make demo`) runs it on 4 ranks:
 
-    mpirun -np 4 python examples/torch_a9a.py [--specs ...] [--epochs 2] [--out demo-out]
+    mpirun -np 4 python examples/torch_a9a.py [--specs ...] [--epochs 4] [--out demo-out]
 
 Each spec trains the same MLP (123-256-256-1) from the same initial weights on the same
 shards with SGD + momentum; the only change is the `compression=` argument of
@@ -148,7 +148,7 @@ def plot(results, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", nargs="+", default=SPECS)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch size")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--max-steps", type=int, default=0, help="cap the steps per epoch")

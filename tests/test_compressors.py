@@ -443,6 +443,47 @@ def test_selection_by_magnitude_equals_top_k_of_the_absolute_values(xp, case):
                                       want)
 
 
+@pytest.fixture
+def torch_kernels():
+    """torch selects with its own CPU kernels, not numpy's over the tensor's memory."""
+    bk = backend_named("torch")
+    type(bk).host_threads = -1
+    yield bk
+    type(bk).host_threads = 2
+
+
+@pytest.mark.parametrize("case", ["normal", "signed ties", "spikes"])
+def test_torch_kernels_select_what_numpy_selects(torch_kernels, case):
+    """Where torch runs on more threads than numpy's selection wins at, its own kernels
+    select: the same positions, ties toward lower positions included."""
+    import torch
+    rs = np.random.RandomState(5)
+    d = 1 << 17
+    x = {"normal": rs.standard_normal(d),
+         "signed ties": np.round(rs.standard_normal(d), 1) * rs.choice([-1, 1], d),
+         "spikes": np.where(np.arange(d) % 2, -1.0, 0.0)}[case].astype(np.float32)
+    assert torch_kernels.host_view(torch.from_numpy(x)) is None
+    for k in (1, 1000, 5000):
+        want = topk_indices(backend_named("numpy"), np.abs(x), k)
+        got = largest_magnitudes(torch_kernels, torch.from_numpy(x), k)
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(
+            topk_indices(torch_kernels, torch.from_numpy(np.abs(x)), k).numpy(), want)
+
+
+def test_torch_selects_on_numpy_views_of_its_own_memory_only():
+    """The numpy view shares the tensor's memory, and is refused where it cannot (a
+    16-bit or strided tensor, one that needs its autograd graph)."""
+    import torch
+    bk = backend_named("torch")
+    x = torch.randn(100)
+    view = bk.host_view(x)
+    view[3] = 7.0
+    assert float(x[3]) == 7.0
+    for refused in (x.half(), x[::2], x.clone().requires_grad_()):
+        assert bk.host_view(refused) is None
+
+
 def test_numpy_and_tensor_step_numbers_draw_what_ints_draw():
     """A step given as a numpy integer, a 0-d array or an eager 0-d tensor is its value."""
     import torch

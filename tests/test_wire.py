@@ -175,6 +175,42 @@ def test_an_index_outside_the_tensor_names_its_rank(xp, bad):
     assert [xp.numpy(q.indices).tolist() for q in parts] == [[8, 9], [8, 9]]
 
 
+def test_a_header_whose_count_differs_names_its_rank(xp):
+    """Equal-size buffers whose header claims another entry count are refused, naming
+    the rank that sent it."""
+    c = hc.resolve("topk:k=2")
+    p = c.compress(xp.asarray(np.arange(10, dtype=np.float32)))
+    bk = backend_for(p.values)
+    bufs = [np.asarray(xp.numpy(pack(bk, p))).copy() for _ in range(3)]
+    bufs[1][8:12] = np.frombuffer(np.uint32(3).tobytes(), np.uint8)  # its entry count
+    with pytest.raises(HvdCompressError, match="rank 1: buffer of 40 bytes, its header "
+                       "describes 3 entries, this rank's 2"):
+        split_gathered(bk, xp.asarray(np.concatenate(bufs)), p, 3, c.fixed_size)
+
+
+@pytest.mark.parametrize("k", [1, 40])
+@pytest.mark.parametrize("n", [3, 4])
+def test_the_mean_of_sparse_payloads_scales_alike_sparse_or_dense(xp, k, n):
+    """Few positions are scaled and checked where they lie, many by a pass over the
+    tensor: both give the numpy oracle's float32 mean bit for bit, and both see a NaN."""
+    from hvd_compress.core import sparsifiers
+    rs = np.random.RandomState(k + n)
+    c = hc.resolve(f"topk:k={k}")
+    xs = [rs.standard_normal(1000).astype(np.float32) for _ in range(n)]
+    parts = [c.compress(xp.asarray(x)) for x in xs]
+    bk = backend_for(parts[0].values)
+    want = np.zeros(1000, np.float32)
+    for p in parts:
+        np.add.at(want, xp.numpy(p.indices), xp.numpy(p.values))
+    want = want * np.float32(1.0 / n)
+    assert (sparsifiers._INDEXED_COST * k * n >= 1000) == (k == 40)
+    got, finite = c.mean(bk, parts, n)
+    np.testing.assert_array_equal(xp.numpy(got), want)
+    assert bool(finite)
+    bad = parts[0]._replace(values=parts[0].values * float("nan"))
+    assert not bool(c.mean(bk, [bad] + parts[1:], n)[1])
+
+
 DEVICE_CHECKED = ["topk:k=2", "randk:k=3", "qsgd", "sign", "fp16", "topk:k=2,values=float16"]
 
 

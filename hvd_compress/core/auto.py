@@ -77,9 +77,11 @@ routes can change at every measurement without losing it.
 The top-k route is the spec's pipeline at the planned k (``topk:0.01+ef14+auto``:
 candidates from 1% up with EF14; bare ``auto`` means that): the spec's ratio is the
 least share auto sends, so a larger ratio trades bits for accuracy, a smaller one
-accuracy for speed. On a9a at 100 Mbit/s (README's demo, 4 ranks, SGD with momentum, 2
-epochs) auto planned top-k 1% + EF14 for every tensor, sent 40.8x fewer bits than dense
-and ended 1.05 points below dense's held-out accuracy (0.8335 against 0.8440).
+accuracy for speed. On a9a at 100 Mbit/s (README's demo, 4 ranks, SGD with momentum, 4
+epochs) auto planned top-k 1% + EF14 for every tensor, sent 44.8x fewer bits than dense
+and ended 0.08 points below dense's held-out accuracy (0.8397 against 0.8405); after 2
+epochs it was still 1.05 points behind (0.8335 against 0.8440): what error feedback
+holds back arrives late, so a short run shows the lag.
 
 Args:
   every: steps between measurements (500). Each measurement costs a few collectives of

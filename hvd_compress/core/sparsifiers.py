@@ -62,8 +62,16 @@ class _Sparse(Compressor):
 
     def mean(self, bk, payloads, n, out=None):
         # off the positions some rank sent, the sum is an exact zero: scale and check
-        # only those (positions may repeat across ranks)
+        # only those (positions may repeat across ranks), unless they are so many that a
+        # pass over the whole tensor costs less (an indexed read or write costs about
+        # 100 streamed entries on a CPU)
         total = self.aggregate(bk, payloads, out)
+        counts = [p.count for p in payloads]
+        if all(isinstance(c, int) for c in counts) and \
+                _INDEXED_COST * sum(counts) >= _numel(payloads[0].shape):
+            if n != 1:
+                total = bk.mul_(total, 1.0 / n)
+            return total, bk.finite_flag(total)
         at = bk.concat([p.indices for p in payloads]) if len(payloads) > 1 \
             else payloads[0].indices
         if n != 1:
@@ -83,6 +91,11 @@ class _Sparse(Compressor):
             total = bk.scatter_add(numel, p.indices, values) if total is None \
                 else bk.scatter_add_into(total, p.indices, values)
         return total
+
+
+# about how many entries a pass streams in the time one indexed entry takes (torch on a
+# CPU: 7 ns against 0.05 ns per entry at 1M entries)
+_INDEXED_COST = 100
 
 
 def _wide(bk, values):
