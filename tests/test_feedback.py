@@ -225,6 +225,35 @@ def test_telemetry_to_tensorboard_and_csv(tmp_path):
     assert lines[0].split(",")[:3] == ["step", "name", "bits"] and len(lines) == 5
 
 
+def test_telemetry_keeps_the_latest_rows_and_counts_every_one():
+    """A bounded log: the oldest rows fall out (counted), the totals keep every row, and
+    a larger bound or None keeps what comes next."""
+    from hvd_compress.core.exchange import Exchange
+    ex = Exchange("topk:k=10+ef14", measure_error=True)
+    t = ex.telemetry
+    t.max_rows = 3
+    for step in range(4):
+        for name in ("a", "b"):
+            ex.begin(backend_named("numpy"), name, grads(1, 100, step)[0], rank=0)
+    every = Exchange("topk:k=10+ef14", measure_error=True)
+    for step in range(4):
+        for name in ("a", "b"):
+            every.begin(backend_named("numpy"), name, grads(1, 100, step)[0], rank=0)
+    assert [(r.step, r.name) for r in t.rows] == [(2, "b"), (3, "a"), (3, "b")]
+    assert t.dropped == 5
+    assert (t.total_bits(), t.dense_bits(), t.summed_error()) == (
+        every.telemetry.total_bits(), every.telemetry.dense_bits(),
+        every.telemetry.summed_error())
+    assert t.total_bits() == sum(r.bits for r in every.telemetry.rows)
+    t.max_rows = 2
+    assert [r.step for r in t.rows] == [3, 3] and t.dropped == 6
+    t.max_rows = None
+    ex.begin(backend_named("numpy"), "a", grads(1, 100, 4)[0], rank=0)
+    assert len(t.rows) == 3 and t.dropped == 6
+    t.clear()
+    assert (t.rows, t.total_bits(), t.dropped) == ([], 0, 0) and np.isnan(t.summed_error())
+
+
 def test_adiana_converges_on_a_strongly_convex_problem():
     from hvd_compress.core.simulate import adiana
     rs = np.random.RandomState(0)

@@ -3,11 +3,14 @@
 Every frontend records one :class:`Record` per tensor per step: the bits its payload took
 on the wire (header included), the entries it encoded, the tensor's size, the seconds
 spent compressing and, when asked for, the compression error. Totals and ratios
-against the dense tensor come from these records; they can be written as CSV or as
+against the dense tensor count every record; the most recent rows are kept (a bounded
+log: a row takes about 220 bytes, and a model of 160 tensors trained for 100,000 steps
+would otherwise hold 3.5 GB of them per rank) and can be written as CSV or as
 TensorBoard scalars.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import threading
 from typing import NamedTuple
@@ -28,26 +31,57 @@ class Record(NamedTuple):
 
 
 class Telemetry:
-    """A thread-safe log of :class:`Record` rows (autograd hooks may run on threads)."""
+    """A thread-safe log of :class:`Record` rows (autograd hooks may run on threads).
 
-    def __init__(self) -> None:
-        self._rows: list[Record] = []
+    Args:
+      max_rows: how many of the most recent rows :attr:`rows`, :meth:`by_step`,
+        :meth:`to_csv` and :meth:`to_tensorboard` see (100,000 by default, about 22 MB;
+        None keeps every row). The totals (:meth:`total_bits`, :meth:`dense_bits`,
+        :meth:`ratio`, :meth:`summed_error`) count every row recorded since the start
+        or the last :meth:`clear`, kept or not; :attr:`dropped` says how many fell out.
+        To keep a whole long run, write the rows out as they come (``to_csv`` or
+        ``to_tensorboard`` every few thousand steps, then ``clear()``), or set it to
+        None.
+    """
+
+    def __init__(self, max_rows: int | None = 100_000) -> None:
         self._lock = threading.Lock()
+        self._rows: collections.deque[Record] = collections.deque(maxlen=max_rows)
+        self.clear()
+
+    @property
+    def max_rows(self) -> int | None:
+        return self._rows.maxlen
+
+    @max_rows.setter
+    def max_rows(self, max_rows: int | None):
+        with self._lock:
+            kept = collections.deque(self._rows, maxlen=max_rows)
+            self.dropped += len(self._rows) - len(kept)
+            self._rows = kept
 
     def record(self, row: Record):
         with self._lock:
+            if len(self._rows) == self._rows.maxlen:
+                self.dropped += 1
             self._rows.append(row)
+            self._bits += row.bits
+            self._dense += row.dense_bits
+            if row.error_sq is not None:
+                self._error_sq += row.error_sq
+                self._measured += 1
 
     @property
     def rows(self) -> list[Record]:
+        """The kept rows, oldest first (see ``max_rows``)."""
         with self._lock:
             return list(self._rows)
 
     def total_bits(self) -> int:
-        return sum(r.bits for r in self.rows)
+        return self._bits
 
     def dense_bits(self) -> int:
-        return sum(r.dense_bits for r in self.rows)
+        return self._dense
 
     def ratio(self) -> float:
         """Dense bits over sent bits (how many times fewer bits went on the wire)."""
@@ -58,8 +92,7 @@ class Telemetry:
         """sum over steps and tensors of ||e_t||^2 = ||C(v_t) - v_t||^2, the total error
         that Sahu et al. (NeurIPS 2021) show governs convergence with error feedback
         (needs ``measure_error=True``; nan if nothing was measured)."""
-        measured = [r.error_sq for r in self.rows if r.error_sq is not None]
-        return float(sum(measured)) if measured else float("nan")
+        return float(self._error_sq) if self._measured else float("nan")
 
     def by_step(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -68,8 +101,11 @@ class Telemetry:
         return out
 
     def clear(self):
+        """Forget every row and every total."""
         with self._lock:
             self._rows.clear()
+            self._bits = self._dense = self.dropped = self._measured = 0
+            self._error_sq = 0.0
 
     def to_csv(self, path: str):
         with open(path, "w", newline="") as f:
