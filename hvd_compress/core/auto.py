@@ -65,7 +65,9 @@ since the plan, it grows back by the power of two between them (float16 would
 otherwise flush the small entries of a shrinking gradient: 1e8 times smaller, most of
 them); a scale past 2^100 sends the tensor dense until the next measurement.
 
-A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
+The TensorFlow frontend keeps the plan in variables that its compiled steps read (see
+:mod:`hvd_compress.tensorflow.auto`): there step 0 goes top-k at the spec's k, and no
+tensor is cast. A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
 first measurement (the first step) every tensor goes dense; a tensor without a profile
 (one seen first after it) is planned alone from the costs (dense, or top-k at the spec's
 k). Costs and profiles are measurements, not
@@ -201,7 +203,9 @@ def cast_shift(largest: float) -> int:
 class Auto(Algorithm):
     __doc__ = __doc__
 
-    graph_safe = False  # the route is chosen on the host from measured times
+    # the plan is made on the host between steps; inside a graph (TensorFlow) the steps
+    # read it from variables (see hvd_compress.tensorflow)
+    graph_safe = True
     agree = False
 
     def __init__(self, every=500):
@@ -227,12 +231,17 @@ class Auto(Algorithm):
         largest magnitude (non-finite entries count as zeros). Summed over the ranks by
         the frontend; one top-k of the largest candidate (float64 squares: a copy of the
         tensor in float64 and one of a tenth of it, on profiling steps only)."""
+        return [float(v) for v in bk.to_numpy(self.profile_tensor(bk, flat, compressor))]
+
+    def profile_tensor(self, bk, flat, compressor):
+        """:meth:`profile` as a float64 tensor of the framework (inside a graph too)."""
         ks = self.candidates(bk.size(flat), compressor)
         x = bk.finite_or_zero(bk.astype(flat, "float64"))
         sq = x * x
         prefix = bk.cumsum(bk.topk_values(sq, max(ks)))
-        at = bk.to_numpy(bk.gather(prefix, bk.constant([k - 1 for k in ks], "int64", flat)))
-        return [float(v) for v in at] + [float(bk.sum(sq)), float(bk.max(bk.abs(x)))]
+        at = bk.gather(prefix, bk.constant([k - 1 for k in ks], "int64", flat))
+        return bk.concat([at, bk.reshape(bk.sum(sq), (1,)),
+                          bk.reshape(bk.max(bk.abs(x)), (1,))])
 
     def route(self, d: int, dtype: str, compressor, costs: Costs | None, profile=None,
               allreduce: bool = True, cast: bool = False, feedback: bool = True) -> Route:
@@ -303,8 +312,13 @@ class Auto(Algorithm):
             routes.update(fallback)
         return routes
 
-    def codec(self, k: int, like: TopK) -> TopK:
-        """Top-k at ``k`` in ``like``'s wire formats (one object per k)."""
+    def codec(self, k, like: TopK) -> TopK:
+        """Top-k at ``k`` in ``like``'s wire formats (one object per k; inside a graph k
+        is a tensor, and the payload's size follows it)."""
+        if not isinstance(k, int):
+            c = TopK(values=like.values, indices=like.indices)
+            c.k, c.size_fixed = k, False
+            return c
         key = (k, like.values, like.indices)
         if key not in self._codecs:
             self._codecs[key] = TopK(k=k, values=like.values, indices=like.indices)
@@ -320,12 +334,14 @@ def fit_costs(link_bytes, gather_bytes, link_seconds, compute_seconds,
               cast_seconds) -> Costs:
     """Costs from the agreed timings: ``link_seconds`` = allreduce of float32 at the
     sizes ``link_bytes``, allgather at ``gather_bytes``, allreduce of float16 at
-    ``link_bytes``; ``compute_seconds`` and ``cast_seconds`` at COMPUTE_SIZES."""
+    ``link_bytes``; ``compute_seconds`` and ``cast_seconds`` at COMPUTE_SIZES (None
+    where the frontend plans no cast)."""
     from .policy import calibrate
     bits, sizes, m = [8 * b for b in link_bytes], list(COMPUTE_SIZES), len(link_bytes)
     gathered = [8 * b for b in gather_bytes]
     return Costs(calibrate(bits, link_seconds[:m]), calibrate(gathered, link_seconds[m:2 * m]),
-                 calibrate(sizes, compute_seconds), calibrate(sizes, cast_seconds),
+                 calibrate(sizes, compute_seconds),
+                 calibrate(sizes, cast_seconds) if cast_seconds is not None else None,
                  calibrate(bits, link_seconds[2 * m:3 * m]))
 
 
@@ -336,4 +352,5 @@ def refuse_unmeasured(pipeline, where: str):
         raise HvdCompressError(
             f"{pipeline.spec()}: auto measures Horovod's allreduce and allgather, which "
             f"{where} does not use yet; use hvd_compress.torch.compression(...) on "
-            "Horovod's optimizer, or a fixed spec such as 'topk:0.01+ef14'")
+            "Horovod's optimizer, hvd_compress.tensorflow's tape or optimizer, or a fixed "
+            "spec such as 'topk:0.01+ef14'")

@@ -167,7 +167,7 @@ class Exchange:
         return route
 
     def begin(self, bk, name: str, tensor, rank, step=None, dense=None,
-              gather=None, overwrite: bool = False) -> Outgoing:
+              gather=None, overwrite: bool = False, level=None) -> Outgoing:
         """Compress ``tensor`` (this rank's gradient called ``name``) for the wire.
 
         ``step`` is the step counter already drawn with :meth:`next_step` (drawn here when
@@ -181,7 +181,9 @@ class Exchange:
         size per step, and auto's cast scales the tensor there (it holds the scaled
         gradient until the update is written back; a step that fails in between leaves
         it so). Nothing else keeps a reference to it: payload values are gathered copies,
-        feedback states fresh tensors."""
+        feedback states fresh tensors. ``level``: inside a graph, auto's top-k route at
+        the planned k (:meth:`Auto.codec`), which the frontend reads from its plan
+        (eagerly the exchange plans it itself)."""
         if name is None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()} needs each tensor's name to keep its state apart")
@@ -189,7 +191,6 @@ class Exchange:
             step = self.next_step(name)
         self.rank = rank
         t0 = time.perf_counter()
-        level = None
         if self._auto is not None and bk.eager():
             d, dtype = bk.size(tensor), bk.dtype(tensor)
             if self.profiling:
@@ -236,6 +237,11 @@ class Exchange:
             else None
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into)
+
+    def begin_dense(self, bk, name: str, tensor, step) -> Outgoing:
+        """auto's dense route inside a graph, where the frontend reads the plan (see
+        :meth:`begin`): the tensor goes by allreduce as it is."""
+        return self._begin_dense(bk, name, tensor, step, time.perf_counter(), None, False)
 
     def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
                      overwrite: bool) -> Outgoing:

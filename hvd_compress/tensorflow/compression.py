@@ -13,7 +13,8 @@ they also work with Keras 3, where Horovod's own wrappers do not.
 
 Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
 keyed by variable name (see :mod:`.exchange`); ``dynamic`` top-k chooses its k in the graph
-too. Stages that choose the level on the host (``dynamic`` for QSGD and ``bernoulli``,
+too, and ``auto`` reads its plan from variables that its measurements write (see
+:mod:`.auto`). Stages that choose the level on the host (``dynamic`` for QSGD and ``bernoulli``,
 ``dynamic:agree=true``) are the exception: their exchanges run eagerly inside one
 ``tf.py_function`` per step, with state in Python like the PyTorch frontend's.
 """
@@ -24,13 +25,14 @@ import sys
 import zlib
 from typing import cast
 
-from ..core.auto import refuse_unmeasured
+from ..core.auto import Auto
 from ..core.exchange import Exchange
 from ..core.ops import TensorflowBackend, backend_named
 from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
+from .auto import GraphAuto
 from .exchange import VariableExchange
 
 _PREFIX = "hvd_compress."
@@ -83,7 +85,6 @@ class Compression:
     def __init__(self, spec, seed: int = 0, measure_error: bool = False,
                  nonfinite: str = "propagate"):
         pipeline = resolve_pipeline(spec)
-        refuse_unmeasured(pipeline, "the TensorFlow frontend")
         # stages that choose on the host run eagerly, in one tf.py_function per step
         self.host_stages = pipeline.host_stages()
         kind = Exchange if self.host_stages else VariableExchange
@@ -97,6 +98,8 @@ class Compression:
             not codec.stochastic
         self._bk = cast(TensorflowBackend, backend_named("tensorflow"))
         self._compiled: dict = {}
+        # auto: the plan in variables, and its measurements (see .auto)
+        self.auto = GraphAuto(self) if isinstance(self.pipeline.policy, Auto) else None
 
     def __repr__(self):
         return f"hvd_compress.tensorflow.compression({self.pipeline.spec()!r})"
@@ -157,6 +160,11 @@ class Compression:
             return p.values, p
         name, op, process_set, variables = found
         self.exchange.model_size = model_size(variables)
+        if self.auto is not None:
+            raise HvdCompressError(
+                f"{self.pipeline.spec()}: auto plans every variable together at its "
+                "measurements, which Horovod's own tape and optimizer hand over one by one; "
+                "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
         if self.host_stages:
             raise HvdCompressError(
                 f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
@@ -216,6 +224,10 @@ class Compression:
             if self.host_stages:
                 updates = self._on_host([names[i] for i in dense], [out[i] for i in dense],
                                         op, process_set, gradient_predivide_factor)
+            elif self.auto is not None and dense:
+                updates = self.auto.reduce([names[i] for i in dense],
+                                           [out[i] for i in dense], op, process_set,
+                                           gradient_predivide_factor)
             else:
                 updates = [self._exchange(names[i], out[i], op, process_set,
                                           gradient_predivide_factor) for i in dense]
@@ -285,9 +297,11 @@ class Compression:
                                  name="hvd_compress_host_level")
         return [tf.ensure_shape(u, g.shape) for u, g in zip(updates, grads)]
 
-    def _move(self, out, op, process_set, predivide=1.0, suffix=""):
+    def _move(self, out, op, process_set, predivide=1.0, suffix="", check=True):
         """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named
-        after the variable) and decode the update."""
+        after the variable) and decode the update. ``check``: an allreduced payload's
+        fingerprints are gathered and checked beside it (auto's dense route agrees on
+        them at its measurements instead)."""
         import horovod.tensorflow as hvd
         tf, bk, ex = self._bk.tf, self._bk, self.exchange
         if op == hvd.Adasum:
@@ -299,8 +313,9 @@ class Compression:
             reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
                                     prescale_factor=pre, postscale_factor=post,
                                     ignore_name_scope=True)
-            with tf.control_dependencies([self._check_stamps(out, coll, process_set)]):
-                reduced = tf.identity(reduced)
+            if check:
+                with tf.control_dependencies([self._check_stamps(out, coll, process_set)]):
+                    reduced = tf.identity(reduced)
             return ex.finish_allreduced(bk, reduced, out, n, summed)
         gathered = hvd.allgather(out.wire, name=coll, process_set=process_set,
                                  ignore_name_scope=True)

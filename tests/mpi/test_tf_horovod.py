@@ -243,6 +243,77 @@ def test_host_side_levels_need_hvd_compress_wrappers():
         tape.gradient(loss, model.vars)
 
 
+def test_auto_routes_every_variable_by_one_plan_on_every_rank(monkeypatch):
+    """auto inside tf.function: step 0 is top-k at the spec's k; the measurements (steps
+    1, 3, 5) plan from the costs (forced here: dense cheap, then top-k cheap) and every
+    rank reads the same plan. The dense route is Horovod's plain average, bit for bit,
+    and leaves EF14's residual as it was; the top-k route at the planned k sends what
+    the residual gives up (conservation, exact); replicas stay identical. The loss is
+    linear, so each gradient is known exactly outside the graph."""
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.tensorflow import auto as graph_auto
+
+    dense_cheap = Costs((0.0, 1e-15), (1.0, 1e-3), (1.0, 1e-3))
+    topk_cheap = Costs((0.0, 1.0), (0.0, 1e-15), (0.0, 1e-15))
+    costs = {"now": dense_cheap}
+    monkeypatch.setattr(graph_auto, "fit_costs", lambda *a: costs["now"])
+    model, comp = Model(), hctf.compression("topk:0.1+ef14+auto:every=2")
+    names = ["dense/kernel", "dense/bias", "out/kernel"]
+
+    @tf.function
+    def step_fn(cs):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(v * c) for v, c in zip(model.vars, cs)])
+        return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss,
+                                                                             model.vars)
+    oracle = {n: Workers("topk:0.1+ef14", size, name=n) for n in names}
+    for step in range(6):
+        if step == 3:
+            costs["now"] = topk_cheap
+        rs = np.random.RandomState(100 * rank + step)
+        local = [rs.standard_normal(v.shape).astype(np.float32) for v in model.vars]
+        before = {n: comp.exchange.variables[n].residual.numpy().copy()
+                  for n in names if n in comp.exchange.variables}
+        got = step_fn([tf.constant(c) for c in local])
+        plan = {n: (int(r.numpy()), int(k.numpy())) for n, (r, k, _) in comp.auto._vars.items()}
+        assert all(p == plan for p in hvd.allgather_object(plan))
+        for name, g_local, g in zip(names, local, got):
+            route, k = plan[name]
+            residual = comp.exchange.variables[name].residual.numpy()
+            flat = g_local.reshape(-1)
+            if step == 0:  # top-k at the spec's k, as the plain spec sends it
+                gathered = hvd.allgather(tf.constant(flat[None]))
+                want = oracle[name].step([gathered[r] for r in range(size)])
+                np.testing.assert_allclose(tf.reshape(g, -1).numpy(), want.numpy(),
+                                           rtol=1e-6, atol=1e-7)
+            elif route == graph_auto.DENSE:
+                assert 1 <= step < 3, (step, name)
+                np.testing.assert_array_equal(g.numpy(),
+                                              hvd.allreduce(tf.constant(g_local)).numpy())
+                np.testing.assert_array_equal(residual, before[name])
+            else:
+                assert step >= 3, (step, name, plan)
+                sent = (before[name] + flat) - residual
+                assert 1 <= np.count_nonzero(sent) <= k
+                parts = hvd.allgather(tf.constant(sent[None])).numpy()
+                want = np.zeros_like(sent)
+                for r in range(size):  # rank order, float32, as the exchange sums
+                    want = want + parts[r]
+                np.testing.assert_array_equal(tf.reshape(g, -1).numpy(),
+                                              want * np.float32(1.0 / size))
+        for v, g in zip(model.vars, got):
+            v.assign_sub(0.5 * g)
+    assert {r.kind for r in comp.auto.routes.values()} == {"topk"}
+    flat = tf.concat([tf.reshape(v, -1) for v in model.vars], 0)
+    everyone = hvd.allgather(tf.reshape(flat, (1, -1))).numpy()
+    assert (everyone == everyone[0]).all(), "weights differ across ranks"
+    with tf.GradientTape() as tape:
+        loss = model.loss(*data(0))
+    with pytest.raises(Exception, match="auto plans every variable together"):
+        hvd.DistributedGradientTape(tape, compression=hctf.compression("auto")).gradient(
+            loss, model.vars)
+
+
 def test_stateful_spec_strings_need_one_compression_object():
     with tf.GradientTape() as tape:
         pass

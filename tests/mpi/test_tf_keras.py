@@ -166,6 +166,19 @@ def test_keras3_fit_with_the_dynamic_level():
     assert len({r.count for r in rows}) > 1  # the level moves with the gradients
 
 
+def test_keras3_fit_with_auto_plans_inside_the_graph_and_keeps_accuracy():
+    """auto inside model.fit: its measurements (steps 1, 101, ...) run inside the compiled
+    step, every rank plans alike and trains the same weights, within 1% of dense."""
+    comp = hctf.compression("auto:every=100")
+    model = fit(keras, hctf.DistributedOptimizer(keras.optimizers.SGD(0.2), compression=comp))
+    assert_same_weights(model)
+    assert comp.auto.costs is not None and set(comp.auto.routes) == \
+        {v.path for v in model.trainable_variables}
+    plans = hvd.allgather_object(sorted(comp.auto.routes.items()))
+    assert all(p == plans[0] for p in plans)
+    assert accuracy(model) >= dense_accuracy() - 0.01
+
+
 def test_keras3_loss_scaling_and_accumulation_are_refused():
     from hvd_compress import HvdCompressError
     with pytest.raises(HvdCompressError, match="loss scaling"):

@@ -1,0 +1,239 @@
+"""``auto`` inside TensorFlow graphs: the plan lives in variables that the steps read.
+
+The rule is PyTorch's (:mod:`hvd_compress.core.auto`); what differs is where it runs.
+Inside ``tf.function`` (and so inside ``model.fit``) Python runs only when the step is
+traced, so every tensor's route is a pair of ``tf.Variable``s (dense or top-k, and k)
+and the step branches on them (``tf.cond``: every rank reads the same plan, so every rank
+takes the same branch and issues the same collectives):
+
+* dense: the gradient goes by Horovod's allreduce as it is (named ``<variable>.dense``);
+* top-k: the spec's pipeline at the planned k, a tensor (``tf.math.top_k`` takes one),
+  its payload gathered as every top-k payload is (named after the variable).
+
+On the step before a measurement every rank writes each gradient's profile (the energy
+of its largest entries for each candidate k, in the graph) into a variable; at the
+measurement, before the step's first exchange, one ``tf.py_function`` times Horovod's
+allreduce and allgather eagerly on the training's process set, and the top-k route
+compiled as the steps run it, takes the slowest rank's times and the sum of the
+profiles, plans every tensor and writes the plan. The first measurement is on step 1 and
+then every ``every`` steps. Step 0 sends every tensor through top-k at the spec's k (its
+feedback keeps the rest): a rank configured with another top-k spec then meets this one
+in the same allgather, whose headers refuse it on every rank.
+
+No float16 cast route: the casts' scale follows each step's sum on the host, which a
+graph cannot; on a link fast enough for it, the tensor goes dense. Costs and plans are
+measurements, not training state: a restored model measures again (steps 0 and 1).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from ..core.auto import (
+    COMPUTE_SIZES,
+    LINK_BYTES,
+    LINK_MAX_BYTES,
+    LINK_SECONDS,
+    Auto,
+    Costs,
+    fit_costs,
+)
+from ..core.exchange import Exchange
+from ..core.ops import ITEMSIZE
+from ..core.pipeline import Pipeline
+from ..core.transport import Transport, best_of
+from ..errors import HvdCompressError
+
+DENSE, TOPK = 0, 1  # a route variable's values
+
+
+class HorovodLink(Transport):
+    """Eager Horovod collectives on a process set, for the measurements (TensorFlow)."""
+
+    sums_float16 = False  # no cast route in a graph (see the module docstring)
+
+    def __init__(self, process_set):
+        self.process_set = process_set
+
+    def _timed(self, kind, nbytes, name, device):
+        import tensorflow as tf
+        import horovod.tensorflow as hvd
+        ps = self.process_set
+        if kind == "allgather":
+            buf = tf.zeros([nbytes], tf.uint8)
+            return best_of(2, lambda i: hvd.allgather(buf, name=f"{name}.{i}", process_set=ps,
+                                                      ignore_name_scope=True).numpy())
+        buf = tf.zeros([nbytes // 4], tf.float32)
+        return best_of(2, lambda i: hvd.allreduce(buf, name=f"{name}.{i}", process_set=ps,
+                                                  ignore_name_scope=True).numpy())
+
+    def over_ranks(self, values, name, op="max"):
+        import tensorflow as tf
+        import horovod.tensorflow as hvd
+        return [float(v) for v in hvd.allreduce(
+            tf.constant(values, tf.float64), op=hvd.Max if op == "max" else hvd.Sum,
+            name=name, process_set=self.process_set, ignore_name_scope=True).numpy()]
+
+
+class GraphAuto:
+    """A :class:`~hvd_compress.tensorflow.Compression`'s auto plan and its measurements.
+
+    Attributes:
+      costs: the last measurement's :class:`~hvd_compress.core.auto.Costs`, every rank's
+        alike (None before the first).
+      routes: name -> the :class:`~hvd_compress.core.auto.Route` the last plan chose.
+    """
+
+    def __init__(self, compression):
+        self.compression = compression
+        self.auto: Auto = compression.pipeline.policy
+        self.costs: Costs | None = None
+        self.routes: dict = {}
+        self._vars: dict[str, tuple] = {}   # name -> (route, k, profile) variables
+        self._shapes: dict[str, tuple] = {}  # name -> (entries, dtype)
+        self._step: Any = None
+        self._measure_at: Any = None
+        self._measured = 0
+        self._compute: dict[int, list] = {}  # ranks -> the top-k route's seconds per size
+
+    def reduce(self, names, grads, op, process_set, predivide):
+        """The updates of ``grads`` (named ``names``) by their planned routes, inside the
+        graph being traced."""
+        import tensorflow as tf
+        c = self.compression
+        bk, ex, compressor = c._bk, c.exchange, c.pipeline.compressor
+        self._create(names, grads)
+        n = process_set.size()
+        if n not in self._compute:  # timed where the step is traced (see _time_route)
+            with tf.init_scope():
+                self._compute[n] = [self._time_route(d, n) for d in COMPUTE_SIZES]
+        step = self._step.assign_add(1) - 1
+        with tf.control_dependencies([self._profile(step, names, grads)]):
+            done = tf.cond(step >= self._measure_at,
+                           lambda: tf.py_function(
+                               lambda s: self._measure(int(s), names, process_set), [step],
+                               tf.int64, name="hvd_compress_auto_measure"),
+                           lambda: step)
+        updates = []
+        with tf.control_dependencies([done]):
+            for name, g in zip(names, grads):
+                route, k, _ = self._vars[name]
+                route, k = route.read_value(), k.read_value()
+                at = ex.next_step(name)
+
+                def dense(name=name, g=g, at=at):
+                    out = ex.begin_dense(bk, name, g, at)
+                    return c._move(out, op, process_set, predivide, ".dense", check=False)
+
+                def topk(name=name, g=g, at=at, k=k):
+                    out = ex.begin(bk, name, g, process_set.rank(), step=at,
+                                   level=self.auto.codec(k, compressor))
+                    return c._move(out, op, process_set, predivide)
+                updates.append(tf.cond(tf.equal(route, DENSE), dense, topk))
+        return updates
+
+    def _create(self, names, grads):
+        """Each tensor's plan variables (top-k at the spec's k until the first plan), and
+        the step counter, made once outside the graph."""
+        import tensorflow as tf
+        c = self.compression
+        with tf.init_scope():
+            if self._step is None:
+                self._step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                         name="hvd_compress/auto/step")
+                self._measure_at = tf.Variable(1, dtype=tf.int64, trainable=False,
+                                               name="hvd_compress/auto/measure_at")
+            for name, g in zip(names, grads):
+                if name in self._vars:
+                    continue
+                d = g.shape.num_elements()
+                if d is None:
+                    raise HvdCompressError(
+                        f"gradient {name!r} has shape {g.shape} inside the graph: auto plans "
+                        "by each tensor's size, which must be static")
+                slots = len(self.auto.candidates(d, c.pipeline.compressor)) + 2
+                self._shapes[name] = (d, g.dtype.name)
+                self._vars[name] = (
+                    tf.Variable(TOPK, dtype=tf.int32, trainable=False),
+                    tf.Variable(c.pipeline.compressor.k_for(d, name), dtype=tf.int32,
+                                trainable=False),
+                    tf.Variable(tf.zeros([slots], tf.float64), trainable=False))
+
+    def _profile(self, step, names, grads):
+        """On the step before a measurement, this rank's profile of each gradient into
+        its variable (the graph's own top-k; see :meth:`Auto.profile`), under one
+        conditional for all of them."""
+        import tensorflow as tf
+        c = self.compression
+
+        def write():
+            for name, g in zip(names, grads):
+                self._vars[name][2].assign(self.auto.profile_tensor(
+                    c._bk, tf.reshape(g, [-1]), c.pipeline.compressor))
+            return tf.constant(True)
+        return tf.cond(tf.equal(step, self._measure_at - 1), write,
+                       lambda: tf.constant(False))
+
+    def _measure(self, step: int, names, process_set) -> int:
+        """Eagerly, inside the step: time the link and the top-k route, agree with every
+        rank, plan every tensor and write the plan (see the module docstring)."""
+        c = self.compression
+        link, tag = HorovodLink(process_set), f"hvd_compress.auto:{self._measured}"
+        n = process_set.size()
+        order = sorted(names)
+        largest = max(d * ITEMSIZE[dt] for d, dt in (self._shapes[m] for m in order))
+        big = link.link_size(LINK_BYTES[1], LINK_SECONDS, min(largest, LINK_MAX_BYTES),
+                             f"{tag}.size", None)
+        sizes = (LINK_BYTES[0], big)
+        gather_sizes = (LINK_BYTES[0], max(LINK_BYTES[1], min(big, LINK_MAX_BYTES // n)))
+        times = link.time_link(sizes, gather_sizes, tag, None)
+        compute = self._compute[n]
+        floats = [float(v) for m in order for v in self._vars[m][2].numpy()]
+        mine = zlib.crc32(repr((c.pipeline.spec(), [(m, self._shapes[m]) for m in order]))
+                          .encode())
+        agreed = link.over_ranks(times + compute + [len(floats), -len(floats), mine, -mine],
+                                 f"{tag}.agree")
+        if agreed[-4] != -agreed[-3] or agreed[-2] != -agreed[-1]:
+            raise HvdCompressError(
+                f"auto: ranks plan different variables or specs on step {step} (this rank: "
+                f"{c.pipeline.spec()!r}, {len(order)} variables); every rank must reduce "
+                "the same variables with the same spec")
+        m = 3 * len(sizes)
+        self.costs = fit_costs(sizes, gather_sizes, agreed[:m],
+                               agreed[m:m + len(COMPUTE_SIZES)], None)
+        sums = iter(link.over_ranks(floats, f"{tag}.profiles", op="sum"))
+        tensors = {name: (*self._shapes[name],
+                          [next(sums) for _ in range(self._vars[name][2].shape[0])])
+                   for name in order}
+        self.routes = self.auto.plan(tensors, c.pipeline.compressor, self.costs,
+                                     allreduce=("float32", "float64"),
+                                     feedback=c.pipeline.feedback is not None)
+        for name, route in self.routes.items():
+            kind, k, _ = self._vars[name]
+            kind.assign(DENSE if route.kind == "dense" else TOPK)
+            if route.kind == "topk":
+                k.assign(route.k)
+        self._measure_at.assign(step + self.auto.every)
+        self._measured += 1
+        return step
+
+    def _time_route(self, d: int, n: int) -> float:
+        """Seconds of the top-k route's own work on a tensor of ``d`` entries (compress
+        and the decoding of n ranks' payloads), compiled as the steps run it. Timed once,
+        eagerly, when the step is first traced: inside the measurement's
+        ``tf.py_function`` a compiled function whose host callbacks need the Python lock
+        that function holds would wait forever, and the compute, unlike the link, does
+        not change while training runs."""
+        import tensorflow as tf
+        c = self.compression
+        bk = c._bk
+        scratch = Exchange(Pipeline(c.pipeline.compressor, c.pipeline.feedback),
+                           transport="scratch")
+        x = tf.random.stateless_normal([d], seed=[d, 0])
+
+        @tf.function(autograph=False)
+        def route(x):
+            out = scratch.begin(bk, f"x{d}", x, 0, step=0)
+            return scratch.finish_gathered(bk, tf.concat([out.wire] * n, 0), out, n, False)
+        route(x)  # traced here, not timed
+        return best_of(3, lambda i: route(x).numpy())
