@@ -363,7 +363,12 @@ class Exchange:
         average), shaped like the input; a sum stays a sum."""
         self.world_size = n
         if outgoing.dense_route:  # Horovod's own result, as uncompressed Horovod returns it
-            if self.nonfinite == "raise" and not bk.all_finite(out):
+            if self.nonfinite == "raise" and not bk.eager():  # checked when the step runs
+                bad = bk.tf.logical_not(bk.all_finite(out))
+                with bk.tf.control_dependencies([self._refuse_in_graph(bk, outgoing.name, bad,
+                                                                       None)]):
+                    out = bk.tf.identity(out)
+            elif self.nonfinite == "raise" and not bk.all_finite(out):
                 self._refuse_nonfinite(outgoing.name, outgoing.step, None, outgoing.shift)
             if outgoing.shift is not None:
                 out = cast_from_wire(bk, out, outgoing.dtype, outgoing.shift, outgoing.into)

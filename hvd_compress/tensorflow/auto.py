@@ -10,24 +10,28 @@ takes the same branch and issues the same collectives):
 * top-k: the spec's pipeline at the planned k, a tensor (``tf.math.top_k`` takes one),
   its payload gathered as every top-k payload is (named after the variable).
 
-On the step before a measurement every rank writes each gradient's profile (the energy
-of its largest entries for each candidate k, in the graph) into a variable; at the
-measurement, before the step's first exchange, one ``tf.py_function`` times Horovod's
-allreduce and allgather eagerly on the training's process set, and the top-k route
-compiled as the steps run it, takes the slowest rank's times and the sum of the
-profiles, plans every tensor and writes the plan. The first measurement is on step 1 and
-then every ``every`` steps. Step 0 sends every tensor through top-k at the spec's k (its
-feedback keeps the rest): a rank configured with another top-k spec then meets this one
-in the same allgather, whose headers refuse it on every rank.
+At a measurement (step 1, then every ``every`` steps), before the step's first
+exchange, every rank writes each gradient's profile of this step (the energy of its
+largest entries for each candidate k, in the graph) into a variable; then one
+``tf.py_function`` times Horovod's allreduce and allgather eagerly on the training's
+process set, takes the slowest rank's times (and of the top-k route, timed compiled when
+the step was first traced) and the sum of the profiles, plans every tensor and writes
+the plan. Each place that reduces a set of variables (a tape's or an optimizer's call)
+keeps its own step count and schedule, so one compression object can serve several.
+Step 0 sends every tensor through top-k at the spec's k (its feedback keeps the rest): a
+rank configured with another top-k spec then meets this one in the same allgather, whose
+headers refuse it on every rank. Warm-up steps (``+warmup:N``) go dense.
 
 No float16 cast route: the casts' scale follows each step's sum on the host, which a
-graph cannot; on a link fast enough for it, the tensor goes dense. Costs and plans are
-measurements, not training state: a restored model measures again (steps 0 and 1).
+graph cannot; on a link fast enough for it, the tensor goes dense. A tensor planned dense
+keeps its feedback residual (what step 0's top-k left, about all of that step's
+gradient at 1%) until a later plan sends it through top-k again, as in PyTorch when a
+plan turns a tensor from top-k to dense. Costs and plans are measurements, not training
+state: a restored model measures again (step 1 of the restored run).
 """
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 from ..core.auto import (
     COMPUTE_SIZES,
@@ -75,13 +79,30 @@ class HorovodLink(Transport):
             name=name, process_set=self.process_set, ignore_name_scope=True).numpy()]
 
 
+class _Site:
+    """One place that reduces a set of variables together (a tape's or an optimizer's
+    call, over one process set): its own step count and measurement schedule, so that a
+    compression object shared by two of them plans each from its own gradients."""
+
+    def __init__(self, names, process_set):
+        import tensorflow as tf
+        self.names = list(names)
+        self.tag = f"{zlib.crc32(repr((sorted(names), process_set.process_set_id)).encode()):08x}"
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name=f"hvd_compress/auto/{self.tag}/step")
+        self.measure_at = tf.Variable(1, dtype=tf.int64, trainable=False,
+                                      name=f"hvd_compress/auto/{self.tag}/measure_at")
+        self.measured = 0
+
+
 class GraphAuto:
     """A :class:`~hvd_compress.tensorflow.Compression`'s auto plan and its measurements.
 
     Attributes:
       costs: the last measurement's :class:`~hvd_compress.core.auto.Costs`, every rank's
         alike (None before the first).
-      routes: name -> the :class:`~hvd_compress.core.auto.Route` the last plan chose.
+      routes: name -> the :class:`~hvd_compress.core.auto.Route` the last plan of its
+        variable chose.
     """
 
     def __init__(self, compression):
@@ -91,9 +112,7 @@ class GraphAuto:
         self.routes: dict = {}
         self._vars: dict[str, tuple] = {}   # name -> (route, k, profile) variables
         self._shapes: dict[str, tuple] = {}  # name -> (entries, dtype)
-        self._step: Any = None
-        self._measure_at: Any = None
-        self._measured = 0
+        self._sites: dict[tuple, _Site] = {}
         self._compute: dict[int, list] = {}  # ranks -> the top-k route's seconds per size
 
     def reduce(self, names, grads, op, process_set, predivide):
@@ -102,24 +121,31 @@ class GraphAuto:
         import tensorflow as tf
         c = self.compression
         bk, ex, compressor = c._bk, c.exchange, c.pipeline.compressor
-        self._create(names, grads)
+        site = self._create(names, grads, process_set)
         n = process_set.size()
         if n not in self._compute:  # timed where the step is traced (see _time_route)
             with tf.init_scope():
                 self._compute[n] = [self._time_route(d, n) for d in COMPUTE_SIZES]
-        step = self._step.assign_add(1) - 1
-        with tf.control_dependencies([self._profile(step, names, grads)]):
-            done = tf.cond(step >= self._measure_at,
-                           lambda: tf.py_function(
-                               lambda s: self._measure(int(s), names, process_set), [step],
-                               tf.int64, name="hvd_compress_auto_measure"),
-                           lambda: step)
+        step = site.step.assign_add(1) - 1
+
+        def measure():
+            """This step's profiles, then the measurement (it reads them)."""
+            written = [self._vars[name][2].assign(self.auto.profile_tensor(
+                bk, tf.reshape(g, [-1]), compressor)) for name, g in zip(names, grads)]
+            with tf.control_dependencies(written):
+                return tf.py_function(lambda s: self._measure(int(s), site, process_set),
+                                      [step], tf.int64, name="hvd_compress_auto_measure")
+        done = tf.cond(step >= site.measure_at, measure, lambda: step)
+        warmup = c.pipeline.dense_steps
         updates = []
         with tf.control_dependencies([done]):
             for name, g in zip(names, grads):
                 route, k, _ = self._vars[name]
                 route, k = route.read_value(), k.read_value()
                 at = ex.next_step(name)
+                dense_now = tf.equal(route, DENSE)
+                if warmup:  # warm-up steps are dense whatever the plan
+                    dense_now = tf.logical_or(dense_now, at < warmup)
 
                 def dense(name=name, g=g, at=at):
                     out = ex.begin_dense(bk, name, g, at)
@@ -127,22 +153,21 @@ class GraphAuto:
 
                 def topk(name=name, g=g, at=at, k=k):
                     out = ex.begin(bk, name, g, process_set.rank(), step=at,
+                                   dense=False if warmup else None,
                                    level=self.auto.codec(k, compressor))
                     return c._move(out, op, process_set, predivide)
-                updates.append(tf.cond(tf.equal(route, DENSE), dense, topk))
+                updates.append(tf.cond(dense_now, dense, topk))
         return updates
 
-    def _create(self, names, grads):
+    def _create(self, names, grads, process_set) -> _Site:
         """Each tensor's plan variables (top-k at the spec's k until the first plan), and
-        the step counter, made once outside the graph."""
+        the call site's step counter, made once outside the graph."""
         import tensorflow as tf
         c = self.compression
+        key = (tuple(names), process_set.process_set_id)
         with tf.init_scope():
-            if self._step is None:
-                self._step = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                         name="hvd_compress/auto/step")
-                self._measure_at = tf.Variable(1, dtype=tf.int64, trainable=False,
-                                               name="hvd_compress/auto/measure_at")
+            if key not in self._sites:
+                self._sites[key] = _Site(names, process_set)
             for name, g in zip(names, grads):
                 if name in self._vars:
                     continue
@@ -151,36 +176,23 @@ class GraphAuto:
                     raise HvdCompressError(
                         f"gradient {name!r} has shape {g.shape} inside the graph: auto plans "
                         "by each tensor's size, which must be static")
-                slots = len(self.auto.candidates(d, c.pipeline.compressor)) + 2
+                ks = self.auto.candidates(d, c.pipeline.compressor)
                 self._shapes[name] = (d, g.dtype.name)
                 self._vars[name] = (
                     tf.Variable(TOPK, dtype=tf.int32, trainable=False),
-                    tf.Variable(c.pipeline.compressor.k_for(d, name), dtype=tf.int32,
-                                trainable=False),
-                    tf.Variable(tf.zeros([slots], tf.float64), trainable=False))
+                    tf.Variable(ks[0], dtype=tf.int32, trainable=False),
+                    tf.Variable(tf.zeros([len(ks) + 2], tf.float64), trainable=False))
+        return self._sites[key]
 
-    def _profile(self, step, names, grads):
-        """On the step before a measurement, this rank's profile of each gradient into
-        its variable (the graph's own top-k; see :meth:`Auto.profile`), under one
-        conditional for all of them."""
-        import tensorflow as tf
-        c = self.compression
-
-        def write():
-            for name, g in zip(names, grads):
-                self._vars[name][2].assign(self.auto.profile_tensor(
-                    c._bk, tf.reshape(g, [-1]), c.pipeline.compressor))
-            return tf.constant(True)
-        return tf.cond(tf.equal(step, self._measure_at - 1), write,
-                       lambda: tf.constant(False))
-
-    def _measure(self, step: int, names, process_set) -> int:
+    def _measure(self, step: int, site: _Site, process_set) -> int:
         """Eagerly, inside the step: time the link and the top-k route, agree with every
-        rank, plan every tensor and write the plan (see the module docstring)."""
+        rank, plan every tensor of ``site`` and write the plan (see the module
+        docstring)."""
         c = self.compression
-        link, tag = HorovodLink(process_set), f"hvd_compress.auto:{self._measured}"
+        link = HorovodLink(process_set)
+        tag = f"hvd_compress.auto:{site.tag}:{site.measured}"
         n = process_set.size()
-        order = sorted(names)
+        order = sorted(site.names)
         largest = max(d * ITEMSIZE[dt] for d, dt in (self._shapes[m] for m in order))
         big = link.link_size(LINK_BYTES[1], LINK_SECONDS, min(largest, LINK_MAX_BYTES),
                              f"{tag}.size", None)
@@ -205,16 +217,17 @@ class GraphAuto:
         tensors = {name: (*self._shapes[name],
                           [next(sums) for _ in range(self._vars[name][2].shape[0])])
                    for name in order}
-        self.routes = self.auto.plan(tensors, c.pipeline.compressor, self.costs,
-                                     allreduce=("float32", "float64"),
-                                     feedback=c.pipeline.feedback is not None)
-        for name, route in self.routes.items():
+        routes = self.auto.plan(tensors, c.pipeline.compressor, self.costs,
+                                allreduce=("float32", "float64"),
+                                feedback=c.pipeline.feedback is not None)
+        self.routes.update(routes)
+        for name, route in routes.items():
             kind, k, _ = self._vars[name]
             kind.assign(DENSE if route.kind == "dense" else TOPK)
             if route.kind == "topk":
                 k.assign(route.k)
-        self._measure_at.assign(step + self.auto.every)
-        self._measured += 1
+        site.measure_at.assign(step + self.auto.every)
+        site.measured += 1
         return step
 
     def _time_route(self, d: int, n: int) -> float:

@@ -314,6 +314,66 @@ def test_auto_routes_every_variable_by_one_plan_on_every_rank(monkeypatch):
             loss, model.vars)
 
 
+def test_auto_shared_by_two_tapes_plans_each_from_its_own_gradients(monkeypatch):
+    """One compression object, two call sites (two variable sets): each measures on its
+    own schedule and plans its own variables from its own profiles; with every=1 the
+    profiles follow the gradients; warm-up steps go dense; a spec's k above a tensor's
+    size is clamped to it."""
+    from hvd_compress.core.auto import Costs, Route
+    from hvd_compress.tensorflow import auto as graph_auto
+    monkeypatch.setattr(graph_auto, "fit_costs",
+                        lambda *a: Costs((0.0, 1.0), (0.0, 1e-15), (0.0, 1e-15)))
+    comp = hctf.compression("topk:k=20+ef14+auto:every=1+warmup:2")
+    a, b = tf.Variable(tf.zeros([40]), name="a"), tf.Variable(tf.zeros([8]), name="b")
+
+    def trainer(var):
+        @tf.function
+        def step_fn(c):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(var * c)
+            return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss,
+                                                                                 [var])[0]
+        return step_fn
+    steps = {"a": trainer(a), "b": trainer(b)}
+    for step in range(4):
+        for var, scale in ((a, 1.0), (b, 100.0)):
+            c = np.full(var.shape, scale * (step + 1) * (rank + 1), np.float32)
+            got = steps[var.name[:-2]](tf.constant(c))
+            profile = comp.auto._vars[var.name[:-2]][2].numpy()
+            if step >= 1:  # measured this step: this rank's gradient of this step
+                assert profile[-1] == scale * (step + 1) * (rank + 1)
+            if step < 2:   # warm-up: dense, Horovod's own average
+                np.testing.assert_array_equal(got.numpy(),
+                                              hvd.allreduce(tf.constant(c)).numpy())
+    assert set(comp.auto.routes) == {"a", "b"}
+    assert comp.auto.routes["b"] == Route("topk", 8)  # k=20 clamped to the 8 entries
+    rows = [r for r in comp.telemetry.rows if r.name == "b"]
+    assert [r.count for r in rows] == [8, 8, 8, 8]
+
+
+def test_auto_with_nonfinite_raise_stops_every_rank_on_a_dense_step(monkeypatch):
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.tensorflow import auto as graph_auto
+    monkeypatch.setattr(graph_auto, "fit_costs",
+                        lambda *a: Costs((0.0, 1e-15), (1.0, 1e-3), (1.0, 1e-3)))
+    comp = hctf.compression("auto", nonfinite="raise")
+    v = tf.Variable(tf.zeros([300]), name="v")
+
+    @tf.function
+    def step_fn(c):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(v * c)
+        return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, [v])[0]
+    for step in range(2):
+        step_fn(tf.ones([300]))
+    assert comp.auto.routes["v"].kind == "dense"
+    bad = np.ones(300, np.float32)
+    if rank == 1:
+        bad[5] = np.nan
+    with pytest.raises(Exception, match="gradient 'v' holds NaN or infinite"):
+        step_fn(tf.constant(bad))
+
+
 def test_stateful_spec_strings_need_one_compression_object():
     with tf.GradientTape() as tape:
         pass
