@@ -20,7 +20,11 @@ the plan. Each place that reduces a set of variables (a tape's or an optimizer's
 keeps its own step count and schedule, so one compression object can serve several.
 Step 0 sends every tensor through top-k at the spec's k (its feedback keeps the rest): a
 rank configured with another top-k spec then meets this one in the same allgather, whose
-headers refuse it on every rank. Warm-up steps (``+warmup:N``) go dense.
+headers refuse it on every rank; a measurement also refuses ranks whose spec, seed,
+nonfinite rule or variables differ (the dense route's payloads carry no header).
+Warm-up steps (``+warmup:N``) go dense, and a dtype Horovod's TF allreduce cannot sum
+(bfloat16) always goes top-k. Two measurements traced into one step (two tapes) run one
+after the other, in the order they were traced.
 
 No float16 cast route: the casts' scale follows each step's sum on the host, which a
 graph cannot; on a link fast enough for it, the tensor goes dense. A tensor planned dense
@@ -49,6 +53,7 @@ from ..core.transport import Transport, best_of
 from ..errors import HvdCompressError
 
 DENSE, TOPK = 0, 1  # a route variable's values
+ALLREDUCED = ("float16", "float32", "float64")  # what Horovod's TF allreduce sums
 
 
 class HorovodLink(Transport):
@@ -81,18 +86,21 @@ class HorovodLink(Transport):
 
 class _Site:
     """One place that reduces a set of variables together (a tape's or an optimizer's
-    call, over one process set): its own step count and measurement schedule, so that a
+    call, over one process set). Its step count and measurement schedule are those of its
+    first variable by name (that variable's own counters: no variable is made for the
+    site, so a step retraced with another set of gradients can plan them too), so that a
     compression object shared by two of them plans each from its own gradients."""
 
     def __init__(self, names, process_set):
-        import tensorflow as tf
-        self.names = list(names)
-        self.tag = f"{zlib.crc32(repr((sorted(names), process_set.process_set_id)).encode()):08x}"
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                name=f"hvd_compress/auto/{self.tag}/step")
-        self.measure_at = tf.Variable(1, dtype=tf.int64, trainable=False,
-                                      name=f"hvd_compress/auto/{self.tag}/measure_at")
+        self.names = sorted(names)
+        self.tag = f"{zlib.crc32(repr((self.names, process_set.process_set_id)).encode()):08x}"
         self.measured = 0
+
+
+#: per graph being traced, the last measurement made in it: measurements run one after
+#: another, in the order the sites were traced (the same on every rank), since Horovod's
+#: eager collectives of two at once would meet each other's
+_LAST_MEASUREMENT: dict = {}
 
 
 class GraphAuto:
@@ -110,7 +118,8 @@ class GraphAuto:
         self.auto: Auto = compression.pipeline.policy
         self.costs: Costs | None = None
         self.routes: dict = {}
-        self._vars: dict[str, tuple] = {}   # name -> (route, k, profile) variables
+        # name -> (route, k, profile, the step of its next measurement) variables
+        self._vars: dict[str, tuple] = {}
         self._shapes: dict[str, tuple] = {}  # name -> (entries, dtype)
         self._sites: dict[tuple, _Site] = {}
         self._compute: dict[int, list] = {}  # ranks -> the top-k route's seconds per size
@@ -126,7 +135,8 @@ class GraphAuto:
         if n not in self._compute:  # timed where the step is traced (see _time_route)
             with tf.init_scope():
                 self._compute[n] = [self._time_route(d, n) for d in COMPUTE_SIZES]
-        step = site.step.assign_add(1) - 1
+        ats = {name: ex.next_step(name) for name in names}
+        step, measure_at = ats[site.names[0]], self._vars[site.names[0]][3]
 
         def measure():
             """This step's profiles, then the measurement (it reads them)."""
@@ -135,17 +145,18 @@ class GraphAuto:
             with tf.control_dependencies(written):
                 return tf.py_function(lambda s: self._measure(int(s), site, process_set),
                                       [step], tf.int64, name="hvd_compress_auto_measure")
-        done = tf.cond(step >= site.measure_at, measure, lambda: step)
+        graph = tf.compat.v1.get_default_graph()
+        before = _LAST_MEASUREMENT.get(graph)
+        with tf.control_dependencies([] if before is None else [before]):
+            done = tf.cond(step >= measure_at, measure, lambda: step)
+        _LAST_MEASUREMENT.clear()  # only the graph being traced needs it
+        _LAST_MEASUREMENT[graph] = done
         warmup = c.pipeline.dense_steps
         updates = []
         with tf.control_dependencies([done]):
             for name, g in zip(names, grads):
-                route, k, _ = self._vars[name]
-                route, k = route.read_value(), k.read_value()
-                at = ex.next_step(name)
-                dense_now = tf.equal(route, DENSE)
-                if warmup:  # warm-up steps are dense whatever the plan
-                    dense_now = tf.logical_or(dense_now, at < warmup)
+                route, k = (v.read_value() for v in self._vars[name][:2])
+                at = ats[name]
 
                 def dense(name=name, g=g, at=at):
                     out = ex.begin_dense(bk, name, g, at)
@@ -156,6 +167,12 @@ class GraphAuto:
                                    dense=False if warmup else None,
                                    level=self.auto.codec(k, compressor))
                     return c._move(out, op, process_set, predivide)
+                if g.dtype.name not in ALLREDUCED:  # Horovod cannot allreduce it: top-k
+                    updates.append(topk())
+                    continue
+                dense_now = tf.equal(route, DENSE)
+                if warmup:  # warm-up steps are dense whatever the plan
+                    dense_now = tf.logical_or(dense_now, at < warmup)
                 updates.append(tf.cond(dense_now, dense, topk))
         return updates
 
@@ -165,9 +182,9 @@ class GraphAuto:
         import tensorflow as tf
         c = self.compression
         key = (tuple(names), process_set.process_set_id)
+        if key not in self._sites:
+            self._sites[key] = _Site(names, process_set)
         with tf.init_scope():
-            if key not in self._sites:
-                self._sites[key] = _Site(names, process_set)
             for name, g in zip(names, grads):
                 if name in self._vars:
                     continue
@@ -181,7 +198,8 @@ class GraphAuto:
                 self._vars[name] = (
                     tf.Variable(TOPK, dtype=tf.int32, trainable=False),
                     tf.Variable(ks[0], dtype=tf.int32, trainable=False),
-                    tf.Variable(tf.zeros([len(ks) + 2], tf.float64), trainable=False))
+                    tf.Variable(tf.zeros([len(ks) + 2], tf.float64), trainable=False),
+                    tf.Variable(1, dtype=tf.int64, trainable=False))  # next measurement
         return self._sites[key]
 
     def _measure(self, step: int, site: _Site, process_set) -> int:
@@ -201,15 +219,20 @@ class GraphAuto:
         times = link.time_link(sizes, gather_sizes, tag, None)
         compute = self._compute[n]
         floats = [float(v) for m in order for v in self._vars[m][2].numpy()]
-        mine = zlib.crc32(repr((c.pipeline.spec(), [(m, self._shapes[m]) for m in order]))
+        # the spec, seed, nonfinite rule and every variable's name, size and dtype: what
+        # the dense route's payloads carry no header for
+        mine = zlib.crc32(repr([tuple(c.exchange.stamp(m, (self._shapes[m][0],),
+                                                       self._shapes[m][1])) for m in order])
                           .encode())
         agreed = link.over_ranks(times + compute + [len(floats), -len(floats), mine, -mine],
                                  f"{tag}.agree")
         if agreed[-4] != -agreed[-3] or agreed[-2] != -agreed[-1]:
             raise HvdCompressError(
-                f"auto: ranks plan different variables or specs on step {step} (this rank: "
-                f"{c.pipeline.spec()!r}, {len(order)} variables); every rank must reduce "
-                "the same variables with the same spec")
+                f"auto: ranks plan different variables or configurations on step {step} "
+                f"(this rank: spec {c.pipeline.spec()!r}, seed {c.exchange.seed}, "
+                f"nonfinite={c.exchange.nonfinite!r}, {len(order)} variables); every rank "
+                "must reduce the same variables with "
+                "the same spec, seed and nonfinite rule")
         m = 3 * len(sizes)
         self.costs = fit_costs(sizes, gather_sizes, agreed[:m],
                                agreed[m:m + len(COMPUTE_SIZES)], None)
@@ -218,15 +241,16 @@ class GraphAuto:
                           [next(sums) for _ in range(self._vars[name][2].shape[0])])
                    for name in order}
         routes = self.auto.plan(tensors, c.pipeline.compressor, self.costs,
-                                allreduce=("float32", "float64"),
+                                allreduce=ALLREDUCED,
                                 feedback=c.pipeline.feedback is not None)
         self.routes.update(routes)
         for name, route in routes.items():
-            kind, k, _ = self._vars[name]
+            kind, k = self._vars[name][:2]
             kind.assign(DENSE if route.kind == "dense" else TOPK)
             if route.kind == "topk":
                 k.assign(route.k)
-        site.measure_at.assign(step + self.auto.every)
+        for name in order:
+            self._vars[name][3].assign(step + self.auto.every)
         site.measured += 1
         return step
 

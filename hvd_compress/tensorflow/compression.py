@@ -150,6 +150,11 @@ class Compression:
     def compress(self, tensor):
         found = _horovod_caller(tensor)
         if found is None:
+            if self.auto is not None:
+                raise HvdCompressError(
+                    f"{self.pipeline.spec()}: auto plans every variable together; pass it to "
+                    "hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer, "
+                    "not to a bare hvd.allreduce")
             if not self._plain_cast:
                 raise HvdCompressError(
                     f"{self.pipeline.spec()} needs each gradient's variable and an allgather: "

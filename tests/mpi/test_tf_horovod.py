@@ -275,7 +275,7 @@ def test_auto_routes_every_variable_by_one_plan_on_every_rank(monkeypatch):
         before = {n: comp.exchange.variables[n].residual.numpy().copy()
                   for n in names if n in comp.exchange.variables}
         got = step_fn([tf.constant(c) for c in local])
-        plan = {n: (int(r.numpy()), int(k.numpy())) for n, (r, k, _) in comp.auto._vars.items()}
+        plan = {n: (int(r.numpy()), int(k.numpy())) for n, (r, k, *_) in comp.auto._vars.items()}
         assert all(p == plan for p in hvd.allgather_object(plan))
         for name, g_local, g in zip(names, local, got):
             route, k = plan[name]
@@ -349,6 +349,37 @@ def test_auto_shared_by_two_tapes_plans_each_from_its_own_gradients(monkeypatch)
     assert comp.auto.routes["b"] == Route("topk", 8)  # k=20 clamped to the 8 entries
     rows = [r for r in comp.telemetry.rows if r.name == "b"]
     assert [r.count for r in rows] == [8, 8, 8, 8]
+
+
+def test_auto_takes_bfloat16_and_a_retrace_with_fewer_gradients(monkeypatch):
+    """A bfloat16 variable (Horovod's TF allreduce has no bf16) always goes top-k; a step
+    retraced with a variable left out (a None gradient) plans what it reduces; two tapes
+    in one function measure one after the other."""
+    from hvd_compress.core.auto import Costs
+    from hvd_compress.tensorflow import auto as graph_auto
+    monkeypatch.setattr(graph_auto, "fit_costs",
+                        lambda *a: Costs((0.0, 1e-15), (1.0, 1e-3), (1.0, 1e-3)))
+    comp, other = hctf.compression("auto:every=2"), hctf.compression("auto:every=2")
+    w = tf.Variable(tf.ones([50]), name="w")
+    h = tf.Variable(tf.ones([50], tf.bfloat16), name="h")
+    u = tf.Variable(tf.ones([30]), name="u")
+
+    @tf.function
+    def step_fn(c, with_h):
+        with tf.GradientTape(persistent=True) as tape:
+            loss = tf.reduce_sum(w * c)
+            if with_h:
+                loss += tf.cast(tf.reduce_sum(h * tf.cast(c, tf.bfloat16)), tf.float32)
+            loss2 = tf.reduce_sum(u * c[:30])
+        got = hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, [w, h])
+        return got, hctf.DistributedGradientTape(tape, compression=other).gradient(loss2,
+                                                                                   [u])
+    for step in range(4):
+        (gw, gh), _ = step_fn(tf.fill([50], float(rank + 1)), step % 2 == 0)
+        assert (gh is None) == (step % 2 == 1)
+    assert comp.auto.routes["w"].kind == "dense" and comp.auto.routes["h"].kind == "topk"
+    assert other.auto.routes["u"].kind == "dense"
+    np.testing.assert_array_equal(gw.numpy(), np.full(50, (size + 1) / 2, np.float32))
 
 
 def test_auto_with_nonfinite_raise_stops_every_rank_on_a_dense_step(monkeypatch):
