@@ -177,8 +177,9 @@ class GraphAuto:
         return updates
 
     def _create(self, names, grads, process_set) -> _Site:
-        """Each tensor's plan variables (top-k at the spec's k until the first plan), and
-        the call site's step counter, made once outside the graph."""
+        """Each tensor's plan variables (top-k at the spec's k until the first plan, and
+        the step of its next measurement), made once outside the graph, and the call
+        site (plain Python: see :class:`_Site`)."""
         import tensorflow as tf
         c = self.compression
         key = (tuple(names), process_set.process_set_id)
