@@ -422,8 +422,7 @@ def split_gathered(bk, gathered, template: Payload, n: int, fixed_size: bool, ex
 
 def _split_equal(bk, gathered, template: Payload, n: int, nbytes: int, expect, name: str):
     """Eagerly, n equal-size payloads: every header checked on the host (one copy of
-    them all), then each segment cut for all ranks at once (one copy per segment, not
-    one per rank and segment: on a small tensor the per-rank work outweighs the bytes)."""
+    them all), then each segment cut for all ranks at once (:func:`_cut_rows`)."""
     rows, flags = bk.reshape(gathered, (n, nbytes)), []
     heads = bk.to_numpy(rows[:, :HEADER_BYTES])
     for r in range(n):
@@ -433,31 +432,12 @@ def _split_equal(bk, gathered, template: Payload, n: int, nbytes: int, expect, n
             raise HvdCompressError(f"{_where(name, r)}: buffer of {nbytes} bytes, its header "
                                    f"describes {h.count} entries, this rank's {template.count}")
         flags.append(h.flags)
-    offset = HEADER_BYTES
-    fields: dict[str, Any] = dict.fromkeys(("values", "indices", "codes", "scales", "index_code"))
-    for seg, size in _layout(bk, template):
-        width = size * _itemsize(seg[1])
-        block = bk.bitcast(bk.flatten(rows[:, offset:offset + width]), seg[1])
-        fields[seg[0]] = bk.reshape(bk.astype(block, "int64") if seg[0] == "indices" else block,
-                                    (n, size))
-        offset += width
-    every = fields["indices"]
-    numel = _numel(template.shape)
+    fields = _cut_rows(bk, rows, template, n)
+    every, numel = fields["indices"], _numel(template.shape)
     if every is not None and template.count and \
             bool((bk.min(every) < 0) | (bk.max(every) >= numel)):
         _check_bounds(bk, [every[r] for r in range(n)], numel, name, list(range(n)))
-    payloads = []
-    for r in range(n):
-        mine: dict[str, Any] = {k: None if v is None else v[r] for k, v in fields.items()}
-        payloads.append(template._replace(**mine))
-    return payloads, flags
-
-
-def _layout(bk, template: Payload):
-    """((segment name, wire dtype), entries) of a plain payload like ``template``, in
-    wire order."""
-    sizes = template_sizes(template, template.count)
-    return [((seg, dt), sizes[seg]) for seg, _, dt in template.segments(bk)]
+    return _by_rank(template, fields, n), flags
 
 
 #: bits of a device verdict (see :func:`_split_on_device`) beside the header's flags
@@ -486,19 +466,40 @@ def _split_on_device(bk, gathered, template: Payload, n: int, expect: Stamp):
     unlike = bk.sum_rows(bk.astype(rows[:, :HEADER_BYTES] !=
                                    bk.constant(mine, "uint8", gathered), "int64")) - nonfinite
     verdict = nonfinite + VERDICT_HEADER * bk.astype(unlike > 0, "int64")
-    sizes = template_sizes(template, template.count)
-    payloads = [template._replace(**_segments(bk, gathered[r * nbytes:(r + 1) * nbytes],
-                                              template, sizes, template.count))
-                for r in range(n)]
-    if template.indices is not None and template.count:
+    fields = _cut_rows(bk, rows, template, n)
+    every = fields["indices"]
+    if every is not None and template.count:
         numel = _numel(template.shape)
-        every = bk.reshape(bk.concat([p.indices for p in payloads]), (n, template.count))
         outside = (every < 0) | (every >= numel)
         verdict = verdict + VERDICT_BOUNDS * bk.astype(
             bk.sum_rows(bk.astype(outside, "int64")) > 0, "int64")
-        every = bk.where(outside, bk.zeros(1, "int64", every), every)
-        payloads = [p._replace(indices=every[r]) for r, p in enumerate(payloads)]
-    return payloads, verdict
+        fields["indices"] = bk.where(outside, bk.zeros(1, "int64", every), every)
+    return _by_rank(template, fields, n), verdict
+
+
+def _cut_rows(bk, rows, template: Payload, n: int) -> dict:
+    """Each segment of n equal-size payloads (``rows``, one rank's bytes per row) as one
+    (n, entries) tensor: one copy per segment, not one per rank and segment (on a small
+    tensor the per-rank work outweighs the bytes). Plain payloads only (no varint)."""
+    fields: dict[str, Any] = dict.fromkeys(("values", "indices", "codes", "scales",
+                                            "index_code"))
+    sizes, offset = template_sizes(template, template.count), HEADER_BYTES
+    for seg, _, dt in template.segments(bk):
+        width = sizes[seg] * _itemsize(dt)
+        block = bk.bitcast(bk.flatten(rows[:, offset:offset + width]), dt)
+        fields[seg] = bk.reshape(bk.astype(block, "int64") if seg == "indices" else block,
+                                 (n, sizes[seg]))
+        offset += width
+    return fields
+
+
+def _by_rank(template: Payload, fields: dict, n: int) -> list:
+    """The n payloads whose segments are the rows of :func:`_cut_rows`'s tensors."""
+    payloads = []
+    for r in range(n):
+        mine: dict[str, Any] = {k: None if v is None else v[r] for k, v in fields.items()}
+        payloads.append(template._replace(**mine))
+    return payloads
 
 
 def raise_for_verdict(bk, codes, gathered, template: Payload, n: int, expect, name: str):

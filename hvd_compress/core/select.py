@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import math
 
-from .ops import NumpyBackend
+from .ops import backend_named
 
 _SAMPLED_MIN_D = 1 << 16      # below this a plain top-k is cheap enough
 # the sample: d / 64 entries, at least 4096 and at most 16384 (the sample's own top-k
 # costs as much as the compare pass over d at 80k entries with 16384 of them)
 _SAMPLE_SHARE, _SAMPLE_MIN, _SAMPLE_MAX = 64, 1 << 12, 1 << 14
-_NUMPY = NumpyBackend()
+_NUMPY = backend_named("numpy")
 
 
 def kth_largest(bk, score, k: int):

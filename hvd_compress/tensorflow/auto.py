@@ -35,6 +35,7 @@ state: a restored model measures again (step 1 of the restored run).
 """
 from __future__ import annotations
 
+import weakref
 import zlib
 
 from ..core.auto import (
@@ -100,7 +101,7 @@ class _Site:
 #: per graph being traced, the last measurement made in it: measurements run one after
 #: another, in the order the sites were traced (the same on every rank), since Horovod's
 #: eager collectives of two at once would meet each other's
-_LAST_MEASUREMENT: dict = {}
+_LAST_MEASUREMENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class GraphAuto:
@@ -149,7 +150,6 @@ class GraphAuto:
         before = _LAST_MEASUREMENT.get(graph)
         with tf.control_dependencies([] if before is None else [before]):
             done = tf.cond(step >= measure_at, measure, lambda: step)
-        _LAST_MEASUREMENT.clear()  # only the graph being traced needs it
         _LAST_MEASUREMENT[graph] = done
         warmup = c.pipeline.dense_steps
         updates = []
