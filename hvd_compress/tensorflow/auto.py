@@ -18,13 +18,11 @@ process set, takes the slowest rank's times (and of the top-k route, timed compi
 the step was first traced) and the sum of the profiles, plans every tensor and writes
 the plan. Each place that reduces a set of variables (a tape's or an optimizer's call)
 keeps its own step count and schedule, so one compression object can serve several.
-Step 0 sends every tensor through top-k at the spec's k (its feedback keeps the rest): a
-rank configured with another top-k spec then meets this one in the same allgather, whose
-headers refuse it on every rank; a measurement also refuses ranks whose spec, seed,
-nonfinite rule or variables differ (the dense route's payloads carry no header).
-Warm-up steps (``+warmup:N``) go dense, and a dtype Horovod's TF allreduce cannot sum
-(bfloat16) always goes top-k. Two measurements traced into one step (two tapes) run one
-after the other, in the order they were traced.
+Step 0, before any plan, sends every tensor through top-k at the spec's k (its feedback
+keeps the rest). Ranks whose spec, seed, nonfinite rule or variables differ are refused
+before anything moves (:mod:`.agree`). Warm-up steps (``+warmup:N``) go dense, and a
+dtype Horovod's TF allreduce cannot sum (bfloat16) always goes top-k. Two measurements
+traced into one step (two tapes) run one after the other, in the order they were traced.
 
 No float16 cast route: the casts' scale follows each step's sum on the host, which a
 graph cannot; on a link fast enough for it, the tensor goes dense. A tensor planned dense
@@ -35,7 +33,6 @@ state: a restored model measures again (step 1 of the restored run).
 """
 from __future__ import annotations
 
-import weakref
 import zlib
 
 from ..core.auto import (
@@ -52,6 +49,7 @@ from ..core.ops import ITEMSIZE
 from ..core.pipeline import Pipeline
 from ..core.transport import Transport, best_of
 from ..errors import HvdCompressError
+from .agree import in_trace_order
 
 DENSE, TOPK = 0, 1  # a route variable's values
 ALLREDUCED = ("float16", "float32", "float64")  # what Horovod's TF allreduce sums
@@ -98,11 +96,6 @@ class _Site:
         self.measured = 0
 
 
-#: per graph being traced, the last measurement made in it: measurements run one after
-#: another, in the order the sites were traced (the same on every rank), since Horovod's
-#: eager collectives of two at once would meet each other's
-_LAST_MEASUREMENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 class GraphAuto:
     """A :class:`~hvd_compress.tensorflow.Compression`'s auto plan and its measurements.
@@ -146,11 +139,7 @@ class GraphAuto:
             with tf.control_dependencies(written):
                 return tf.py_function(lambda s: self._measure(int(s), site, process_set),
                                       [step], tf.int64, name="hvd_compress_auto_measure")
-        graph = tf.compat.v1.get_default_graph()
-        before = _LAST_MEASUREMENT.get(graph)
-        with tf.control_dependencies([] if before is None else [before]):
-            done = tf.cond(step >= measure_at, measure, lambda: step)
-        _LAST_MEASUREMENT[graph] = done
+        done = in_trace_order(lambda: tf.cond(step >= measure_at, measure, lambda: step))
         warmup = c.pipeline.dense_steps
         updates = []
         with tf.control_dependencies([done]):
@@ -160,7 +149,7 @@ class GraphAuto:
 
                 def dense(name=name, g=g, at=at):
                     out = ex.begin_dense(bk, name, g, at)
-                    return c._move(out, op, process_set, predivide, ".dense", check=False)
+                    return c._move(out, op, process_set, predivide, ".dense")
 
                 def topk(name=name, g=g, at=at, k=k):
                     out = ex.begin(bk, name, g, process_set.rank(), step=at,
@@ -220,20 +209,7 @@ class GraphAuto:
         times = link.time_link(sizes, gather_sizes, tag, None)
         compute = self._compute[n]
         floats = [float(v) for m in order for v in self._vars[m][2].numpy()]
-        # the spec, seed, nonfinite rule and every variable's name, size and dtype: what
-        # the dense route's payloads carry no header for
-        mine = zlib.crc32(repr([tuple(c.exchange.stamp(m, (self._shapes[m][0],),
-                                                       self._shapes[m][1])) for m in order])
-                          .encode())
-        agreed = link.over_ranks(times + compute + [len(floats), -len(floats), mine, -mine],
-                                 f"{tag}.agree")
-        if agreed[-4] != -agreed[-3] or agreed[-2] != -agreed[-1]:
-            raise HvdCompressError(
-                f"auto: ranks plan different variables or configurations on step {step} "
-                f"(this rank: spec {c.pipeline.spec()!r}, seed {c.exchange.seed}, "
-                f"nonfinite={c.exchange.nonfinite!r}, {len(order)} variables); every rank "
-                "must reduce the same variables with "
-                "the same spec, seed and nonfinite rule")
+        agreed = link.over_ranks(times + compute, f"{tag}.agree")
         m = 3 * len(sizes)
         self.costs = fit_costs(sizes, gather_sizes, agreed[:m],
                                agreed[m:m + len(COMPUTE_SIZES)], None)

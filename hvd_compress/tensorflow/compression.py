@@ -28,10 +28,10 @@ from typing import cast
 from ..core.auto import Auto
 from ..core.exchange import Exchange
 from ..core.ops import TensorflowBackend, backend_named
-from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
+from .agree import COMPRESSED, NONE, SPARSE, SiteCheck
 from .auto import GraphAuto
 from .exchange import VariableExchange
 
@@ -66,10 +66,12 @@ class Compression:
         was, like dense Horovod, so a ``LossScaleOptimizer`` skips the step) or
         ``"raise"`` (an error on every rank naming the variable and the ranks).
 
-    Ranks configured differently (spec, seed, shape) fail on every rank: each payload's
-    header carries the sender's fingerprints, checked when the step runs (inside a graph
-    the error surfaces as TensorFlow's ``InvalidArgumentError`` carrying the message;
-    this package's own tape and optimizer re-raise it as :class:`HvdCompressError`).
+    Ranks configured differently (spec, seed, nonfinite rule, variables, which gradients
+    are None) fail on every rank, before anything moves: the first time each tape or
+    optimizer call runs, the ranks compare their fingerprints (:mod:`.agree`), and every
+    gathered payload's header carries them too. Inside a graph the error surfaces as
+    TensorFlow's ``InvalidArgumentError`` carrying the message; this package's own tape
+    and optimizer re-raise it as :class:`HvdCompressError`.
 
     Attributes:
       telemetry: one record per variable per executed step (bits sent, entries kept;
@@ -100,6 +102,7 @@ class Compression:
         self._compiled: dict = {}
         # auto: the plan in variables, and its measurements (see .auto)
         self.auto = GraphAuto(self) if isinstance(self.pipeline.policy, Auto) else None
+        self._check = SiteCheck(self.exchange)  # every rank's variables, before they move
 
     def __repr__(self):
         return f"hvd_compress.tensorflow.compression({self.pipeline.spec()!r})"
@@ -163,8 +166,7 @@ class Compression:
                     "bare hvd.allreduce")
             p = self.pipeline.compressor.compress(tensor, Key(self.exchange.seed, None, "", 0))
             return p.values, p
-        name, op, process_set, variables = found
-        self.exchange.model_size = model_size(variables)
+        name, op, process_set, variables, grads = found
         if self.auto is not None:
             raise HvdCompressError(
                 f"{self.pipeline.spec()}: auto plans every variable together at its "
@@ -175,6 +177,16 @@ class Compression:
                 f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
                 "on the host, which Horovod's own tape and optimizer cannot schedule safely; "
                 "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
+        self.exchange.model_size = model_size(variables)
+        tf = self._bk.tf
+        gate = self._check.gate(unique_names(variables), variables,
+                                [how_sent(g, False) for g in grads], process_set)
+        with tf.control_dependencies([] if gate is None else [gate]):
+            return self._compress_named(name, tf.identity(tensor), op, process_set)
+
+    def _compress_named(self, name, tensor, op, process_set):
+        """compress() of the gradient of variable ``name`` within Horovod's reduction,
+        after the check of every rank's variables (see :mod:`.agree`)."""
         if self._plain_cast:  # Horovod's allreduce carries cast values it can sum
             import horovod.tensorflow as hvd
             bk, n, summed = self._bk, process_set.size(), op == hvd.Sum
@@ -218,6 +230,12 @@ class Compression:
         self.exchange.model_size = model_size(variables)
 
         def body(gs):
+            gate = self._check.gate(names, variables, [how_sent(g, sparse_as_dense)
+                                                       for g in gs], process_set)
+            with tf.control_dependencies([] if gate is None else [gate]):
+                return exchange(gs)
+
+        def exchange(gs):
             out, dense = list(gs), []
             for i, g in enumerate(gs):
                 if isinstance(g, tf.IndexedSlices) and not sparse_as_dense:
@@ -302,13 +320,11 @@ class Compression:
                                  name="hvd_compress_host_level")
         return [tf.ensure_shape(u, g.shape) for u, g in zip(updates, grads)]
 
-    def _move(self, out, op, process_set, predivide=1.0, suffix="", check=True):
+    def _move(self, out, op, process_set, predivide=1.0, suffix=""):
         """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named
-        after the variable) and decode the update. ``check``: an allreduced payload's
-        fingerprints are gathered and checked beside it (auto's dense route agrees on
-        them at its measurements instead)."""
+        after the variable) and decode the update."""
         import horovod.tensorflow as hvd
-        tf, bk, ex = self._bk.tf, self._bk, self.exchange
+        bk, ex = self._bk, self.exchange
         if op == hvd.Adasum:
             raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
                                    f"(variable {out.name})")
@@ -318,30 +334,10 @@ class Compression:
             reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
                                     prescale_factor=pre, postscale_factor=post,
                                     ignore_name_scope=True)
-            if check:
-                with tf.control_dependencies([self._check_stamps(out, coll, process_set)]):
-                    reduced = tf.identity(reduced)
             return ex.finish_allreduced(bk, reduced, out, n, summed)
         gathered = hvd.allgather(out.wire, name=coll, process_set=process_set,
                                  ignore_name_scope=True)
         return ex.finish_gathered(bk, gathered, out, n, summed)
-
-    def _check_stamps(self, out, coll, process_set):
-        """An allreduced payload has no header: gather every rank's fingerprints beside it
-        (a few int64s, every step, so every rank issues the same collectives) and raise on
-        every rank when they differ. Returns the check op."""
-        import horovod.tensorflow as hvd
-        tf, ex = self._bk.tf, self.exchange
-        stamps = hvd.allgather(tf.constant([list(out.stamp)], tf.int64), name=coll + ".check",
-                               process_set=process_set, ignore_name_scope=True)
-        mine = ex.describe(out.shape, out.dtype)
-
-        def check(rows):
-            check_stamps(f"variable {out.name!r}", [Stamp(*map(int, r)) for r in rows], mine)
-            return True
-
-        return tf.numpy_function(check, [stamps], tf.bool, stateful=True,
-                                 name="hvd_compress_check_stamps")
 
     def bind(self, owner, op=None, process_set=None, sparse_as_dense=False,
              gradient_predivide_factor=1.0):
@@ -361,6 +357,14 @@ class Compression:
                 if hasattr(helper, attr):
                     setattr(helper, attr, allreduce_grads)
         return owner
+
+
+def how_sent(grad, sparse_as_dense: bool) -> int:
+    """How a gradient travels, as :class:`~.agree.SiteCheck` compares it across ranks."""
+    import tensorflow as tf
+    if grad is None:
+        return NONE
+    return SPARSE if isinstance(grad, tf.IndexedSlices) and not sparse_as_dense else COMPRESSED
 
 
 def collective_name(name: str) -> str:
@@ -400,8 +404,9 @@ def model_size(variables):
 
 
 def _horovod_caller(tensor):
-    """(variable name, op, process set, every variable reduced) when Horovod's gradient
-    reduction is compressing ``tensor``, from its frames; None for any other caller."""
+    """(variable name, op, process set, every variable reduced, their gradients) when
+    Horovod's gradient reduction is compressing ``tensor``, from its frames; None for any
+    other caller."""
     op = process_set = None
     frame = sys._getframe(2)
     while frame is not None:
@@ -413,7 +418,7 @@ def _horovod_caller(tensor):
                 isinstance(variables, (list, tuple)) and len(grads) == len(variables):
             for i, g in enumerate(grads):
                 if g is tensor:
-                    return unique_names(variables)[i], op, process_set, variables
+                    return unique_names(variables)[i], op, process_set, variables, grads
         frame = frame.f_back
     return None
 

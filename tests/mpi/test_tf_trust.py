@@ -26,14 +26,17 @@ def variables():
             tf.Variable(np.zeros(4, np.float32), name=f"{tag}/b")]
 
 
-def trainer(vs, spec, **kw):
+def trainer(vs, spec, tape=hctf.DistributedGradientTape, bias=True, **kw):
+    """A compiled step's averaged gradients of ``vs`` through ``tape``; without ``bias``
+    the loss does not depend on ``vs[1]`` (its gradient is None)."""
     comp = hctf.compression(spec, **kw)
 
     @tf.function
     def grads(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2)
-        return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, vs)
+        with tf.GradientTape() as t:
+            h = x @ vs[0] + (vs[1] if bias else 0.0)
+            loss = tf.reduce_sum(tf.tanh(h) ** 2)
+        return tape(t, compression=comp).gradient(loss, vs)
     return grads
 
 
@@ -89,3 +92,55 @@ def test_eager_tape_reraises_our_error():
         loss = tf.reduce_sum(tf.tanh(batch(0) @ vs[0] + vs[1]) ** 2)
     with pytest.raises(HvdCompressError, match="ranks disagree on the compression spec"):
         hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, vs)
+
+
+OURS, HOROVODS = hctf.DistributedGradientTape, hvd.DistributedGradientTape
+
+
+@pytest.mark.parametrize("tape, mine, other", [
+    (OURS, "topk:0.3", "fp16"), (OURS, "fp16", "none"), (OURS, "none", "qsgd"),
+    (OURS, "auto", "none"), (HOROVODS, "topk:0.3", "fp16"), (HOROVODS, "fp16", "none")])
+def test_ranks_whose_collectives_differ_fail_before_anything_moves(tape, mine, other):
+    """An allgathered spec against an allreduced one (different Horovod collectives,
+    which would wait for each other forever) is refused on every rank at the first step,
+    through this package's tape and through Horovod's."""
+    vs = variables()
+    grads = trainer(vs, mine if rank == 0 else other, tape=tape)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match="ranks disagree on the compression spec of variable"):
+        grads(batch(0))
+
+
+def test_ranks_reducing_different_variables_fail_on_every_rank():
+    vs = variables()
+    extra = tf.Variable(np.zeros(4, np.float32), name=vs[1].name.split(":")[0] + "_extra")
+    mine = vs if rank == 0 else vs + [extra]
+    comp = hctf.compression("topk:0.3+ef14")
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as t:
+            loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2) + tf.reduce_sum(extra)
+        return hctf.DistributedGradientTape(t, compression=comp).gradient(loss, mine)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match=r"ranks reduce different numbers of variables in one call: "
+                             r"\[2, 3\]"):
+        grads(batch(0))
+
+
+def test_a_none_gradient_on_one_rank_fails_on_every_rank():
+    vs = variables()
+    grads = trainer(vs, "fp16", bias=rank == 0)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match=r"ranks reduce the gradient of variable '.*/b' differently: "
+                             r"no gradient \(None\) on rank\(s\) \[1\]"):
+        grads(batch(0))
+
+
+def test_agreeing_ranks_check_once_and_train_alike():
+    """Every rank agrees at the first step; later steps (and a retrace) go on alike."""
+    vs = variables()
+    grads = trainer(vs, "fp16+ef14")
+    for step in range(3):
+        assert same_on_every_rank(grads(batch(step)))
+    assert same_on_every_rank(grads(tf.concat([batch(3), batch(4)], 0)))  # retraced
