@@ -9,3 +9,8 @@ class HvdCompressError(ValueError):
     The message always names the offending spec, parameter or tensor and says what was
     expected, so the error can be fixed from the message alone.
     """
+
+    # Exception's own constructor (which ValueError's behaves as): TensorFlow's autograph
+    # re-raises an error from code it traced as the same type only for such a constructor,
+    # so inside tf.function this error stays an HvdCompressError instead of a StagingError
+    __init__ = Exception.__init__

@@ -177,6 +177,7 @@ class Compression:
                 f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
                 "on the host, which Horovod's own tape and optimizer cannot schedule safely; "
                 "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
+        self._refuse_xla()
         self.exchange.model_size = model_size(variables)
         tf = self._bk.tf
         gate = self._check.gate(unique_names(variables), variables,
@@ -225,6 +226,7 @@ class Compression:
             raise HvdCompressError(f"{len(grads)} gradients for {len(variables)} variables")
         if process_set.size() <= 1 or not process_set.included():
             return grads
+        self._refuse_xla()
         names = unique_names(variables)
         shapes = [tuple(v.shape) for v in variables]
         self.exchange.model_size = model_size(variables)
@@ -273,6 +275,24 @@ class Compression:
             if ours is None:
                 raise
             raise HvdCompressError(ours.group(1)) from e
+
+    def _refuse_xla(self):
+        """Raise where the graph being traced is compiled by XLA (``jit_compile=True``):
+        Horovod's collectives and this package's host callbacks are no XLA operations,
+        and XLA's own error names neither."""
+        tf = self._bk.tf
+        if tf.executing_eagerly():
+            return
+        try:
+            from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+        except ImportError:  # another TensorFlow: XLA's own error still stops the step
+            return
+        if GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            raise HvdCompressError(
+                f"{self.pipeline.spec()}: gradients cannot be averaged inside an XLA-compiled "
+                "function (tf.function(jit_compile=True), or Keras' jit_compile=True): "
+                "Horovod's collectives are not XLA operations. Compile without jit_compile "
+                "(Keras: model.compile(..., jit_compile=False))")
 
     def _exchange(self, name, tensor, op, process_set, predivide=1.0):
         """Compress ``tensor``, move every rank's payload, return the update."""

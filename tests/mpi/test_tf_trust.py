@@ -144,3 +144,16 @@ def test_agreeing_ranks_check_once_and_train_alike():
     for step in range(3):
         assert same_on_every_rank(grads(batch(step)))
     assert same_on_every_rank(grads(tf.concat([batch(3), batch(4)], 0)))  # retraced
+
+
+def test_an_xla_compiled_step_is_refused_clearly():
+    vs = variables()
+    comp = hctf.compression("topk:0.3+ef14")
+
+    @tf.function(jit_compile=True)
+    def grads(x):
+        with tf.GradientTape() as t:
+            loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2)
+        return hctf.DistributedGradientTape(t, compression=comp).gradient(loss, vs)
+    with pytest.raises(HvdCompressError, match="inside an XLA-compiled function"):
+        grads(batch(0))
