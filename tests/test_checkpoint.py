@@ -165,13 +165,44 @@ def test_format_1_loads_only_without_feedback_state():
     assert other.steps == {n: 1 for n in NAMES}
 
 
-def test_unknown_format_and_another_spec_are_refused():
-    sd = ranks("topk:0.1+ef14")[0].state_dict()
+def test_unknown_format_and_another_feedback_rule_are_refused():
+    exs = ranks("topk:0.1+ef14")
+    step_all(exs, 0)
+    sd = exs[0].state_dict()
     with pytest.raises(HvdCompressError, match="format 3 is unknown.*reads 1 and 2"):
         ranks("topk:0.1+ef14")[0].load_state_dict(dict(sd, format=3))
     with pytest.raises(HvdCompressError, match="written with compression "
-                       "'topk:ratio=0.1\\+ef14', this run uses 'topk:ratio=0.1\\+ef21'"):
+                       "'topk:ratio=0.1\\+ef14', this run uses 'topk:ratio=0.1\\+ef21': its "
+                       "feedback state \\(ef14\\) is not state of ef21"):
         ranks("topk:0.1+ef21")[0].load_state_dict(sd)
+    with pytest.raises(HvdCompressError, match="\\(ef14\\) is not state of no feedback rule"):
+        ranks("topk:0.1")[0].load_state_dict(sd)
+    ranks("topk:0.1+ef21")[0].load_state_dict(dict(sd, states={}))  # the counters only
+
+
+@pytest.mark.parametrize("saved, resumed", [
+    ("topk:0.1+ef14", "topk:0.3+ef14+warmup:1"), ("topk:0.1+ef21sgdm:eta=0.5", "topk:0.2+ef21sgdm"),
+    ("randk:0.3,scaled=true+diana", "randk:0.5,scaled=true+diana"),
+    ("topk:0.1+ef14", "topk+ef14+auto:every=7")])
+def test_another_level_of_the_same_feedback_rule_resumes_its_state(saved, resumed):
+    """Changing k, the level policy, the warm-up or the rule's parameters keeps the
+    feedback state (a residual is a residual whatever k sent the rest) and the step
+    counters; a rule's constants (DIANA's alpha) are this run's."""
+    exs = ranks(saved)
+    for i in range(2):
+        step_all(exs, i)
+    back = ranks(resumed)
+    for ex, old in zip(back, exs):
+        ex.load_state_dict(old.state_dict())
+        assert ex.steps == old.steps
+        for name in NAMES:
+            fresh = ex.pipeline.init(TORCH, grad(0, 0, name))
+            for field, value in old.states[name]._asdict().items():
+                mine = getattr(ex.states[name], field)
+                if isinstance(value, float):
+                    assert mine == getattr(fresh, field)
+                else:
+                    assert torch.equal(torch.as_tensor(mine), torch.as_tensor(value))
 
 
 def test_an_exchange_that_does_not_know_its_rank_takes_the_states():

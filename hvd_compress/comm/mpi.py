@@ -88,8 +88,8 @@ class SparseAllreduce:
 
     def load_state_dict(self, state: dict):
         """Resume from :meth:`state_dict`. Raises HvdCompressError (changing nothing)
-        where ``state`` holds feedback state of another rank or world size, or is of
-        another spec."""
+        where ``state`` holds feedback state of another rank, world size or feedback
+        rule."""
         from ..checkpoint import sync_group
         sync_group(self).load_state_dict(state)
 

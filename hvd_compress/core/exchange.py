@@ -511,11 +511,15 @@ class Exchange:
                 "spec": self.pipeline.spec(), "seed": self.seed, "transport": self.transport}
 
     def _check_checkpoint(self, sd: dict):
-        """Refuse a state this exchange cannot resume from exactly; take its seed.
+        """Refuse a state this exchange cannot resume from; take its seed.
 
         The rules, which each rank applies to what it loads (no communication):
 
-        * an unknown ``format``, or another spec, is refused;
+        * an unknown ``format`` is refused;
+        * a state written with another spec loads where its feedback state carries over:
+          the same feedback rule (whatever its parameters, the compressor, the level
+          policy or the warm-up), or no feedback state held. Another rule's state is not
+          this one's (an EF14 residual is no EF21 estimate), so it is refused;
         * the per-rank part, feedback state (EF residuals, local estimates, shifts), loads
           only on the rank and with the world size that wrote it. A state that does not
           say who wrote it (format 1) is refused when it holds feedback state;
@@ -534,11 +538,9 @@ class Exchange:
             raise HvdCompressError(
                 f"checkpoint format {fmt!r} is unknown to this hvd_compress (it reads 1 and "
                 f"{self.CHECKPOINT_FORMAT}): was it written by a newer version?")
-        if sd.get("spec") != spec:
-            raise HvdCompressError(
-                f"checkpoint was written with compression {sd.get('spec')!r}, "
-                f"this run uses {spec!r}")
         held = sorted(k for k, s in sd["states"].items() if s is not None)
+        if held and sd.get("spec") != spec:
+            self._check_feedback_carries_over(sd.get("spec"))
         if held:
             saved = (sd.get("rank"), sd.get("world_size"))
             what = f"checkpoint of {spec!r} holds per-rank feedback state for " \
@@ -574,6 +576,25 @@ class Exchange:
                     "compression, gathered) to load this rank's part")
         self.seed = int(sd["seed"])
 
+    def _check_feedback_carries_over(self, saved):
+        """Raise unless the feedback state of a checkpoint written with spec ``saved`` is
+        of this pipeline's feedback rule."""
+        spec = self.pipeline.spec()
+        try:
+            feedback = resolve_pipeline(saved).feedback
+        except HvdCompressError as e:
+            raise HvdCompressError(
+                f"checkpoint was written with compression {saved!r}, which this version "
+                f"cannot read ({e}); this run uses {spec!r}") from e
+        mine = self.pipeline.feedback
+        if type(feedback) is not type(mine):
+            name = lambda f: "no feedback rule" if f is None else f.spec()  # noqa: E731
+            raise HvdCompressError(
+                f"checkpoint was written with compression {saved!r}, this run uses "
+                f"{spec!r}: its feedback state ({name(feedback)}) is not state of "
+                f"{name(mine)}. Resume with {name(feedback)}, or keep only the step "
+                "counters by loading dict(state, states={})")
+
     def state_dict(self) -> dict:
         """Everything needed to resume exactly, and who wrote it (see
         :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors; the
@@ -594,7 +615,10 @@ class Exchange:
                 continue
             like = fields[_first_tensor(fields)]
             template = self.pipeline.init(backend_for(like), like)
-            self.states[name] = template._replace(**fields)
+            # float fields are constants of this run's rule (DIANA's alpha follows the
+            # compressor), the rest is state
+            self.states[name] = template._replace(**{k: v for k, v in fields.items()
+                                                     if not isinstance(v, float)})
 
 
 def _first_tensor(fields: dict) -> str:

@@ -22,12 +22,7 @@ from __future__ import annotations
 
 import weakref
 
-from ..core.payload import Stamp, check_stamps
-from ..errors import HvdCompressError
-
-NONE, SPARSE, COMPRESSED = 0, 1, 2  # how a variable's gradient travels
-_HOW = {NONE: "no gradient (None)", SPARSE: "IndexedSlices through Horovod's allgather",
-        COMPRESSED: "through the compression"}
+from ..core.agreement import WIDTH, compare, rows
 
 #: per graph being traced, the last host-driven collective made in it
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -59,8 +54,8 @@ class SiteCheck:
     def gate(self, names, variables, hows, process_set):
         """An op that every op of this site's step must wait for (None eagerly, where
         the check has already run by the time this returns). ``hows``: per variable, how
-        its gradient travels (NONE, SPARSE or COMPRESSED). Inside one traced graph the
-        check is made once per site."""
+        its gradient travels (see :mod:`hvd_compress.core.agreement`). Inside one traced
+        graph the check is made once per site."""
         import tensorflow as tf
         key = (tuple(names), process_set.process_set_id)
         graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
@@ -71,50 +66,19 @@ class SiteCheck:
         if checked is None:
             with tf.init_scope():
                 checked = self._checked[key] = tf.Variable(False, trainable=False)
+        ex, names = self.exchange, list(names)
         layouts = [(tuple(v.shape), tf.as_dtype(v.dtype).name) for v in variables]
-        rows = [[len(names), 0, 0, 0]] + [[*self.exchange.stamp(name, *layout), how]
-                                          for name, layout, how in zip(names, layouts, hows)]
-        describe = [self.exchange.describe(*layout) for layout in layouts]
+        mine = tf.constant(rows(ex, names, layouts, hows), tf.int64, [len(names) + 1, WIDTH])
 
         def check():
             import horovod.tensorflow as hvd
-            everyone = hvd.allgather(tf.constant(rows, tf.int64), name="hvd_compress.agree",
-                                     process_set=process_set, ignore_name_scope=True)
-            ok = tf.numpy_function(lambda r: _compare(r, list(names), hows, describe),
-                                   [everyone], tf.bool, stateful=True,
-                                   name="hvd_compress_agree")
+            everyone = hvd.allgather(mine, name="hvd_compress.agree", process_set=process_set,
+                                     ignore_name_scope=True)
+            ok = tf.numpy_function(lambda r: compare(r, ex, names, layouts, hows), [everyone],
+                                   tf.bool, stateful=True, name="hvd_compress_agree")
             with tf.control_dependencies([ok]):
                 return checked.assign(True, read_value=True)
 
         done = in_trace_order(lambda: tf.cond(checked, lambda: checked.read_value(), check))
         made[key] = None if graph is None else done
         return made[key]
-
-
-def _compare(rows, names, hows, describe) -> bool:
-    """Raise, identically on every rank, where the gathered ``rows`` (each rank's count,
-    then one row per variable) differ across ranks; ``names``, ``hows`` and ``describe``
-    are this rank's, for the message."""
-    ranks, i = [], 0
-    while i < len(rows):
-        n = int(rows[i][0])
-        ranks.append([tuple(int(x) for x in r) for r in rows[i + 1:i + 1 + n]])
-        i += 1 + n
-    counts = [len(r) for r in ranks]
-    if len(set(counts)) > 1:
-        raise HvdCompressError(
-            f"ranks reduce different numbers of variables in one call: {counts} by rank "
-            f"(this rank: {len(names)}, {', '.join(map(repr, names[:8]))}"
-            f"{', ...' if len(names) > 8 else ''}); every rank must reduce the same "
-            "variables together")
-    for j, name in enumerate(names):
-        check_stamps(f"variable {name!r}", [Stamp(*r[j][:3]) for r in ranks], describe[j])
-        seen = {r[j][3] for r in ranks}
-        if len(seen) > 1:
-            by = {h: [k for k, r in enumerate(ranks) if r[j][3] == h] for h in sorted(seen)}
-            raise HvdCompressError(
-                f"ranks reduce the gradient of variable {name!r} differently: "
-                + "; ".join(f"{_HOW[h]} on rank(s) {rs}" for h, rs in by.items())
-                + f" (this rank: {_HOW[hows[j]]}); every rank must have a gradient of "
-                "the same kind for every variable")
-    return True

@@ -25,13 +25,14 @@ import sys
 import zlib
 from typing import cast
 
+from ..core.agreement import COMPRESSED, NONE, SPARSE
 from ..core.auto import Auto
 from ..core.exchange import Exchange
 from ..core.ops import TensorflowBackend, backend_named
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
-from .agree import COMPRESSED, NONE, SPARSE, SiteCheck
+from .agree import SiteCheck
 from .auto import GraphAuto
 from .exchange import VariableExchange
 
@@ -117,8 +118,8 @@ class Compression:
     def load_state_dict(self, state: dict, process_set=None):
         """Resume from :meth:`state_dict`, now if the state's variables exist, else when
         the first step creates them. Raises HvdCompressError (changing nothing) where
-        ``state`` holds feedback state of another rank or world size, or is of another
-        spec. ``process_set``: the Horovod process set this compression averages over,
+        ``state`` holds feedback state of another rank, world size or feedback rule.
+        ``process_set``: the Horovod process set this compression averages over,
         where no step has told it yet (default: Horovod's global set)."""
         from ..checkpoint import map_tensors, sync_group
         ex = sync_group(self, process_set)

@@ -14,10 +14,11 @@ differs across ranks (hook order, parameters without gradients), so on its first
 bound: every rank then issues the same collectives and none waits for a partner that
 never comes.
 
-On its first exchange every parameter also gathers each rank's fingerprint of its spec,
-seed, shape, dtype and transport (a few int64s); the step's result is only taken once
-they agree, so ranks configured differently raise :class:`HvdCompressError` on every rank,
-naming the parameter and what differs, instead of diverging or hanging.
+When it binds, the compression gathers every rank's fingerprints of the optimizer's
+parameters (names, shapes, dtypes) and of its spec, seed and transport, in one allgather
+(:mod:`hvd_compress.core.agreement`) before any of them moves, so ranks configured
+differently, or with a parameter only some of them have, raise :class:`HvdCompressError`
+on every rank, naming the parameter and what differs, instead of diverging or hanging.
 
 What to send and when (per tensor from its hook, fused buckets and whole-model vectors
 at Horovod's synchronize) is decided here; moving it is a transport's job
@@ -30,12 +31,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ..core import agreement
 from ..core.auto import Auto
 from ..core.compressor import check_int
 from ..core.exchange import Exchange
 from ..core.gtopk import check_pipeline
 from ..core.ops import backend_named
-from ..core.payload import Stamp, check_stamps
 from ..core.pipeline import Pipeline, resolve_pipeline
 from ..core.rng import Key
 from ..errors import HvdCompressError
@@ -143,7 +144,6 @@ class Compression:
         self._measure_at = 1     # auto: the step that measures the costs next
         self._measured = 0       # ... and how many measurements ran (collective names)
         self._introduced: set = set()  # parameters whose placeholder allreduce was issued
-        self._unchecked: set = set()    # ... of those, whose fingerprints were not gathered
         self.comm = comm
         self.transport = None  # how payloads travel, chosen when bound to an optimizer
         self.whole_model = bool(whole_model)
@@ -151,7 +151,7 @@ class Compression:
         self._buckets: list = []                     # this step's started buckets
         self._agreed_grads: dict[str, Any] = {}      # name -> gradient, dynamic:agree=true
         self._agreed: dict[str, Any] = {}            # name -> wait() of a started one
-        self._held_checks: list = []   # first-exchange checks of held gradients, pending
+        self._held_placeholders: list = []  # waits of held gradients' placeholders
         self._model_updates: dict[str, Any] = {}     # name -> its slice of the update
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
@@ -170,8 +170,8 @@ class Compression:
 
     def load_state_dict(self, state: dict, process_set=None):
         """Resume from :meth:`state_dict`. Raises HvdCompressError (changing nothing)
-        where ``state`` holds feedback state of another rank or world size, or is of
-        another spec. ``process_set``: the Horovod process set this compression averages
+        where ``state`` holds feedback state of another rank, world size or feedback
+        rule. ``process_set``: the Horovod process set this compression averages
         over, where it is not bound to its optimizer yet (default: Horovod's global set)."""
         from ..checkpoint import sync_group
         sync_group(self, process_set).load_state_dict(state)
@@ -231,6 +231,7 @@ class Compression:
         def _grouped_allreduce_grad_async(ps):
             return self._launch_group(optimizer, [_named_grad(optimizer, p) for p in ps])
 
+        self._agree_on_parameters(optimizer)
         optimizer._allreduce_grad_async = _allreduce_grad_async
         optimizer._grouped_allreduce_grad_async = _grouped_allreduce_grad_async
         self._optimizer = optimizer
@@ -238,6 +239,26 @@ class Compression:
         self.exchange.model_size = sum(p.numel() for p in optimizer._parameter_names
                                        if p.requires_grad) or None
         return optimizer
+
+    def _agree_on_parameters(self, optimizer):
+        """Raise on every rank unless every rank's optimizer reduces the same parameters
+        (names, shapes, dtypes) with the same spec, seed and transport: one allgather,
+        waited for here, before any of them moves (see :mod:`hvd_compress.core.agreement`;
+        a parameter on one rank only would wait forever for its partners)."""
+        import torch
+        import horovod.torch as hvd
+
+        named = [(name, p) for p, name in optimizer._parameter_names.items()
+                 if p.requires_grad]
+        names = [name for name, _ in named]
+        layouts = [(tuple(p.shape), str(p.dtype).replace("torch.", "")) for _, p in named]
+        hows = [agreement.COMPRESSED] * len(names)
+        mine = torch.tensor(agreement.rows(self.exchange, names, layouts, hows),
+                            dtype=torch.int64).reshape(-1, agreement.WIDTH)
+        everyone = hvd.allgather(mine, name=f"{_PREFIX}agree",
+                                 process_set=optimizer.process_set)
+        agreement.compare(everyone.tolist(), self.exchange, names, layouts, hows,
+                          what="parameter")
 
     # -- Horovod's Compressor interface ------------------------------------------------
     def compress(self, tensor):
@@ -251,7 +272,6 @@ class Compression:
             self.bind(opt)
             name = caller.f_locals.get("name")
             self._introduced.add(name)  # Horovod allreduces the placeholder we return
-            self._unchecked.add(name)
             finish = self._launch(opt, name, tensor)
             return _placeholder(tensor), _Handled(finish)
         codec = self.pipeline.compressor
@@ -314,8 +334,8 @@ class Compression:
 
     def _launch(self, opt, name, tensor):
         """Compress ``tensor`` and start its collective, or hold it for its bucket; return
-        a callable that finishes it (after this parameter's first-exchange agreement
-        check, when there is one)."""
+        a callable that finishes it (after the placeholder allreduce of its first
+        exchange, where there is one)."""
         introduce = self._introduce(opt, name, tensor)
         self._count_round(opt, name, tensor)
         if self.whole_model or self._fused(tensor) or self.pipeline.agrees:
@@ -323,12 +343,12 @@ class Compression:
                 self._agreed_grads
             held[name] = tensor
             if introduce is not None:  # run before any bucket forms (see _start_buckets)
-                self._held_checks.append(introduce)
+                self._held_placeholders.append(introduce)
             return lambda: self._model_update(name)
         if self.comm is not None and introduce is not None:
-            # over mpi4py the checks run before the flush moves anything: payloads of
-            # ranks configured apart would otherwise break the transport, not raise
-            self._held_checks.append(introduce)
+            # over mpi4py the placeholders are waited for before the flush, which blocks
+            # in MPI's collectives
+            self._held_placeholders.append(introduce)
             introduce = None
         sent = self._send(opt, name, tensor)
         # the held ones start before this rank waits on anything: a rank that waited
@@ -337,36 +357,19 @@ class Compression:
         return _after(introduce, lambda: (self._start_buckets(), sent())[1])
 
     def _introduce(self, opt, name, tensor):
-        """On a parameter's first exchange: the placeholder allreduce under its name (see
-        the module docstring) unless Horovod issued it, and the gather of every rank's
-        fingerprint. Returns a function that waits for both and raises on disagreement
-        (None after the first exchange)."""
-        import torch
+        """On a parameter's first exchange, the placeholder allreduce under its name (see
+        the module docstring) unless Horovod issued it. Returns a function that waits for
+        it (None where there is none)."""
         import horovod.torch as hvd
 
-        if name in self._introduced and name not in self._unchecked:
+        if name in self._introduced:
             return None
-        ps = opt.process_set
-        waits = []
-        if name not in self._introduced:
-            self._introduced.add(name)
-            pre, post = scale_factors(opt)
-            held = hvd.allreduce_async_(_placeholder(tensor), name=name, op=opt.op,
-                                        prescale_factor=pre, postscale_factor=post,
-                                        process_set=ps)
-            waits.append(lambda: hvd.synchronize(held))
-        self._unchecked.discard(name)
-        ex, dtype = self.exchange, str(tensor.dtype).replace("torch.", "")
-        mine = ex.stamp(name, tensor.shape, dtype)
-        gathered = hvd.allgather_async(torch.tensor([list(mine)], dtype=torch.int64),
-                                       name=f"{_PREFIX}check:{name}", process_set=ps)
-
-        def check():
-            for w in waits:
-                w()
-            stamps = [Stamp(*map(int, row)) for row in hvd.synchronize(gathered).tolist()]
-            check_stamps(f"parameter {name!r}", stamps, ex.describe(tensor.shape, dtype))
-        return check
+        self._introduced.add(name)
+        pre, post = scale_factors(opt)
+        held = hvd.allreduce_async_(_placeholder(tensor), name=name, op=opt.op,
+                                    prescale_factor=pre, postscale_factor=post,
+                                    process_set=opt.process_set)
+        return lambda: hvd.synchronize(held)
 
     def _count_round(self, opt, name, like):
         """Count the steps this compression launched: Horovod launches every parameter
@@ -487,7 +490,7 @@ class Compression:
                      self._agreed):
             held.clear()
         self._buckets.clear()
-        self._held_checks.clear()
+        self._held_placeholders.clear()
         if self.transport is not None:
             self.transport.new_step()
 
@@ -499,18 +502,11 @@ class Compression:
         not give. Every parameter was launched before Horovod waits on any, so every rank
         holds the same gradients here. Idempotent within a step: the mpi4py transport
         calls it before it moves anything."""
-        if not (self._held_checks or self._model_grads or self._agreed_grads):
+        if not (self._held_placeholders or self._model_grads or self._agreed_grads):
             return  # nothing held (this runs before every wait)
-        checks, self._held_checks = self._held_checks, []
-        failed = None
-        for check in checks:  # ranks that disagree on a member raise before buckets form,
-            try:              # after every check's collectives finished: none stays in
-                check()       # flight under a name the next step would reuse
-            except Exception as error:
-                failed = failed or error
-        if failed is not None:
-            self._drop_step()
-            raise failed
+        waits, self._held_placeholders = self._held_placeholders, []
+        for wait in waits:  # none stays in flight under a name a bucket reuses
+            wait()
         opt = self._optimizer
         self._start_fused(opt)
         agreed, self._agreed_grads = self._agreed_grads, {}
@@ -545,28 +541,28 @@ class Compression:
         if self._plans_per_tensor():
             raise _groups_error(self.pipeline)
 
-        checks = [self._introduce(opt, name, t) for name, t in named]
+        placeholders = [self._introduce(opt, name, t) for name, t in named]
         for name, t in named:
             self._count_round(opt, name, t)
         begun = [self._begin(opt, name, t) for name, t in named]
         handle = self.transport.start_group([out for out, _ in begun],
                                             _PREFIX + "group." + named[0][0])
-        return handle, [_Grouped(_checked(check, finish)) for check, (_, finish) in
-                        zip(checks, begun)]
+        return handle, [_Grouped(_after_output(first, finish)) for first, (_, finish) in
+                        zip(placeholders, begun)]
 
 
-def _checked(check, finish):
-    """``finish(output)`` once ``check`` (or nothing) has passed."""
-    if check is None:
+def _after_output(first, finish):
+    """``finish(output)`` once ``first()`` (where there is one) returned."""
+    if first is None:
         return finish
-    return lambda output: (check(), finish(output))[1]
+    return lambda output: (first(), finish(output))[1]
 
 
-def _after(check, finish):
-    """``finish()`` once ``check`` (or nothing) has passed."""
-    if check is None:
+def _after(first, finish):
+    """``finish()`` once ``first()`` (where there is one) returned."""
+    if first is None:
         return finish
-    return lambda: (check(), finish())[1]
+    return lambda: (first(), finish())[1]
 
 
 def _placeholder(tensor):

@@ -123,7 +123,7 @@ def test_ranks_reducing_different_variables_fail_on_every_rank():
             loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2) + tf.reduce_sum(extra)
         return hctf.DistributedGradientTape(t, compression=comp).gradient(loss, mine)
     with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
-                       match=r"ranks reduce different numbers of variables in one call: "
+                       match=r"ranks reduce different numbers of variables together: "
                              r"\[2, 3\]"):
         grads(batch(0))
 

@@ -201,10 +201,11 @@ def test_one_vector_for_the_model_through_the_tree(mode):
 
 @pytest.mark.parametrize("transport", ["tree", "allgather"])
 def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(transport):
-    """Over mpi4py the first-exchange fingerprints are compared before the flush moves
-    anything (the allgather used to fail inside MPI, the tree to stop halfway), and the
-    checks that passed finish theirs: a gather left in flight (Horovod keeps a handle
-    until it is waited on) made the next optimizer's first step fail on its name."""
+    """The ranks' parameters are compared when the compression binds (at the first
+    backward hook), before anything moves (over mpi4py the allgather used to fail inside
+    MPI, the tree to stop halfway), and no collective is left in flight: a gather left so
+    (Horovod keeps a handle until it is waited on) made the next optimizer's first step
+    fail on its name."""
     from horovod.torch import mpi_ops
     for _ in range(2):
         pending = len(mpi_ops._handle_map)
@@ -216,9 +217,9 @@ def test_a_parameter_of_another_dtype_on_one_rank_raises_before_anything_moves(t
             torch.optim.SGD(model.parameters(), lr=0.1),
             named_parameters=model.named_parameters(),
             compression=hct.compression("topk:k=3+ef14", comm=comm, transport=transport))
-        sum((p * torch.ones_like(p)).sum() for p in model.parameters()).backward()
         with pytest.raises(HvdCompressError, match="disagree on the name, shape or dtype of "
                                                    "parameter 'bias'"):
+            sum((p * torch.ones_like(p)).sum() for p in model.parameters()).backward()
             dopt.synchronize()
         assert len(mpi_ops._handle_map) == pending, "a check's collective was not waited on"
 

@@ -117,15 +117,44 @@ MISMATCHES = [("topk:0.2+ef14", "topk:0.2+ef21", "compression spec"),
 @pytest.mark.parametrize("lazy", [True, False])
 @pytest.mark.parametrize("mine, other, what", MISMATCHES)
 def test_ranks_with_different_specs_fail_loudly_everywhere(mine, other, what, lazy):
+    """Horovod's optimizer binds at the first backward hook, ours when it is made: both
+    refuse there, before any gradient moves."""
     spec = mine if rank == 0 else other
     m = model("mismatch")
-    if lazy:
-        opt = optimizer(m, spec)
-    else:
-        opt = hct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
-                                       named_parameters=m.named_parameters(), compression=spec)
     with pytest.raises(HvdCompressError, match=f"ranks disagree on the {what}"):
-        step(m, opt, 0)
+        if lazy:
+            step(m, optimizer(m, spec), 0)
+        else:
+            hct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                     named_parameters=m.named_parameters(), compression=spec)
+
+
+@pytest.mark.parametrize("mine, other", [("topk:0.3", "fp16"), ("fp16", "none"),
+                                         ("auto", "none")])
+def test_ranks_whose_collectives_differ_fail_loudly(mine, other):
+    """An allgathered spec against an allreduced one (collectives that would wait for
+    each other forever)."""
+    m = model("collectives")
+    with pytest.raises(HvdCompressError, match="ranks disagree on the compression spec"):
+        step(m, optimizer(m, mine if rank == 0 else other), 0)
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_parameter_on_one_rank_only_fails_loudly(lazy):
+    """Horovod alone would wait forever for the extra parameter's partners."""
+    m = model("extra")
+    if rank == size - 1:
+        m.append(torch.nn.Linear(2, 2))
+    with pytest.raises(HvdCompressError,
+                       match=r"ranks reduce different numbers of parameters together: "
+                             r"\[4, 4, 6\] by rank"):
+        if lazy:
+            m(batch(0)[0]).sum().backward()
+            optimizer(m, "topk:0.3+ef14").synchronize()
+        else:
+            hct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                     named_parameters=m.named_parameters(),
+                                     compression="topk:0.3+ef14")
 
 
 @pytest.mark.parametrize("kw", [dict(fuse_below=64), dict(whole_model=True)])
