@@ -51,13 +51,13 @@ class SiteCheck:
         self._checked: dict = {}  # (names, process set id) -> bool tf.Variable
         self._made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def gate(self, names, variables, hows, process_set):
+    def gate(self, names, variables, hows, transport):
         """An op that every op of this site's step must wait for (None eagerly, where
         the check has already run by the time this returns). ``hows``: per variable, how
         its gradient travels (see :mod:`hvd_compress.core.agreement`). Inside one traced
         graph the check is made once per site."""
         import tensorflow as tf
-        key = (tuple(names), process_set.process_set_id)
+        key = (tuple(names), transport.process_set.process_set_id)
         graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         made = {} if graph is None else self._made.setdefault(graph, {})
         if key in made:
@@ -71,9 +71,7 @@ class SiteCheck:
         mine = tf.constant(rows(ex, names, layouts, hows), tf.int64, [len(names) + 1, WIDTH])
 
         def check():
-            import horovod.tensorflow as hvd
-            everyone = hvd.allgather(mine, name="hvd_compress.agree", process_set=process_set,
-                                     ignore_name_scope=True)
+            everyone = transport.gather(mine, "hvd_compress.agree")
             ok = tf.numpy_function(lambda r: compare(r, ex, names, layouts, hows), [everyone],
                                    tf.bool, stateful=True, name="hvd_compress_agree")
             with tf.control_dependencies([ok]):

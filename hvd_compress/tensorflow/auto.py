@@ -47,40 +47,12 @@ from ..core.auto import (
 from ..core.exchange import Exchange
 from ..core.ops import ITEMSIZE
 from ..core.pipeline import Pipeline
-from ..core.transport import Transport, best_of
+from ..core.transport import best_of
 from ..errors import HvdCompressError
 from .agree import in_trace_order
 
 DENSE, TOPK = 0, 1  # a route variable's values
 ALLREDUCED = ("float16", "float32", "float64")  # what Horovod's TF allreduce sums
-
-
-class HorovodLink(Transport):
-    """Eager Horovod collectives on a process set, for the measurements (TensorFlow)."""
-
-    sums_float16 = False  # no cast route in a graph (see the module docstring)
-
-    def __init__(self, process_set):
-        self.process_set = process_set
-
-    def _timed(self, kind, nbytes, name, device):
-        import tensorflow as tf
-        import horovod.tensorflow as hvd
-        ps = self.process_set
-        if kind == "allgather":
-            buf = tf.zeros([nbytes], tf.uint8)
-            return best_of(2, lambda i: hvd.allgather(buf, name=f"{name}.{i}", process_set=ps,
-                                                      ignore_name_scope=True).numpy())
-        buf = tf.zeros([nbytes // 4], tf.float32)
-        return best_of(2, lambda i: hvd.allreduce(buf, name=f"{name}.{i}", process_set=ps,
-                                                  ignore_name_scope=True).numpy())
-
-    def over_ranks(self, values, name, op="max"):
-        import tensorflow as tf
-        import horovod.tensorflow as hvd
-        return [float(v) for v in hvd.allreduce(
-            tf.constant(values, tf.float64), op=hvd.Max if op == "max" else hvd.Sum,
-            name=name, process_set=self.process_set, ignore_name_scope=True).numpy()]
 
 
 class _Site:
@@ -118,14 +90,14 @@ class GraphAuto:
         self._sites: dict[tuple, _Site] = {}
         self._compute: dict[int, list] = {}  # ranks -> the top-k route's seconds per size
 
-    def reduce(self, names, grads, op, process_set, predivide):
+    def reduce(self, names, grads, transport):
         """The updates of ``grads`` (named ``names``) by their planned routes, inside the
         graph being traced."""
         import tensorflow as tf
         c = self.compression
         bk, ex, compressor = c._bk, c.exchange, c.pipeline.compressor
-        site = self._create(names, grads, process_set)
-        n = process_set.size()
+        site = self._create(names, grads, transport.process_set)
+        n = transport.size()
         if n not in self._compute:  # timed where the step is traced (see _time_route)
             with tf.init_scope():
                 self._compute[n] = [self._time_route(d, n) for d in COMPUTE_SIZES]
@@ -137,7 +109,7 @@ class GraphAuto:
             written = [self._vars[name][2].assign(self.auto.profile_tensor(
                 bk, tf.reshape(g, [-1]), compressor)) for name, g in zip(names, grads)]
             with tf.control_dependencies(written):
-                return tf.py_function(lambda s: self._measure(int(s), site, process_set),
+                return tf.py_function(lambda s: self._measure(int(s), site, transport),
                                       [step], tf.int64, name="hvd_compress_auto_measure")
         done = in_trace_order(lambda: tf.cond(step >= measure_at, measure, lambda: step))
         warmup = c.pipeline.dense_steps
@@ -149,13 +121,13 @@ class GraphAuto:
 
                 def dense(name=name, g=g, at=at):
                     out = ex.begin_dense(bk, name, g, at)
-                    return c._move(out, op, process_set, predivide, ".dense")
+                    return c._move(out, transport, ".dense")
 
                 def topk(name=name, g=g, at=at, k=k):
-                    out = ex.begin(bk, name, g, process_set.rank(), step=at,
+                    out = ex.begin(bk, name, g, transport.rank(), step=at,
                                    dense=False if warmup else None,
                                    level=self.auto.codec(k, compressor))
-                    return c._move(out, op, process_set, predivide)
+                    return c._move(out, transport)
                 if g.dtype.name not in ALLREDUCED:  # Horovod cannot allreduce it: top-k
                     updates.append(topk())
                     continue
@@ -192,14 +164,13 @@ class GraphAuto:
                     tf.Variable(1, dtype=tf.int64, trainable=False))  # next measurement
         return self._sites[key]
 
-    def _measure(self, step: int, site: _Site, process_set) -> int:
+    def _measure(self, step: int, site: _Site, link) -> int:
         """Eagerly, inside the step: time the link and the top-k route, agree with every
         rank, plan every tensor of ``site`` and write the plan (see the module
         docstring)."""
         c = self.compression
-        link = HorovodLink(process_set)
         tag = f"hvd_compress.auto:{site.tag}:{site.measured}"
-        n = process_set.size()
+        n = link.size()
         order = sorted(site.names)
         largest = max(d * ITEMSIZE[dt] for d, dt in (self._shapes[m] for m in order))
         big = link.link_size(LINK_BYTES[1], LINK_SECONDS, min(largest, LINK_MAX_BYTES),

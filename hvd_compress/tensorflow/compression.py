@@ -35,6 +35,7 @@ from ..errors import HvdCompressError
 from .agree import SiteCheck
 from .auto import GraphAuto
 from .exchange import VariableExchange
+from .transport import HorovodTransport
 
 _PREFIX = "hvd_compress."
 
@@ -181,24 +182,24 @@ class Compression:
         self._refuse_xla()
         self.exchange.model_size = model_size(variables)
         tf = self._bk.tf
+        transport = self._transport(op, process_set)
         gate = self._check.gate(unique_names(variables), variables,
-                                [how_sent(g, False) for g in grads], process_set)
+                                [how_sent(g, False) for g in grads], transport)
         with tf.control_dependencies([] if gate is None else [gate]):
-            return self._compress_named(name, tf.identity(tensor), op, process_set)
+            return self._compress_named(name, tf.identity(tensor), transport)
 
-    def _compress_named(self, name, tensor, op, process_set):
+    def _compress_named(self, name, tensor, transport):
         """compress() of the gradient of variable ``name`` within Horovod's reduction,
         after the check of every rank's variables (see :mod:`.agree`)."""
         if self._plain_cast:  # Horovod's allreduce carries cast values it can sum
-            import horovod.tensorflow as hvd
-            bk, n, summed = self._bk, process_set.size(), op == hvd.Sum
-            out = self.exchange.begin(bk, name, tensor, process_set.rank())
+            bk, ex, t = self._bk, self.exchange, transport
+            out = ex.begin(bk, name, tensor, t.rank())
             if out.by_allreduce:
-                return out.wire, _Allreduced(lambda red: self.exchange.finish_allreduced(
-                    bk, red, out, n, summed))
-            update = self._move(out, op, process_set)
+                return out.wire, _Allreduced(lambda red: t.finish(ex, bk, red, out, t.size(),
+                                                                  t.summed))
+            update = self._move(out, transport)
         else:
-            update = self._exchange(name, tensor, op, process_set)
+            update = self._exchange(name, tensor, transport)
         return self._bk.tf.zeros([0], tensor.dtype), _Handled(update)
 
     def decompress(self, tensor, ctx):
@@ -218,10 +219,8 @@ class Compression:
         import horovod.tensorflow as hvd
         tf = self._bk.tf
 
-        op = hvd.Average if op is None else op
         process_set = hvd.global_process_set if process_set is None else process_set
-        if op == hvd.Adasum:
-            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()}")
+        transport = self._transport(op, process_set, gradient_predivide_factor)
         grads = list(grads)
         if len(grads) != len(variables):
             raise HvdCompressError(f"{len(grads)} gradients for {len(variables)} variables")
@@ -234,7 +233,7 @@ class Compression:
 
         def body(gs):
             gate = self._check.gate(names, variables, [how_sent(g, sparse_as_dense)
-                                                       for g in gs], process_set)
+                                                       for g in gs], transport)
             with tf.control_dependencies([] if gate is None else [gate]):
                 return exchange(gs)
 
@@ -242,21 +241,19 @@ class Compression:
             out, dense = list(gs), []
             for i, g in enumerate(gs):
                 if isinstance(g, tf.IndexedSlices) and not sparse_as_dense:
-                    out[i] = hvd.allreduce(g, op=op, process_set=process_set)
+                    out[i] = hvd.allreduce(g, op=transport.op, process_set=process_set)
                 elif g is not None:
                     if isinstance(g, tf.IndexedSlices):  # keep the variable's static shape
                         out[i] = tf.reshape(tf.convert_to_tensor(g), shapes[i])
                     dense.append(i)
             if self.host_stages:
                 updates = self._on_host([names[i] for i in dense], [out[i] for i in dense],
-                                        op, process_set, gradient_predivide_factor)
+                                        transport)
             elif self.auto is not None and dense:
                 updates = self.auto.reduce([names[i] for i in dense],
-                                           [out[i] for i in dense], op, process_set,
-                                           gradient_predivide_factor)
+                                           [out[i] for i in dense], transport)
             else:
-                updates = [self._exchange(names[i], out[i], op, process_set,
-                                          gradient_predivide_factor) for i in dense]
+                updates = [self._exchange(names[i], out[i], transport) for i in dense]
             for i, u in zip(dense, updates):
                 out[i] = u
             return out
@@ -264,7 +261,7 @@ class Compression:
         if not tf.executing_eagerly():
             return body(grads)
         # eagerly, one traced function per variable list lets the collectives overlap
-        key = (tuple(names), op, process_set.process_set_id, bool(sparse_as_dense),
+        key = (tuple(names), transport.op, process_set.process_set_id, bool(sparse_as_dense),
                float(gradient_predivide_factor))
         fn = self._compiled.get(key)
         if fn is None:
@@ -295,9 +292,8 @@ class Compression:
                 "Horovod's collectives are not XLA operations. Compile without jit_compile "
                 "(Keras: model.compile(..., jit_compile=False))")
 
-    def _exchange(self, name, tensor, op, process_set, predivide=1.0):
+    def _exchange(self, name, tensor, transport):
         """Compress ``tensor``, move every rank's payload, return the update."""
-        import horovod.tensorflow as hvd
         tf, bk, ex = self._bk.tf, self._bk, self.exchange
         step = ex.next_step(name)
 
@@ -305,22 +301,20 @@ class Compression:
 
         def gather(row):  # dynamic:agree=true, eagerly (see _on_host)
             calls.append(row)
-            rows = hvd.allgather(tf.constant(row.reshape(1, -1)), process_set=process_set,
-                                 name=collective_name(f"{name}.k{len(calls)}"),
-                                 ignore_name_scope=True)
-            return rows.numpy()
+            return transport.gather(tf.constant(row.reshape(1, -1)),
+                                    collective_name(f"{name}.k{len(calls)}")).numpy()
 
         def run(dense):
-            out = ex.begin(bk, name, tensor, process_set.rank(), step=step, dense=dense,
+            out = ex.begin(bk, name, tensor, transport.rank(), step=step, dense=dense,
                            gather=gather)
-            return self._move(out, op, process_set, predivide, ".dense" if dense else "")
+            return self._move(out, transport, ".dense" if dense else "")
 
         if not self.pipeline.dense_steps or isinstance(step, int):
             return run(None)
         return tf.cond(step < self.pipeline.dense_steps, lambda: run(True),
                        lambda: run(False))
 
-    def _on_host(self, names, grads, op, process_set, predivide):
+    def _on_host(self, names, grads, transport):
         """Exchanges whose level is chosen on the host (``Pipeline.host_stages``): one
         ``tf.py_function`` runs them eagerly, one tensor after another in name order, so
         every rank issues the same blocking collectives in the same order."""
@@ -332,7 +326,7 @@ class Compression:
         def run(*tensors):
             updates = [None] * len(tensors)
             for i in order:
-                updates[i] = self._exchange(names[i], tensors[i], op, process_set, predivide)
+                updates[i] = self._exchange(names[i], tensors[i], transport)
             return updates
 
         if tf.executing_eagerly():
@@ -341,24 +335,17 @@ class Compression:
                                  name="hvd_compress_host_level")
         return [tf.ensure_shape(u, g.shape) for u, g in zip(updates, grads)]
 
-    def _move(self, out, op, process_set, predivide=1.0, suffix=""):
-        """Move every rank's ``out.wire`` with Horovod (allreduce or allgather, named
-        after the variable) and decode the update."""
+    def _transport(self, op, process_set, predivide=1.0) -> HorovodTransport:
+        """How this reduction's payloads travel (refusing Adasum, which reduces model
+        deltas, not compressed gradients)."""
         import horovod.tensorflow as hvd
-        bk, ex = self._bk, self.exchange
         if op == hvd.Adasum:
-            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()} "
-                                   f"(variable {out.name})")
-        n, summed, coll = process_set.size(), op == hvd.Sum, collective_name(out.name + suffix)
-        if out.by_allreduce:
-            pre, post = (1.0 / predivide, predivide) if op == hvd.Average else (1.0, 1.0)
-            reduced = hvd.allreduce(out.wire, op=op, name=coll, process_set=process_set,
-                                    prescale_factor=pre, postscale_factor=post,
-                                    ignore_name_scope=True)
-            return ex.finish_allreduced(bk, reduced, out, n, summed)
-        gathered = hvd.allgather(out.wire, name=coll, process_set=process_set,
-                                 ignore_name_scope=True)
-        return ex.finish_gathered(bk, gathered, out, n, summed)
+            raise HvdCompressError(f"op=Adasum is not supported by {self.pipeline.spec()}")
+        return HorovodTransport(process_set, op, predivide)
+
+    def _move(self, out, transport, suffix=""):
+        """The update of ``out``, moved under a collective named after its variable."""
+        return transport.move(self.exchange, self._bk, out, collective_name(out.name + suffix))
 
     def bind(self, owner, op=None, process_set=None, sparse_as_dense=False,
              gradient_predivide_factor=1.0):
