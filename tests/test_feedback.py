@@ -310,7 +310,9 @@ def test_threshold_for_budget_matches_a_runs_total():
 
 
 @pytest.mark.parametrize("spec", ["topk:0.1+ef14", "topk:0.1,values=float16+ef21sgdm",
-                                  "randk:0.2+ef14", "sign+ef14"])
+                                  "randk:0.2+ef14", "sign+ef14", "topk:0.1+ef21",
+                                  "topk:0.1+ef21sgd2m", "randk:0.2,scaled=true+diana",
+                                  "qsgd+diana", "topk:0.1+ef21sgdm+warmup:2"])
 def test_overwriting_the_gradient_gives_the_same_update_and_state(spec):
     """Horovod's PyTorch frontend lets the average take the gradient's memory (as Horovod's
     own in-place allreduce does): the same update and state, bit for bit, and for sparse
@@ -320,16 +322,55 @@ def test_overwriting_the_gradient_gives_the_same_update_and_state(spec):
     apart, inplace = Exchange(spec), Exchange(spec)
     for step in range(3):
         g = torch.from_numpy(grads(2, 300, step)[0])
-        out = apart.begin(bk, "w", g.clone(), 0)
-        want = apart.finish_gathered(bk, torch.cat([out.wire] * 3), out, 3, False)
+
+        def finish(ex, out):
+            if out.by_allreduce:  # the warm-up's dense payload: three ranks' sum
+                return ex.finish_allreduced(bk, out.wire * 3, out, 3, True)
+            return ex.finish_gathered(bk, torch.cat([out.wire] * 3), out, 3, False)
+        want = finish(apart, apart.begin(bk, "w", g.clone(), 0))
         mine = g.clone()
-        out = inplace.begin(bk, "w", mine, 0, overwrite=True)
-        got = inplace.finish_gathered(bk, torch.cat([out.wire] * 3), out, 3, False)
+        got = finish(inplace, inplace.begin(bk, "w", mine, 0, overwrite=True))
         assert torch.equal(got, want)
         if spec.startswith("topk:0.1+ef14") or spec.startswith("randk"):
             assert got.data_ptr() == mine.data_ptr()
         for a, b in zip(apart.states["w"], inplace.states["w"]):
             assert not hasattr(a, "shape") or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1+ef14", "topk:0.1+ef21", "topk:0.1+ef21sgdm",
+                                  "topk:0.1+ef21sgd2m", "randk:0.2,scaled=true+diana",
+                                  "qsgd+diana", "topk:0.1,indices=varint+ef21"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_void_step_leaves_the_state_exactly_as_it_was(spec, backend):
+    """The rules move their estimates by a sparse payload in the estimates' own memory;
+    where a rank's gradient is not finite every rank voids the step, and the k entries
+    overwritten are put back: the state is bit for bit the one before the step, and the
+    next step's update is the one it would have been without the void step."""
+    xp, bk = XP(backend), backend_named(backend)
+    voided, clean = Exchange(spec), Exchange(spec)
+
+    def run(ex, g, n=2):
+        out = ex.begin(bk, "w", xp.asarray(g.copy()), 0, overwrite=True)
+        wire = bk.concat([out.wire] * n)
+        if out.by_allreduce:
+            return xp.numpy(ex.finish_allreduced(bk, out.wire, out, 1, False))
+        return xp.numpy(ex.finish_gathered(bk, wire, out, n, False))
+
+    for step in range(3):
+        g = grads(2, 200, step)[0]
+        run(voided, g), run(clean, g)
+    before = {k: xp.numpy(v).copy() for k, v in voided.states["w"]._asdict().items()
+              if hasattr(v, "shape")}
+    poisoned = grads(2, 200, 3)[0]
+    poisoned[7] = np.nan
+    assert np.isnan(run(voided, poisoned)).all()
+    after = voided.states["w"]._asdict()
+    for k, v in before.items():
+        assert np.array_equal(xp.numpy(after[k]).view(np.uint8), v.view(np.uint8)), k
+    assert after.get("count", 0) == clean.states["w"]._asdict().get("count", 0)
+    if not spec.startswith(("randk", "qsgd")):  # their draws are keyed by the step number
+        g = grads(2, 200, 4)[0]
+        assert np.array_equal(run(voided, g), run(clean, g))
 
 
 @pytest.mark.parametrize("spec", ["none+ef21", "topk:0.1+ef21+warmup:3",

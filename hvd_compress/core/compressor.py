@@ -76,6 +76,11 @@ class Compressor(Algorithm):
             return x - sent
         return x + (sent if scale == 1.0 else sent * scale)
 
+    def touched(self, p: Payload):
+        """The positions :meth:`add_sent` changes where it changes only those (sparse
+        payloads), else None (it adds a dense tensor)."""
+        return None
+
     # -- class constants ---------------------------------------------------------------
     def omega(self, d: int) -> float:
         """Variance bound of an unbiased compressor on d entries."""

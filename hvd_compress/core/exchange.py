@@ -33,7 +33,7 @@ from .auto import (
 from .compressor import check_int
 from .ops import ITEMSIZE, backend_for
 from .payload import FLAG_NONFINITE, Stamp, pack, raise_for_verdict, split_gathered
-from .pipeline import resolve_pipeline
+from .pipeline import Undo, resolve_pipeline
 from .rng import Key
 from .telemetry import Record, Telemetry
 
@@ -59,6 +59,7 @@ class Outgoing(NamedTuple):
     shift: int | None = None  # auto's cast route: the payload is float16(x * 2**shift)
     source: Any = None    # ... and x, for a resend (see resend_dense); where ``into`` is
     #                       x too, x was scaled in its memory and the update goes there
+    undo: tuple = ()      # state entries this step overwrote in place (pipeline.Undo)
 
 
 class Exchange:
@@ -209,9 +210,11 @@ class Exchange:
             finite = bool(finite) if bk.eager() else finite  # no-op where already a bool
             flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
         prior = self.load_state(bk, name, flat)
+        undo: list | None = [] if bk.mutable else None
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
-            gather=gather, dense=dense, model_size=self.model_size, level=level)
+            gather=gather, dense=dense, model_size=self.model_size, level=level,
+            owned=overwrite, undo=undo)
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -236,7 +239,7 @@ class Exchange:
         into = flat if overwrite and payload.indices is not None and not by_allreduce \
             else None
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
-                        bk.dtype(tensor), prior, stamp, into=into)
+                        bk.dtype(tensor), prior, stamp, into=into, undo=tuple(undo or ()))
 
     def begin_dense(self, bk, name: str, tensor, step) -> Outgoing:
         """auto's dense route inside a graph, where the frontend reads the plan (see
@@ -406,8 +409,7 @@ class Exchange:
                                   outgoing.name)
         except HvdCompressError:
             if bk.eager():
-                self.states[outgoing.name] = outgoing.prior
-                self.commit_state(outgoing.name, outgoing.prior)
+                self._restore(bk, outgoing)
             raise
         if bk.eager():
             finite = bool(finite)
@@ -427,8 +429,7 @@ class Exchange:
         self.world_size = n
         name = outgoing.name
         if merged.disagree is not None:
-            self.states[name] = outgoing.prior
-            self.commit_state(name, outgoing.prior)
+            self._restore(bk, outgoing)
             raise HvdCompressError(merged.disagree)
         mean, finite = outgoing.codec.mean(bk, [merged.payload], n)
         bad = bool(merged.nonfinite) or merged.overflow or not bool(finite)
@@ -446,8 +447,7 @@ class Exchange:
         its memory."""
         name = outgoing.name
         if bk.eager() and bad:
-            self.states[name] = outgoing.prior  # first: a caught error leaves state intact
-            self.commit_state(name, outgoing.prior)
+            self._restore(bk, outgoing)  # first: a caught error leaves state intact
             self._refuse_nonfinite(name, outgoing.step, ranks)
             return bk.nan_like(bk.reshape(bk.astype(mean, outgoing.dtype), outgoing.shape))
         mean = bk.astype(mean, outgoing.dtype)
@@ -462,6 +462,12 @@ class Exchange:
         if scale != 1:
             update = update * float(scale)
         return bk.reshape(bk.astype(update, outgoing.dtype), outgoing.shape)
+
+    def _restore(self, bk, outgoing: Outgoing):
+        """The state as it was before this step (a void or refused step)."""
+        Undo.put_back(bk, outgoing.undo)
+        self.states[outgoing.name] = outgoing.prior
+        self.commit_state(outgoing.name, outgoing.prior)
 
     def _refuse_in_graph(self, bk, name, bad, flags):
         """``bad``, through a host check that raises when the step runs and it is true."""
@@ -614,11 +620,14 @@ class Exchange:
                 self.states[name] = None
                 continue
             like = fields[_first_tensor(fields)]
-            template = self.pipeline.init(backend_for(like), like)
+            bk = backend_for(like)
+            template = self.pipeline.init(bk, like)
             # float fields are constants of this run's rule (DIANA's alpha follows the
-            # compressor), the rest is state
-            self.states[name] = template._replace(**{k: v for k, v in fields.items()
-                                                     if not isinstance(v, float)})
+            # compressor), the rest is state: copies, since the rules update their
+            # tensors in place and the caller may load the same dict elsewhere
+            self.states[name] = template._replace(**{
+                k: bk.copy(v) if hasattr(v, "shape") else v
+                for k, v in fields.items() if not isinstance(v, float)})
 
 
 def _first_tensor(fields: dict) -> str:

@@ -18,6 +18,16 @@ the user as the gradient, which may be clipped or zeroed in place. ``decode(...,
 owned=True)`` says the mean is the caller's own tensor, which the update may overwrite
 (one tensor of the model's size fewer per step).
 
+Memory: a tensor of the model's size that a step writes fresh costs more than a pass over
+one already mapped (on a CPU the kernel maps and zeroes its pages), so the rules reuse
+what they may. ``encode(..., owned=True)`` says g is the caller's own tensor, which the
+rule may use as scratch (the difference it compresses goes there). ``encode(...,
+undo=[])`` lets the rule move its running estimates by a sparse payload in their own
+memory, listing the k entries it overwrote (:class:`~hvd_compress.core.pipeline.Undo`),
+so a step every rank voids (a NaN somewhere) leaves the state exactly as it was.
+``decode`` consumes the state it is given: on numpy and torch it may update the
+aggregate in place (it runs once every rank's payload is known to be valid).
+
 Which compressor classes a rule accepts is part of its guarantee: EF14 and the EF21
 family need contractive (or absolute, for EF14) compressors, DIANA unbiased ones.
 """
@@ -49,7 +59,9 @@ class Feedback(Algorithm):
         """Fresh state for the flat tensor x (compressor: the one this rule wraps)."""
         raise NotImplementedError
 
-    def encode(self, compress, bk, g, state):
+    def encode(self, compress, bk, g, state, owned: bool = False, undo: list | None = None):
+        """(payload, state) for this rank's flat gradient g (see the module's docstring
+        for ``owned`` and ``undo``)."""
         raise NotImplementedError
 
     def decode(self, bk, mean, state, owned: bool = False):
@@ -82,7 +94,8 @@ class EF14(Feedback):
     def init(self, bk, x, compressor):
         return EF14State(_zeros(bk, x))
 
-    def encode(self, compress, bk, g, state):
+    def encode(self, compress, bk, g, state, owned=False, undo=None):
+        # the new residual is a fresh tensor: the old one stays until the step is valid
         p = state.residual + g
         payload, sent = compress(p)
         return payload, EF14State(sent.subtract_from(p, owned=True))
@@ -122,16 +135,20 @@ class EF21(Feedback):
     def init(self, bk, x, compressor):
         return EF21State(_zeros(bk, x), _zeros(bk, x))
 
-    def _correct(self, compress, target, local):
-        payload, sent = compress(target - local)
-        return payload, sent.add_to(local)
+    def _correct(self, compress, bk, target, local, scratch, undo):
+        """Send C(target - local), the difference written in ``scratch`` (the caller's
+        gradient) where it is not None; local moves by what was sent."""
+        diff = target - local if scratch is None else bk.sub_into(scratch, target, local)
+        payload, sent = compress(diff)
+        return payload, sent.move(local, undo)
 
-    def encode(self, compress, bk, g, state):
-        payload, local = self._correct(compress, g, state.local)
+    def encode(self, compress, bk, g, state, owned=False, undo=None):
+        payload, local = self._correct(compress, bk, g, state.local, g if owned else None,
+                                       undo)
         return payload, state._replace(local=local)
 
     def decode(self, bk, mean, state, owned=False):
-        agg = state.aggregate + mean
+        agg = bk.add_(state.aggregate, mean)
         return bk.overwrite(mean, agg) if owned else bk.copy(agg), \
             state._replace(aggregate=agg)
 
@@ -164,22 +181,25 @@ class EF21SGDM(EF21):
     def init(self, bk, x, compressor):
         return EF21SGDMState(_zeros(bk, x), _zeros(bk, x), _zeros(bk, x), 0)
 
-    def _momentum(self, bk, v, g, count):
+    def _momentum(self, bk, v, g, count, owned=False):
         if isinstance(count, int):
             # a copy at the first step: the state must not share memory with the caller's
             # gradient, which frameworks and users reuse
             if count == 0:
                 return bk.copy(g)
-            # the sum in the first product's memory: the same roundings, one tensor fewer
-            kept, new = v * (1.0 - self.eta), g * self.eta
+            # the sum in the first product's memory, the second in g's where it is ours:
+            # the same roundings, one or two tensors fewer
+            kept = v * (1.0 - self.eta)
+            new = bk.mul_(g, self.eta) if owned else g * self.eta
             return bk.add_(kept, new) if bk.dtype(kept) == bk.dtype(new) else kept + new
         # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
         first = bk.astype(count == 0, bk.dtype(g))
         return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)
 
-    def encode(self, compress, bk, g, state):
-        v = self._momentum(bk, state.momentum, g, state.count)
-        payload, local = self._correct(compress, v, state.local)
+    def encode(self, compress, bk, g, state, owned=False, undo=None):
+        v = self._momentum(bk, state.momentum, g, state.count, owned)
+        payload, local = self._correct(compress, bk, v, state.local, g if owned else None,
+                                       undo)
         return payload, state._replace(momentum=v, local=local, count=state.count + 1)
 
 
@@ -198,13 +218,13 @@ class EF21SGD2M(EF21SGDM):
     rate; same knob eta. Memory: four tensors per parameter."""
 
     def init(self, bk, x, compressor):
-        z = _zeros(bk, x)
-        return EF21SGD2MState(z, z, z, z, 0)
+        return EF21SGD2MState(*[_zeros(bk, x) for _ in range(4)], 0)
 
-    def encode(self, compress, bk, g, state):
-        v = self._momentum(bk, state.momentum, g, state.count)
+    def encode(self, compress, bk, g, state, owned=False, undo=None):
+        v = self._momentum(bk, state.momentum, g, state.count, owned)
         u = self._momentum(bk, state.momentum2, v, state.count)
-        payload, local = self._correct(compress, u, state.local)
+        payload, local = self._correct(compress, bk, u, state.local, g if owned else None,
+                                       undo)
         return payload, state._replace(momentum=v, momentum2=u, local=local,
                                        count=state.count + 1)
 
@@ -239,11 +259,12 @@ class DIANA(Feedback):
                 else 1.0
         return DIANAState(_zeros(bk, x), _zeros(bk, x), alpha)
 
-    def encode(self, compress, bk, g, state):
-        payload, sent = compress(g - state.shift)
-        return payload, state._replace(shift=sent.add_to(state.shift, state.alpha))
+    def encode(self, compress, bk, g, state, owned=False, undo=None):
+        diff = bk.sub_into(g, g, state.shift) if owned else g - state.shift
+        payload, sent = compress(diff)
+        return payload, state._replace(shift=sent.move(state.shift, undo, state.alpha))
 
     def decode(self, bk, mean, state, owned=False):
-        aggregate = state.aggregate + mean * state.alpha
+        moved = mean * state.alpha
         update = bk.add_(mean, state.aggregate) if owned else state.aggregate + mean
-        return update, state._replace(aggregate=aggregate)
+        return update, state._replace(aggregate=bk.add_(state.aggregate, moved))

@@ -35,6 +35,9 @@ class Backend:
     """Array operations for one framework. Subclasses implement every method."""
 
     name = "abstract"
+    #: whether tensors change in place (numpy, torch); TensorFlow's are immutable, so the
+    #: ``_``/``_into`` methods below return new tensors there
+    mutable = False
 
     def eager(self) -> bool:
         """Whether Python control flow may look at tensor values (false in tf.function)."""
@@ -180,6 +183,13 @@ class Backend:
     def rshift_into(self, out, a, s: int):
         """a >> s, in out's memory where the framework allows (out shaped like a)."""
         return self.rshift(a, s)
+    def sub_into(self, out, a, b):
+        """a - b, in out's memory where the framework allows (out may be a)."""
+        return a - b
+    def put_(self, out, idx, values):
+        """out with ``values`` written at the distinct positions idx, in its memory (only
+        for mutable backends)."""
+        raise NotImplementedError
 
     def to_numpy(self, x) -> np.ndarray: raise NotImplementedError
     def from_numpy(self, a, like): raise NotImplementedError
@@ -194,6 +204,7 @@ class Backend:
 
 class NumpyBackend(Backend):
     name = "numpy"
+    mutable = True
 
     def shape(self, x): return tuple(x.shape)
     def dtype(self, x): return np.dtype(x.dtype).name
@@ -268,6 +279,10 @@ class NumpyBackend(Backend):
     def contiguous(self, x): return bool(x.flags.c_contiguous)
     def in_order(self, x): return np.ascontiguousarray(x)
     def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
+    def sub_into(self, out, a, b): return np.subtract(a, b, out=out)
+    def put_(self, out, idx, values):
+        out[idx] = values
+        return out
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
 
@@ -284,6 +299,7 @@ def _np_to_bf16(x):
 
 class TorchBackend(Backend):
     name = "torch"
+    mutable = True
 
     def __init__(self):
         import torch
@@ -392,6 +408,8 @@ class TorchBackend(Backend):
     def mul_(self, a, c): return a.mul_(c)
     def add_(self, a, b): return a.add_(b)
     def overwrite(self, a, b): return a.copy_(b)
+    def sub_into(self, out, a, b): return self.t.sub(a, b, out=out)
+    def put_(self, out, idx, values): return out.index_put_((idx,), values)
     def contiguous(self, x): return x.is_contiguous()
     def extremes(self, x):
         if x.numel() == 0:

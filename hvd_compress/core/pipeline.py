@@ -97,7 +97,8 @@ class Pipeline:
         return self.policy is not None and self.policy.agree
 
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
-               gather=None, dense=None, model_size=None, level=None) -> Encoded:
+               gather=None, dense=None, model_size=None, level=None,
+               owned: bool = False, undo: list | None = None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
         ``measure`` also returns the compression error of the vector compressed, relative
@@ -109,7 +110,8 @@ class Pipeline:
         frontend branches on the step and traces both phases). ``level``: the compressor
         ``auto`` planned for this tensor, in place of the spec's (see
         :meth:`hvd_compress.core.auto.Auto.route`). ``model_size``: the entries of the
-        whole model, which ``perturb`` spreads its noise over (required with it)."""
+        whole model, which ``perturb`` spreads its noise over (required with it).
+        ``owned`` and ``undo``: see :meth:`Feedback.encode`."""
         codec = self.codec(key.step) if dense is None else \
             (self._dense if dense else self.compressor)
         used, error = [codec], [None]
@@ -144,7 +146,7 @@ class Pipeline:
                     f"it; pass model_size= to SparseAllreduce, Exchange or Workers)")
             flat = self.perturbation.apply(bk, flat, key, model_size)
         if self.feedback is not None:
-            payload, state = self.feedback.encode(compress, bk, flat, state)
+            payload, state = self.feedback.encode(compress, bk, flat, state, owned, undo)
         elif measure:
             payload, _ = compress(flat)
         else:  # nothing needs the dense view: skip decoding
@@ -175,6 +177,30 @@ class Sent(NamedTuple):
     def add_to(self, x, scale: float = 1.0, owned: bool = False):
         """``x + scale * C(v)``."""
         return self.codec.add_sent(self.bk, x, self.payload, scale, owned)
+
+    def move(self, x, undo: list | None, scale: float = 1.0):
+        """``x + scale * C(v)`` for a state tensor x: in x's memory where ``undo`` is a
+        list, the payload sparse and the tensors mutable (the k entries it overwrites go
+        into ``undo`` first, so a void step can put them back exactly); else a fresh
+        tensor, and x stays as it was."""
+        at = self.codec.touched(self.payload) if self.bk.mutable else None
+        if undo is None or at is None:
+            return self.add_to(x, scale)
+        undo.append(Undo(x, at, self.bk.gather(x, at)))
+        return self.add_to(x, scale, owned=True)
+
+
+class Undo(NamedTuple):
+    """Entries of a state tensor that a step overwrote in place: ``put_back`` restores
+    them where the step turns out void."""
+    tensor: Any
+    positions: Any
+    values: Any
+
+    @staticmethod
+    def put_back(bk, undo):
+        for u in reversed(undo):
+            bk.put_(u.tensor, u.positions, u.values)
 
 
 def _errors(bk, v, residual):

@@ -60,6 +60,9 @@ class _Sparse(Compressor):
             vals = -vals if scale == -1.0 else vals * scale
         return bk.scatter_add_into(x if owned else bk.copy(x), p.indices, vals)
 
+    def touched(self, p):
+        return p.indices
+
     def mean(self, bk, payloads, n, out=None):
         # off the positions some rank sent, the sum is an exact zero: scale and check
         # only those (positions may repeat across ranks), unless they are so many that a
