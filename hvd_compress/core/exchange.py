@@ -128,6 +128,12 @@ class Exchange:
         # says the step is void) and never wait for the device to say whether it is finite
         self._reads_values = not (self.pipeline.compressor.fixed_size and (
             self.pipeline.policy is None or isinstance(self.pipeline.policy, Auto)))
+        # a cast alone (no feedback state, no level, no noise): a NaN or an infinity
+        # travels as itself and the allreduced sum shows it on every rank, so where the
+        # cast is summed nothing checks the tensor before it is sent
+        p = self.pipeline
+        self._cast_wire = getattr(p.compressor, "wire_dtype", False) \
+            if p.feedback is None and p.policy is None and p.perturbation is None else False
 
     @property
     def costs(self) -> Costs | None:
@@ -204,8 +210,12 @@ class Exchange:
                                          overwrite)
             level = self._auto.codec(route.k, self.pipeline.compressor)
         flat = bk.flatten(tensor)
-        finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
-        zeroed = not bk.eager() or self._reads_values or not bk.avoids_syncs(flat)
+        if self._cast_wire is not False and \
+                (self._cast_wire or bk.dtype(flat)) in self.allreduce_dtypes:
+            finite, zeroed = True, False  # the summed cast carries it
+        else:
+            finite = bk.finite_flag(flat)  # stays on the device where nothing branches on it
+            zeroed = not bk.eager() or self._reads_values or not bk.avoids_syncs(flat)
         if zeroed:  # a read on the host, which costs nothing on a CPU
             finite = bool(finite) if bk.eager() else finite  # no-op where already a bool
             flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
@@ -381,12 +391,14 @@ class Exchange:
         if summed:
             mean = mean * (1.0 / n)
         # a rank's NaN reached every rank through the sum; only state and 'raise' need to know
-        watch = self.pipeline.feedback is not None or self.nonfinite == "raise"
-        bad = not bk.all_finite(out) if bk.eager() else bk.tf.logical_not(bk.all_finite(out))
+        bad: Any = False
+        if self.pipeline.feedback is not None or self.nonfinite == "raise":
+            bad = not bk.all_finite(out) if bk.eager() else \
+                bk.tf.logical_not(bk.all_finite(out))
         # the mean is the caller's ``out`` itself where decoding needed no new tensor (a
         # cast to the dtype it has): then the update must not take its memory
-        return self._decode(bk, mean, outgoing, n if summed else 1, bad if watch else False,
-                            None, owned=mean is not out)
+        return self._decode(bk, mean, outgoing, n if summed else 1, bad, None,
+                            owned=mean is not out)
 
     def finish_gathered(self, bk, gathered, outgoing: Outgoing, n: int, summed: bool):
         """The update from an allgather of every rank's ``wire`` (the average over ranks, or

@@ -51,11 +51,18 @@ class SiteCheck:
         self._checked: dict = {}  # (names, process set id) -> bool tf.Variable
         self._made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def gate(self, names, variables, hows, transport):
-        """An op that every op of this site's step must wait for (None eagerly, where
-        the check has already run by the time this returns). ``hows``: per variable, how
+    def gate(self, names, variables, hows, transport, grads=()):
+        """(an op every op of this site's step must wait for, {``g.ref()``: g as it comes
+        out of the check} for each dense tensor of ``grads``); eagerly, where the check
+        has already run by the time this returns, (None, {}). ``hows``: per variable, how
         its gradient travels (see :mod:`hvd_compress.core.agreement`). Inside one traced
-        graph the check is made once per site."""
+        graph the check is made once per site.
+
+        A control dependency alone does not hold the collectives back: ops made under
+        it whose inputs were made under it too get none of their own, and the graph
+        optimizer drops the reshapes and identities that carried it (a cast that needs
+        no cast reached Horovod's allreduce unchecked). So the gradients themselves pass
+        through the conditional that checks, and whatever is made from them waits."""
         import tensorflow as tf
         key = (tuple(names), transport.process_set.process_set_id)
         graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
@@ -69,14 +76,19 @@ class SiteCheck:
         ex, names = self.exchange, list(names)
         layouts = [(tuple(v.shape), tf.as_dtype(v.dtype).name) for v in variables]
         mine = tf.constant(rows(ex, names, layouts, hows), tf.int64, [len(names) + 1, WIDTH])
+        dense = [g for g in grads if isinstance(g, tf.Tensor)]
 
         def check():
             everyone = transport.gather(mine, "hvd_compress.agree")
             ok = tf.numpy_function(lambda r: compare(r, ex, names, layouts, hows), [everyone],
                                    tf.bool, stateful=True, name="hvd_compress_agree")
             with tf.control_dependencies([ok]):
-                return checked.assign(True, read_value=True)
+                return [checked.assign(True, read_value=True)] + \
+                    [tf.identity(g) for g in dense]
 
-        done = in_trace_order(lambda: tf.cond(checked, lambda: checked.read_value(), check))
-        made[key] = None if graph is None else done
+        out = in_trace_order(lambda: tf.cond(
+            checked, lambda: [checked.read_value()] + [tf.identity(g) for g in dense], check))
+        if graph is None:
+            return None, {}
+        made[key] = out[0], {g.ref(): p for g, p in zip(dense, out[1:])}
         return made[key]

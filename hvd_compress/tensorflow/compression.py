@@ -183,10 +183,10 @@ class Compression:
         self.exchange.model_size = model_size(variables)
         tf = self._bk.tf
         transport = self._transport(op, process_set)
-        gate = self._check.gate(unique_names(variables), variables,
-                                [how_sent(g, False) for g in grads], transport)
+        gate, passed = self._check.gate(unique_names(variables), variables,
+                                        [how_sent(g, False) for g in grads], transport, grads)
         with tf.control_dependencies([] if gate is None else [gate]):
-            return self._compress_named(name, tf.identity(tensor), transport)
+            return self._compress_named(name, passed.get(tensor.ref(), tensor), transport)
 
     def _compress_named(self, name, tensor, transport):
         """compress() of the gradient of variable ``name`` within Horovod's reduction,
@@ -232,10 +232,11 @@ class Compression:
         self.exchange.model_size = model_size(variables)
 
         def body(gs):
-            gate = self._check.gate(names, variables, [how_sent(g, sparse_as_dense)
-                                                       for g in gs], transport)
+            gate, passed = self._check.gate(names, variables, [how_sent(g, sparse_as_dense)
+                                                               for g in gs], transport, gs)
             with tf.control_dependencies([] if gate is None else [gate]):
-                return exchange(gs)
+                return exchange([g if g is None or isinstance(g, tf.IndexedSlices)
+                                 else passed.get(g.ref(), g) for g in gs])
 
         def exchange(gs):
             out, dense = list(gs), []

@@ -29,7 +29,7 @@ def variables():
 def trainer(vs, spec, tape=hctf.DistributedGradientTape, bias=True, **kw):
     """A compiled step's averaged gradients of ``vs`` through ``tape``; without ``bias``
     the loss does not depend on ``vs[1]`` (its gradient is None)."""
-    comp = hctf.compression(spec, **kw)
+    comp = hvd.Compression.none if spec is None else hctf.compression(spec, **kw)
 
     @tf.function
     def grads(x):
@@ -109,6 +109,24 @@ def test_ranks_whose_collectives_differ_fail_before_anything_moves(tape, mine, o
     with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
                        match="ranks disagree on the compression spec of variable"):
         grads(batch(0))
+
+
+@pytest.mark.parametrize("tape", [OURS, HOROVODS])
+def test_a_refused_step_leaves_no_collective_behind(tape):
+    """Where the ranks disagree, no rank's payload has gone out: the same variables, then
+    reduced alike on every rank, average exactly as Horovod's own allreduce does (a
+    collective left pending by the refused step would pair with theirs, or wait forever).
+    'none' sends the gradient as it is: nothing but reshapes between it and the
+    allreduce, which the graph optimizer removes."""
+    vs = variables()
+    refused = trainer(vs, "fp16" if rank == 0 else "none", tape=tape)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match="ranks disagree on the compression spec of variable"):
+        refused(batch(0))
+    got = trainer(vs, "none", tape=tape)(batch(1))
+    want = trainer(vs, None, tape=HOROVODS)(batch(1))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
 
 
 def test_ranks_reducing_different_variables_fail_on_every_rank():
