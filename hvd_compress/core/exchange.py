@@ -391,13 +391,13 @@ class Exchange:
         if summed:
             mean = mean * (1.0 / n)
         # a rank's NaN reached every rank through the sum; only state and 'raise' need to know
-        bad: Any = False
+        void: Any = False
         if self.pipeline.feedback is not None or self.nonfinite == "raise":
-            bad = not bk.all_finite(out) if bk.eager() else \
+            void = not bk.all_finite(out) if bk.eager() else \
                 bk.tf.logical_not(bk.all_finite(out))
         # the mean is the caller's ``out`` itself where decoding needed no new tensor (a
         # cast to the dtype it has): then the update must not take its memory
-        return self._decode(bk, mean, outgoing, n if summed else 1, bad, None,
+        return self._decode(bk, mean, outgoing, n if summed else 1, void, None,
                             owned=mean is not out)
 
     def finish_gathered(self, bk, gathered, outgoing: Outgoing, n: int, summed: bool):
