@@ -51,11 +51,12 @@ def test_tree_benchmark_runs_and_plots(tmp_path):
 def test_equal_size_specs_wait_for_the_device_once_per_tensor_and_step():
     """The GPU-ready path: on the branch CUDA tensors take, a step of every equal-size
     spec reads the host once (the verdict on headers, indices and the average), at a size
-    where top-k would otherwise sample candidates. Counts are exact, not timings."""
+    where top-k would otherwise sample candidates; a cast alone never (a NaN travels in
+    Horovod's sum as itself). Counts are exact, not timings."""
     specs = ["topk:0.01+ef14", "topk:0.01+ef21sgdm", "randk:0.01+ef14", "qsgd", "sign+ef14",
              "fp16"]
     out = run([sys.executable, "benchmarks/host_syncs.py", "--d", "100000", "--specs",
                *specs])
     for spec in specs:
         row = next(line for line in out.splitlines() if line.startswith(f"| {spec} |"))
-        assert row.endswith("| 1 |"), row
+        assert row.endswith("| 0 |" if spec == "fp16" else "| 1 |"), row

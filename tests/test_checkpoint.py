@@ -359,3 +359,18 @@ def test_tf_host_stage_state_round_trips_as_numpy():
         got = step_all([c.exchange for c in resumed], s, TF, tf_grad)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_state_of_another_model_is_refused_naming_the_tensor():
+    """Resumed into a model whose tensor has another size: a clear error at its first
+    step, not the framework's shape error."""
+    bk = TORCH
+    ex = Exchange("topk:0.5+ef14")
+    out = ex.begin(bk, "w", torch.ones(16), 0)
+    ex.finish_gathered(bk, out.wire, out, 1, False)
+    other = Exchange("topk:0.5+ef14")
+    other.load_state_dict(ex.state_dict())
+    with pytest.raises(HvdCompressError, match=r"feedback state of 'w' \(residual\) holds "
+                       r"16 entries, its gradient 12: the compression state was saved for "
+                       r"another model"):
+        other.begin(bk, "w", torch.ones(12), 0)

@@ -390,3 +390,15 @@ def test_a_shared_allreduce_result_is_never_overwritten(spec, backend):
                                    err_msg=f"step {step}")
     aggregates = [xp.numpy(ex.states["x"].aggregate) for ex in wire.exchanges]
     assert all((a == aggregates[0]).all() for a in aggregates)
+
+
+@pytest.mark.parametrize("spec", ["qsgd", "terngrad", "topk:0.1+ef14", "randk:0.2",
+                                  "topk+ef14+dynamic", "auto", "natural"])
+def test_an_empty_tensor_travels_as_it_is(spec, xp):
+    """A parameter with no entries (Horovod reduces it too): no compressor has anything
+    to keep, so it goes by allreduce, as dense Horovod sends it."""
+    bk, ex = backend_named(xp.name), Exchange(spec)
+    out = ex.begin(bk, "empty", xp.asarray(np.zeros((0, 3), np.float32)), 0)
+    assert out.by_allreduce and out.dense_route
+    got = ex.finish_allreduced(bk, out.wire, out, 2, False)
+    assert xp.numpy(got).shape == (0, 3)

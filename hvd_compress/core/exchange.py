@@ -198,6 +198,8 @@ class Exchange:
             step = self.next_step(name)
         self.rank = rank
         t0 = time.perf_counter()
+        if bk.size(tensor) == 0:  # nothing to compress (its shape is every rank's alike)
+            return self._begin_dense(bk, name, tensor, step, t0, None, False)
         if self._auto is not None and bk.eager():
             d, dtype = bk.size(tensor), bk.dtype(tensor)
             if self.profiling:
@@ -220,6 +222,7 @@ class Exchange:
             finite = bool(finite) if bk.eager() else finite  # no-op where already a bool
             flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
         prior = self.load_state(bk, name, flat)
+        _check_fits(bk, name, prior, flat)
         undo: list | None = [] if bk.mutable else None
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
@@ -354,6 +357,10 @@ class Exchange:
         step = self.steps.get(name, 0)
         self.steps[name] = step + 1
         return step
+
+    def step_counts(self, names) -> list:
+        """How many steps each of ``names`` has taken (read on the host)."""
+        return [int(self.steps.get(n, 0)) for n in names]
 
     def load_state(self, bk, name: str, flat):
         """The pipeline state of ``name`` before this step (fresh on its first step)."""
@@ -647,6 +654,17 @@ def _first_tensor(fields: dict) -> str:
         if hasattr(v, "shape"):
             return k
     raise HvdCompressError("checkpointed state holds no tensor")
+
+
+def _check_fits(bk, name, state, flat):
+    """Raise where the feedback state of ``name`` is not of its gradient's size (a
+    checkpoint of another model)."""
+    for field, v in ({} if state is None else state._asdict()).items():
+        if len(getattr(v, "shape", ())) == 1 and bk.size(v) != bk.size(flat):
+            raise HvdCompressError(
+                f"the feedback state of {name!r} ({field}) holds {bk.size(v)} entries, its "
+                f"gradient {bk.size(flat)}: the compression state was saved for another "
+                "model; resume with the model it was saved with")
 
 
 def _flags(bk, finite):

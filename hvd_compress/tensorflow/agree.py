@@ -10,8 +10,10 @@ allgather (named ``hvd_compress.agree``, the same on every rank whatever its
 configuration) carries every rank's fingerprints of each variable (its name, shape and
 dtype; the spec, seed, transport and nonfinite rule; how its gradient travels: None,
 Horovod's sparse allgather, or this compression), and everything the site does next waits
-for it. Where the ranks differ, every rank raises :class:`HvdCompressError` naming the
-variable and what differs, before any payload moves.
+for it; a second allgather compares the variables' step counters as they are then (a
+checkpoint restored on some ranks only would set them apart). Where the ranks differ,
+every rank raises :class:`HvdCompressError` naming the variable and what differs, before
+any payload moves.
 
 The flag that says "checked" is a ``tf.Variable`` outside any checkpoint, so a resumed
 run checks again, on every rank alike. Checks and ``auto``'s measurements (eager Horovod
@@ -22,7 +24,10 @@ from __future__ import annotations
 
 import weakref
 
-from ..core.agreement import WIDTH, compare, rows
+import numpy as np
+
+from ..core.agreement import WIDTH, compare, compare_steps, op_name, rows, steps_row
+from ..core.ops import backend_named
 
 #: per graph being traced, the last host-driven collective made in it
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -75,13 +80,26 @@ class SiteCheck:
                 checked = self._checked[key] = tf.Variable(False, trainable=False)
         ex, names = self.exchange, list(names)
         layouts = [(tuple(v.shape), tf.as_dtype(v.dtype).name) for v in variables]
-        mine = tf.constant(rows(ex, names, layouts, hows), tf.int64, [len(names) + 1, WIDTH])
+        import horovod.tensorflow as hvd
+        settings = f"op={op_name(hvd, transport.op)}, " \
+            f"gradient_predivide_factor={transport.predivide}"
+        mine = tf.constant(rows(ex, names, layouts, hows, settings), tf.int64,
+                           [len(names) + 1, WIDTH])
         dense = [g for g in grads if isinstance(g, tf.Tensor)]
 
         def check():
             everyone = transport.gather(mine, "hvd_compress.agree")
-            ok = tf.numpy_function(lambda r: compare(r, ex, names, layouts, hows), [everyone],
-                                   tf.bool, stateful=True, name="hvd_compress_agree")
+            ok = tf.numpy_function(lambda r: compare(r, ex, names, layouts, hows,
+                                                     settings=settings),
+                                   [everyone], tf.bool, stateful=True, name="hvd_compress_agree")
+            with tf.control_dependencies([ok]):  # then the steps, as they are when it runs
+                steps = tf.numpy_function(
+                    lambda: steps_row(backend_named("numpy"),
+                                      np.array(ex.step_counts(names), np.int64), names),
+                    [], tf.int64, stateful=True, name="hvd_compress_steps_row")
+                steps = transport.gather(tf.reshape(steps, (1, WIDTH)), "hvd_compress.steps")
+                ok = tf.numpy_function(compare_steps, [steps], tf.bool, stateful=True,
+                                       name="hvd_compress_steps")
             with tf.control_dependencies([ok]):
                 return [checked.assign(True, read_value=True)] + \
                     [tf.identity(g) for g in dense]

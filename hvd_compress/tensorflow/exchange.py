@@ -46,6 +46,11 @@ class VariableExchange(Exchange):
             self.step_vars[name] = counter
         return counter.assign_add(1) - 1
 
+    def step_counts(self, names) -> list:
+        restored = self._restored.get("steps", {})
+        return [int(self.step_vars[n].numpy()) if n in self.step_vars else
+                int(restored.get(n, 0)) for n in names]
+
     def load_state(self, bk, name: str, flat):
         if self.pipeline.feedback is None:
             return None

@@ -156,6 +156,7 @@ class Compression:
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         self._optimizer = None
+        self._steps_agreed = False  # whether this process's first exchange compared steps
         self._bk = backend_named("torch")
 
     def __repr__(self):
@@ -253,12 +254,33 @@ class Compression:
         names = [name for name, _ in named]
         layouts = [(tuple(p.shape), str(p.dtype).replace("torch.", "")) for _, p in named]
         hows = [agreement.COMPRESSED] * len(names)
-        mine = torch.tensor(agreement.rows(self.exchange, names, layouts, hows),
+        settings = _settings(optimizer)
+        mine = torch.tensor(agreement.rows(self.exchange, names, layouts, hows, settings),
                             dtype=torch.int64).reshape(-1, agreement.WIDTH)
         everyone = hvd.allgather(mine, name=f"{_PREFIX}agree",
                                  process_set=optimizer.process_set)
         agreement.compare(everyone.tolist(), self.exchange, names, layouts, hows,
-                          what="parameter")
+                          what="parameter", settings=settings)
+
+    def _agree_on_steps(self, optimizer):
+        """At this process's first exchange (after any checkpoint was loaded), raise on
+        every rank unless every rank holds the same step counters: one allgather of
+        :func:`~hvd_compress.core.agreement.steps_row`."""
+        import numpy as np
+        import torch
+        import horovod.torch as hvd
+
+        self._steps_agreed = True
+        names = sorted(self.exchange.steps)
+        row = agreement.steps_row(backend_named("numpy"), np.array(
+            [self.exchange.steps[n] for n in names], np.int64), names)
+        if self.comm is not None:
+            gathered = self.comm.allgather(row.tolist())
+        else:
+            gathered = hvd.allgather(torch.from_numpy(row).reshape(1, -1),
+                                     name=f"{_PREFIX}steps",
+                                     process_set=optimizer.process_set).tolist()
+        agreement.compare_steps(gathered, "tensor")
 
     # -- Horovod's Compressor interface ------------------------------------------------
     def compress(self, tensor):
@@ -336,6 +358,8 @@ class Compression:
         """Compress ``tensor`` and start its collective, or hold it for its bucket; return
         a callable that finishes it (after the placeholder allreduce of its first
         exchange, where there is one)."""
+        if not self._steps_agreed:
+            self._agree_on_steps(opt)
         introduce = self._introduce(opt, name, tensor)
         self._count_round(opt, name, tensor)
         if self.whole_model or self._fused(tensor) or self.pipeline.agrees:
@@ -540,7 +564,8 @@ class Compression:
                                    "or comm= / whole_model=")
         if self._plans_per_tensor():
             raise _groups_error(self.pipeline)
-
+        if not self._steps_agreed:
+            self._agree_on_steps(opt)
         placeholders = [self._introduce(opt, name, t) for name, t in named]
         for name, t in named:
             self._count_round(opt, name, t)
@@ -588,6 +613,20 @@ def _adasum_error(spec):
     return HvdCompressError(
         f"op=Adasum is not supported by {spec}: Adasum combines whole model deltas that "
         "compressed payloads cannot carry; use op=hvd.Average (the default) or hvd.Sum")
+
+
+def _settings(opt) -> str:
+    """How Horovod's optimizer ``opt`` reduces its gradients, as ranks must agree on it:
+    with another op, predivide factor, sparse_as_dense, groups or number of backward
+    passes per step, a rank issues other collectives or sums other numbers."""
+    import horovod.torch as hvd
+    groups = opt._groups
+    if isinstance(groups, list):
+        groups = [sorted(opt._parameter_names.get(p, "?") for p in g) for g in groups]
+    return (f"op={agreement.op_name(hvd, opt.op)}, "
+            f"gradient_predivide_factor={opt.gradient_predivide_factor}, "
+            f"sparse_as_dense={opt.sparse_as_dense}, groups={groups}, "
+            f"backward_passes_per_step={opt.backward_passes_per_step}")
 
 
 def _named_grad(opt, p):

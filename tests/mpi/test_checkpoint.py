@@ -146,6 +146,23 @@ def test_torch_state_of_another_rank_is_refused_on_every_rank():
             fresh.load_state_dict(gathered[0])
 
 
+@pytest.mark.parametrize("spec", ["topk:0.1+ef21sgdm", "randk:0.3,shared=true",
+                                  "topk:0.2+ef14+warmup:4"])
+def test_torch_state_loaded_on_some_ranks_only_fails_on_every_rank(spec):
+    """Rank 0 restores and broadcasts the model, as Horovod's recipe does, but loads the
+    compression state alone: the first step raises on every rank instead of drifting
+    apart (running estimates, shared masks) or hanging (rank 0 past the warm-up)."""
+    model, comp = torch_model(), hct.compression(spec, seed=3)
+    train(model, comp, range(3))
+    saved = comp.state_dict()
+    model, comp = torch_model(), hct.compression(spec, seed=3)
+    if rank == 0:
+        comp.load_state_dict(saved)
+    with pytest.raises(HvdCompressError, match=r"ranks start from different compression "
+                       r"states \(rank 0: \d+ tensors at steps 3..3; rank 1: no steps yet"):
+        train(model, comp, range(3, 4))
+
+
 def test_torch_state_without_feedback_loads_on_every_rank(shared_dir):
     """Only step counters (rand-k keys its masks by rank and step): rank 0's file
     resumes every rank exactly."""

@@ -129,6 +129,32 @@ def test_a_refused_step_leaves_no_collective_behind(tape):
         np.testing.assert_array_equal(g.numpy(), w.numpy())
 
 
+def test_state_restored_on_some_ranks_only_fails_on_every_rank():
+    """The compression state restored on rank 0 alone: the restored run's first step
+    raises on every rank (its running estimates and steps would drift apart)."""
+    vs = variables()
+    comp = hctf.compression("topk:0.3+ef21")
+
+    def trained(comp):
+        @tf.function
+        def grads(x):
+            with tf.GradientTape() as t:
+                loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2)
+            return OURS(t, compression=comp).gradient(loss, vs)
+        return grads
+    step = trained(comp)
+    for i in range(3):
+        step(batch(i))
+    saved = comp.state_dict()
+    comp = hctf.compression("topk:0.3+ef21")
+    if rank == 0:
+        comp.load_state_dict(saved)
+    with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
+                       match=r"ranks start from different compression states \(rank 0: "
+                             r"2 variables at steps 3..3; rank 1: no steps yet"):
+        trained(comp)(batch(3))
+
+
 def test_ranks_reducing_different_variables_fail_on_every_rank():
     vs = variables()
     extra = tf.Variable(np.zeros(4, np.float32), name=vs[1].name.split(":")[0] + "_extra")

@@ -139,6 +139,20 @@ def test_ranks_whose_collectives_differ_fail_loudly(mine, other):
         step(m, optimizer(m, mine if rank == 0 else other), 0)
 
 
+@pytest.mark.parametrize("setting", [dict(sparse_as_dense=True),
+                                     dict(backward_passes_per_step=2), dict(op=hvd.Sum)])
+def test_ranks_that_reduce_with_other_settings_fail_loudly(setting):
+    """A rank whose optimizer takes another op, sparse_as_dense or number of backward passes
+    would sum other numbers or issue other collectives (Horovod alone waits forever)."""
+    m = model("settings")
+    kw = setting if rank == 0 else {}
+    with pytest.raises(HvdCompressError, match=r"ranks reduce their parameters with "
+                       r"different settings \(this rank: op=.*; rank\(s\) \[1, 2\] differ"):
+        step(m, hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                         named_parameters=m.named_parameters(),
+                                         compression=hct.compression("topk:0.3+ef14"), **kw), 0)
+
+
 @pytest.mark.parametrize("lazy", [True, False])
 def test_a_parameter_on_one_rank_only_fails_loudly(lazy):
     """Horovod alone would wait forever for the extra parameter's partners."""
