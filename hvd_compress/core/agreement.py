@@ -16,7 +16,6 @@ At the first exchange after that, every rank also compares its step counters
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 from ..errors import HvdCompressError
 from .payload import Stamp, check_stamps
@@ -86,19 +85,17 @@ def compare(gathered, exchange, names, layouts, hows, what: str = "variable",
     return True
 
 
-def steps_row(bk, steps, names) -> Any:
-    """This rank's ``[tensors, least step, largest step, digest]`` for the step counters
-    ``steps`` (an int64 tensor of backend ``bk``, one per name, in the order of ``names``):
-    what ranks compare at their first exchange, after any checkpoint was loaded. Ranks
-    that resume from different steps (a state loaded on some ranks only) would draw other
-    random masks, leave the warm-up at other steps and hold other running estimates,
-    diverging silently or issuing different collectives."""
-    weights = bk.constant([zlib.crc32(n.encode()) | 1 for n in names], "int64", steps)
+def steps_row(steps, names) -> list:
+    """This rank's ``[tensors, least step, largest step, digest]`` (WIDTH ints) for the
+    step counters ``steps`` of ``names``: what ranks compare at their first exchange,
+    after any checkpoint was loaded. Ranks that resume from different steps (a state
+    loaded on some ranks only) would draw other random masks, leave the warm-up at other
+    steps and hold other running estimates, diverging silently or issuing different
+    collectives."""
     if not names:
-        return bk.constant([0, 0, 0, 0], "int64", steps)
-    return bk.concat([bk.constant([len(names)], "int64", steps),
-                      bk.reshape(bk.min(steps), (1,)), bk.reshape(bk.max(steps), (1,)),
-                      bk.reshape(bk.sum(steps * weights), (1,))])
+        return [0] * WIDTH
+    digest = sum(int(s) * (zlib.crc32(n.encode()) | 1) for s, n in zip(steps, names))
+    return [len(names), int(min(steps)), int(max(steps)), digest % (1 << 62)]
 
 
 def compare_steps(gathered, what: str = "variable") -> bool:

@@ -122,6 +122,7 @@ class Exchange:
             check_int("exchange", "model_size", model_size, 1)
         self._spec: str | None = None          # the pipeline's spec, once asked for
         self._stamps: dict[tuple, Stamp] = {}  # the fingerprints of each tensor, once made
+        self._loaded: set[str] = set()  # states loaded whose size no step has checked yet
         # whether encoding reads values on the host (level policies, data-sized payloads):
         # such pipelines, and every pipeline on a CPU, see a non-finite tensor with those
         # entries zeroed; the others, on an accelerator, encode it as it is (the header
@@ -222,7 +223,9 @@ class Exchange:
             finite = bool(finite) if bk.eager() else finite  # no-op where already a bool
             flat = bk.cond(finite, lambda: flat, lambda: bk.finite_or_zero(flat))
         prior = self.load_state(bk, name, flat)
-        _check_fits(bk, name, prior, flat)
+        if name in self._loaded:  # a checkpoint's state meets its gradient
+            self._loaded.discard(name)
+            _check_fits(bk, name, prior, flat)
         undo: list | None = [] if bk.mutable else None
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
@@ -634,6 +637,7 @@ class Exchange:
         self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
         self.states = {}
+        self._loaded = {name for name, fields in sd["states"].items() if fields is not None}
         for name, fields in sd["states"].items():
             if fields is None:
                 self.states[name] = None

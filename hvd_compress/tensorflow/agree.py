@@ -27,7 +27,6 @@ import weakref
 import numpy as np
 
 from ..core.agreement import WIDTH, compare, compare_steps, op_name, rows, steps_row
-from ..core.ops import backend_named
 
 #: per graph being traced, the last host-driven collective made in it
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -94,8 +93,7 @@ class SiteCheck:
                                    [everyone], tf.bool, stateful=True, name="hvd_compress_agree")
             with tf.control_dependencies([ok]):  # then the steps, as they are when it runs
                 steps = tf.numpy_function(
-                    lambda: steps_row(backend_named("numpy"),
-                                      np.array(ex.step_counts(names), np.int64), names),
+                    lambda: np.array(steps_row(ex.step_counts(names), names), np.int64),
                     [], tf.int64, stateful=True, name="hvd_compress_steps_row")
                 steps = transport.gather(tf.reshape(steps, (1, WIDTH)), "hvd_compress.steps")
                 ok = tf.numpy_function(compare_steps, [steps], tf.bool, stateful=True,

@@ -120,6 +120,7 @@ class VariableExchange(Exchange):
         states = {k: {f: _numpy(v) for f, v in s.items()}
                   for k, s in sd["states"].items() if s is not None}
         self._restored = {"steps": dict(sd["steps"]), "states": states}
+        self._loaded = set(states)
         for name, counter in self.step_vars.items():
             counter.assign(int(sd["steps"].get(name, 0)))
         for name, state in self.variables.items():

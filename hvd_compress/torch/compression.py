@@ -266,18 +266,16 @@ class Compression:
         """At this process's first exchange (after any checkpoint was loaded), raise on
         every rank unless every rank holds the same step counters: one allgather of
         :func:`~hvd_compress.core.agreement.steps_row`."""
-        import numpy as np
         import torch
         import horovod.torch as hvd
 
         self._steps_agreed = True
         names = sorted(self.exchange.steps)
-        row = agreement.steps_row(backend_named("numpy"), np.array(
-            [self.exchange.steps[n] for n in names], np.int64), names)
+        row = agreement.steps_row(self.exchange.step_counts(names), names)
         if self.comm is not None:
-            gathered = self.comm.allgather(row.tolist())
+            gathered = self.comm.allgather(row)
         else:
-            gathered = hvd.allgather(torch.from_numpy(row).reshape(1, -1),
+            gathered = hvd.allgather(torch.tensor([row], dtype=torch.int64),
                                      name=f"{_PREFIX}steps",
                                      process_set=optimizer.process_set).tolist()
         agreement.compare_steps(gathered, "tensor")

@@ -134,15 +134,7 @@ def test_state_restored_on_some_ranks_only_fails_on_every_rank():
     raises on every rank (its running estimates and steps would drift apart)."""
     vs = variables()
     comp = hctf.compression("topk:0.3+ef21")
-
-    def trained(comp):
-        @tf.function
-        def grads(x):
-            with tf.GradientTape() as t:
-                loss = tf.reduce_sum(tf.tanh(x @ vs[0] + vs[1]) ** 2)
-            return OURS(t, compression=comp).gradient(loss, vs)
-        return grads
-    step = trained(comp)
+    step = trainer(vs, comp)
     for i in range(3):
         step(batch(i))
     saved = comp.state_dict()
@@ -152,7 +144,7 @@ def test_state_restored_on_some_ranks_only_fails_on_every_rank():
     with pytest.raises((HvdCompressError, tf.errors.InvalidArgumentError),
                        match=r"ranks start from different compression states \(rank 0: "
                              r"2 variables at steps 3..3; rank 1: no steps yet"):
-        trained(comp)(batch(3))
+        trainer(vs, comp)(batch(3))
 
 
 def test_ranks_reducing_different_variables_fail_on_every_rank():
