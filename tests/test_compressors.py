@@ -494,3 +494,76 @@ def test_numpy_and_tensor_step_numbers_draw_what_ints_draw():
     for step in (np.int64(5), np.array(5), np.array(5, np.int32), torch.tensor(5)):
         np.testing.assert_array_equal(random_bits(bk, 1000, Key(1, 2, "w", step), like), want)
 
+
+
+QUANTIZERS = ["qsgd", "qsgd:s=300,bucket=1000", "terngrad", "sign", "natural"]
+
+
+@pytest.mark.parametrize("spec", QUANTIZERS)
+def test_quantizers_agree_over_many_blocks(spec):
+    """numpy and torch on a CPU run a quantizer's chain block by block; TensorFlow runs it
+    over the whole tensor: the payloads and what they decode to are the same."""
+    import tensorflow as tf
+    import torch
+    d = 3 * backend_named("numpy").block_size(None) + 1001  # blocks and a ragged end
+    x = data(d, seed=4)
+    x[::97] = 0.0
+    key = Key(seed=2, rank=1, name="w", step=5)
+    c = hc.resolve(spec)
+    ref = c.compress(tf.constant(x), key)
+    want = dense(c, ref)
+    for t in (x, torch.from_numpy(x)):
+        p = c.compress(t, key)
+        bk = backend_for(t)
+        for field in ("values", "codes"):
+            if getattr(ref, field) is not None:
+                np.testing.assert_array_equal(bk.to_numpy(getattr(p, field)),
+                                              getattr(ref, field).numpy(), err_msg=field)
+        if ref.scales is not None:  # reductions may round differently in the last bit
+            np.testing.assert_allclose(bk.to_numpy(p.scales), ref.scales.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(dense(c, p), want, rtol=1e-6)
+
+
+def test_bit_planes_match_their_definition(xp):
+    """Plane j holds bit j of every code, code i at bit i % 8 of byte i // 8 of the plane
+    (a restatement of the format with numpy's own bit packing)."""
+    from hvd_compress.core.bits import pack_codes, unpack_codes
+    rng = np.random.RandomState(0)
+    for width in (1, 2, 4, 8, 9, 16):
+        for n in (1, 8, 13, 1000):
+            codes = rng.randint(0, 1 << width, n).astype(np.uint8 if width <= 8 else np.int32)
+            want = np.concatenate([np.packbits((codes.astype(np.int64) >> j) & 1,
+                                               bitorder="little") for j in range(width)])
+            bk = backend_for(xp.asarray(codes))
+            packed = pack_codes(bk, xp.asarray(codes), width)
+            np.testing.assert_array_equal(xp.numpy(packed), want, err_msg=f"{width} {n}")
+            back = xp.numpy(unpack_codes(bk, packed, width, n))
+            np.testing.assert_array_equal(back.astype(np.int64), codes.astype(np.int64))
+
+
+@pytest.mark.parametrize("spec", QUANTIZERS)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_working_memory_never_leaks_into_payloads(spec, backend):
+    """Quantizers reuse working memory across calls: a payload and what it decodes to
+    stay as they were after the next tensor is compressed and decoded, and decoding into
+    memory the caller hands over gives the same sum."""
+    from conftest import XP
+    xp = XP(backend)
+    d = 2 * backend_named("numpy").block_size(None) + 5
+    c = hc.resolve(spec)
+    x1, x2 = xp.asarray(data(d, seed=1)), xp.asarray(data(d, seed=2))
+    p1 = c.compress(x1, Key(name="a"))
+    fields = {f: xp.numpy(getattr(p1, f)).copy() for f in ("values", "codes", "scales")
+              if getattr(p1, f) is not None}
+    first = dense(c, p1)
+    p2 = c.compress(x2, Key(name="b"))
+    dense(c, p2)
+    for f, v in fields.items():
+        np.testing.assert_array_equal(xp.numpy(getattr(p1, f)), v, err_msg=f)
+    np.testing.assert_array_equal(dense(c, p1), first)
+    bk = backend_for(x1)
+    fresh, _ = c.mean(bk, [p1, p2], 2)
+    out = xp.asarray(np.full(d, np.nan, np.float32))
+    into, _ = c.mean(bk, [p1, p2], 2, out)
+    np.testing.assert_array_equal(xp.numpy(into), xp.numpy(fresh))
+    np.testing.assert_array_equal(xp.numpy(out), xp.numpy(fresh))  # built in out's memory

@@ -35,6 +35,7 @@ class Compressor(Algorithm):
     summable = False
     stochastic = False
     fixed_size = True  # payload size depends only on the tensor size (equal on every rank)
+    decodes_into = False  # mean() may build the average in the memory of its ``out``
 
     # -- the codec ---------------------------------------------------------------------
     def compress(self, x, key: Key = Key()) -> Payload:

@@ -250,10 +250,9 @@ class Exchange:
         d = bk.size(flat)
         self.log(step, name, nbytes, payload.count, d, 8 * d * ITEMSIZE[bk.dtype(tensor)],
                  time.perf_counter() - t0, error)
-        # the average of sparse payloads may take the flat tensor's memory (the input's
-        # own, or a copy the flattening or the zeroing made)
-        into = flat if overwrite and payload.indices is not None and not by_allreduce \
-            else None
+        # the average of sparse or quantized payloads may take the flat tensor's memory
+        # (the input's own, or a copy the flattening or the zeroing made)
+        into = flat if overwrite and codec.decodes_into and not by_allreduce else None
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into, undo=tuple(undo or ()))
 

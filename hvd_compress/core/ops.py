@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -70,7 +72,10 @@ class Backend:
 
     # -- construction ----------------------------------------------------------------
     def zeros(self, n: int, dtype: str, like): raise NotImplementedError
-    def arange(self, n: int, like, dtype: str = "int64"): raise NotImplementedError
+    def arange(self, n: int, like, dtype: str = "int64", out=None, start: int = 0):
+        """start, start + 1, ..., start + n - 1; in ``out``'s memory where the framework
+        allows."""
+        raise NotImplementedError
     def constant(self, values, dtype: str, like):
         """A tensor of ``values`` (host data) on ``like``'s device. On an accelerator it is
         made once and shared (a copy from the host waits for the device): never modify a
@@ -86,6 +91,9 @@ class Backend:
     def where(self, cond, a, b): raise NotImplementedError
     def sum(self, x): raise NotImplementedError
     def sum_rows(self, x): raise NotImplementedError
+    def row_norms(self, x):
+        """The l2 norm of each row of the 2-D x, read in one pass where the framework can."""
+        return self.sum_rows(x * x) ** 0.5
     def max(self, x): raise NotImplementedError
     def min(self, x): raise NotImplementedError
 
@@ -191,6 +199,32 @@ class Backend:
         for mutable backends)."""
         raise NotImplementedError
 
+    # -- working memory: a chain of elementwise steps over a few reused tensors ----------
+    def scratch(self, slot: str, n, dtype: str, like):
+        """Memory for n entries of ``dtype`` on ``like``'s device, with undefined values,
+        for a computation to write and read back before it returns. Where fresh memory
+        costs (a CPU maps and zeroes each new tensor above 32 MB, which costs as much as
+        five passes over it), every call with the same ``slot`` on a thread gets the same
+        memory, kept at the largest size asked for; elsewhere a new tensor (an
+        accelerator's caching allocator reuses memory already). None where tensors are
+        immutable: :meth:`into` ignores it there. Whatever returns to a caller must not
+        share it, and two tensors alive at once need two slots."""
+        return None
+    def block_size(self, like):
+        """Entries per block where a chain of elementwise steps runs block by block (on a
+        CPU: blocks whose working tensors stay in a core's cache between the steps; the
+        random draws run 2x faster in blocks of 2**18 entries than over 10M at once),
+        or None: the whole tensor at once (accelerators, graphs)."""
+        return None
+    def into(self, out, op: str, *args):
+        """The elementwise ``op`` of :data:`ELEMENTWISE` applied to args, written into
+        ``out``'s memory where the framework allows (out may be an argument; None: a new
+        tensor), with out's dtype."""
+        return ELEMENTWISE[op](self, *args)
+    def cast_into(self, out, x, dtype: str):
+        """x converted to ``dtype``, in ``out``'s memory where the framework allows."""
+        return self.astype(x, dtype)
+
     def to_numpy(self, x) -> np.ndarray: raise NotImplementedError
     def from_numpy(self, a, like): raise NotImplementedError
     def host_view(self, x):
@@ -200,6 +234,41 @@ class Backend:
     def from_host(self, a, like):
         """The framework's tensor over the numpy array ``a``'s memory (no copy)."""
         return self.from_numpy(a, like)
+
+
+#: the operations :meth:`Backend.into` knows, as the immutable backends compute them
+ELEMENTWISE: dict[str, Callable[..., Any]] = {
+    "abs": lambda bk, x: bk.abs(x),
+    "floor": lambda bk, x: bk.floor(x),
+    "add": lambda bk, a, b: a + b,
+    "sub": lambda bk, a, b: a - b,
+    "mul": lambda bk, a, b: a * b,
+    "div": lambda bk, a, b: a / b,
+    "lt": lambda bk, a, b: a < b,
+    "clamp_max": lambda bk, a, high: bk.where(a > high, a * 0 + high, a),
+    "clamp_min": lambda bk, a, low: bk.where(a < low, a * 0 + low, a),
+    "band": lambda bk, a, b: bk.band(a, b),
+    "bor": lambda bk, a, b: bk.bor(a, b),
+    "xor": lambda bk, a, b: bk.xor(a, b),
+    "rshift": lambda bk, a, s: bk.rshift(a, s),
+    "lshift": lambda bk, a, s: bk.lshift(a, s),
+}
+
+
+_CPU_BLOCK = 1 << 18
+
+
+class _Arena(threading.local):
+    """Per-thread scratch buffers, keyed by (slot, dtype, device)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, key, n: int, make):
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = self.buffers[key] = make(n)
+        return buf[:n]
 
 
 class NumpyBackend(Backend):
@@ -221,7 +290,11 @@ class NumpyBackend(Backend):
         return np.multiply(x, x.dtype.type(factor), out=np.empty(x.shape, _NP_DTYPES[dtype]),
                            casting="same_kind")
     def zeros(self, n, dtype, like): return np.zeros(n, _NP_DTYPES[dtype])
-    def arange(self, n, like, dtype="int64"): return np.arange(n, dtype=_NP_DTYPES[dtype])
+    def arange(self, n, like, dtype="int64", out=None, start=0):
+        if out is None:
+            return np.arange(start, start + n, dtype=_NP_DTYPES[dtype])
+        out[:] = np.arange(start, start + n, dtype=out.dtype)
+        return out
     def constant(self, values, dtype, like): return np.asarray(values, _NP_DTYPES[dtype])
     def concat(self, xs): return np.concatenate(xs)
     def abs(self, x): return np.abs(x)
@@ -231,6 +304,7 @@ class NumpyBackend(Backend):
     def where(self, cond, a, b): return np.where(cond, a, b)
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
+    def row_norms(self, x): return np.sqrt(np.einsum("ij,ij->i", x, x))
     def max(self, x): return x.max()
     def min(self, x): return x.min()
     def finite_flag(self, x):
@@ -285,6 +359,25 @@ class NumpyBackend(Backend):
         return out
     def to_numpy(self, x): return np.asarray(x)
     def from_numpy(self, a, like): return np.asarray(a)
+    _arena = _Arena()
+    def block_size(self, like): return _CPU_BLOCK
+    def scratch(self, slot, n, dtype, like):
+        t = _NP_DTYPES[dtype]
+        return self._arena.get((slot, dtype), n, lambda m: np.empty(m, t))
+    _UFUNCS = {"abs": np.abs, "floor": np.floor, "add": np.add, "sub": np.subtract,
+               "mul": np.multiply, "div": np.divide, "lt": np.less,
+               "clamp_max": np.minimum, "clamp_min": np.maximum,
+               "band": np.bitwise_and, "bor": np.bitwise_or, "xor": np.bitwise_xor,
+               "rshift": np.right_shift, "lshift": np.left_shift}
+    def into(self, out, op, *args):
+        if out is None:
+            return self._UFUNCS[op](*args)
+        return self._UFUNCS[op](*args, out=out, casting="unsafe")
+    def cast_into(self, out, x, dtype):
+        if out is None:
+            return self.astype(x, dtype)
+        np.copyto(out, x, casting="unsafe")
+        return out
 
 
 def _np_to_bf16(x):
@@ -309,6 +402,12 @@ class TorchBackend(Backend):
                     "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
                     "uint16": torch.int16, "bool": torch.bool}
         self._constants: dict = {}  # (values, dtype, device) -> tensor, on accelerators
+        self._ops = {"abs": torch.abs, "floor": torch.floor, "add": torch.add,
+                     "sub": torch.sub, "mul": torch.mul, "div": torch.div, "lt": torch.lt,
+                     "clamp_max": torch.clamp_max, "clamp_min": torch.clamp_min,
+                     "band": torch.bitwise_and,
+                     "bor": torch.bitwise_or, "xor": torch.bitwise_xor,
+                     "rshift": torch.bitwise_right_shift, "lshift": torch.bitwise_left_shift}
         version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
         # torch.nonzero_static: since 2.1 on CPU tensors, 2.6 on CUDA ones
         self._static_nonzero = {"cpu": version >= (2, 1), "cuda": version >= (2, 6)}
@@ -330,8 +429,10 @@ class TorchBackend(Backend):
         return x.view(self._dt[dtype])
     def zeros(self, n, dtype, like):
         return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)
-    def arange(self, n, like, dtype="int64"):
-        return self.t.arange(n, dtype=self._dt[dtype], device=like.device)
+    def arange(self, n, like, dtype="int64", out=None, start=0):
+        if out is not None:
+            return self.t.arange(start, start + n, out=out)
+        return self.t.arange(start, start + n, dtype=self._dt[dtype], device=like.device)
     def constant(self, values, dtype, like):
         if not self.avoids_syncs(like):
             return self.t.tensor(values, dtype=self._dt[dtype], device=like.device)
@@ -351,6 +452,7 @@ class TorchBackend(Backend):
     def where(self, cond, a, b): return self.t.where(cond, a, b)
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
+    def row_norms(self, x): return self.t.linalg.vector_norm(x, dim=1)
     def max(self, x): return x.max()
     def min(self, x): return x.min()
     def finite_flag(self, x):
@@ -436,6 +538,27 @@ class TorchBackend(Backend):
             return None
         return x.numpy()
     def from_host(self, a, like): return self.t.from_numpy(a)
+    _arena = _Arena()
+    def block_size(self, like): return _CPU_BLOCK if like.device.type == "cpu" else None
+    def scratch(self, slot, n, dtype, like):
+        def make(m):
+            return self.t.empty(m, dtype=self._dt[dtype], device=like.device)
+        if like.device.type != "cpu":
+            return make(n)
+        return self._arena.get((slot, dtype), n, make)
+    def into(self, out, op, *args):
+        if op == "lt" and out is not None and out.device.type == "cpu":
+            # torch's compares into bool run 2-4x slower than numpy's on a CPU at one or
+            # two threads; numpy's work on the tensors' own memory
+            views = [a if not isinstance(a, self.t.Tensor) else self.host_view(a)
+                     for a in args]
+            if all(v is not None for v in views):
+                np.less(*views, out=out.numpy())
+                return out
+        fn = self._ops[op]
+        return fn(*args) if out is None else fn(*args, out=out)
+    def cast_into(self, out, x, dtype):
+        return self.astype(x, dtype) if out is None else out.copy_(x)
 
 
 class TensorflowBackend(Backend):
@@ -475,7 +598,8 @@ class TensorflowBackend(Backend):
             return tf.reshape(tf.bitcast(x, self._dt[dtype]), (-1,))
         return tf.bitcast(tf.reshape(x, (-1, dst // src)), self._dt[dtype])
     def zeros(self, n, dtype, like): return self.tf.zeros((n,), self._dt[dtype])
-    def arange(self, n, like, dtype="int64"): return self.tf.range(n, dtype=self._dt[dtype])
+    def arange(self, n, like, dtype="int64", out=None, start=0):
+        return self.tf.range(start, start + n, dtype=self._dt[dtype])
     def constant(self, values, dtype, like): return self.tf.constant(values, self._dt[dtype])
     def concat(self, xs): return self.tf.concat(xs, 0)
     def abs(self, x): return self.tf.abs(x)

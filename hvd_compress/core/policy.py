@@ -65,7 +65,7 @@ import math
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
 from .compressor import check_bool, check_float, check_int
-from .quantizers import QSGD
+from .quantizers import QSGD, bucket_rows, bucket_width
 from .registry import register
 from .sparsifiers import Bernoulli, TopK
 
@@ -180,7 +180,7 @@ class Dynamic(Algorithm):
     def choose_s(self, bk, v, q: QSGD) -> int:
         """s* = argmax (||g||^2 - Var_s(g)) / C(s) over s in {1, 3, 7, ..., 255}."""
         d = bk.size(v)
-        rows, nb = q._rows(bk, bk.astype(v, "float32"), d)
+        rows, nb = bucket_rows(bk, bk.astype(v, "float32"), d, bucket_width(q.bucket, d))
         norms2 = bk.sum_rows(rows * rows)
         inv = bk.reshape(bk.where(norms2 > 0, norms2, norms2 + 1) ** -0.5, (-1, 1))
         a = bk.abs(rows) * inv          # |g_j| / ||g_b||

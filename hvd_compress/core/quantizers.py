@@ -19,7 +19,80 @@ def _f32(bk, flat):
     return flat if bk.dtype(flat) == "float32" else bk.astype(flat, "float32")
 
 
-class _Stochastic(Compressor):
+class _Dense(Compressor):
+    """A quantizer: every entry travels as a code. Its steps run as a chain of elementwise
+    operations over a few working tensors (:meth:`~hvd_compress.core.ops.Backend.scratch`)
+    and it decodes into memory the caller hands it, so a step makes almost no fresh
+    tensor of the model's size."""
+    decodes_into = True
+
+    def decode_flat(self, bk, p, out=None):
+        """The payload as a flat float32 tensor, in ``out``'s memory (a flat float32
+        tensor of its size) where the framework allows."""
+        d = p.count
+        codes = unpack_codes(bk, p.codes, p.code_bits, d, scratch=True)
+        blocks = _blocks(bk, d, codes, self._align(d))
+        if out is None and len(blocks) > 1:
+            out = bk.zeros(d, "float32", codes)
+        for a, b in blocks:
+            y = self._decode(bk, p, codes[a:b], a, _piece(out, a, b))
+        return y if len(blocks) == 1 else out
+
+    def _align(self, d) -> int:
+        return 1
+
+    def _decode(self, bk, p, codes, start, out):
+        """The entries from ``start`` on that ``codes`` (working memory) stand for, in
+        ``out``'s memory where the framework allows."""
+        raise NotImplementedError
+
+    def aggregate(self, bk, payloads, out=None):
+        d = payloads[0].count
+        if out is not None and (bk.dtype(out) != "float32" or bk.size(out) != d):
+            out = None
+        total = None
+        for p in payloads:  # in rank order, on every rank alike
+            if total is None:
+                total = self.decode_flat(bk, p, out)
+            else:
+                part = bk.scratch("quantizer.part", d, "float32", total)
+                total = bk.add_(total, self.decode_flat(bk, p, part))
+        return total
+
+    def mean(self, bk, payloads, n, out=None):
+        total = self.aggregate(bk, payloads, out)
+        if n != 1:
+            total = bk.mul_(total, 1.0 / n)
+        return total, bk.finite_flag(total)
+
+
+def _blocks(bk, d, like, align: int = 1):
+    """The (start, stop) ranges an elementwise chain runs over, in order: blocks of
+    :meth:`~hvd_compress.core.ops.Backend.block_size` entries (a multiple of ``align``,
+    so no bucket straddles two), or the whole tensor."""
+    size = bk.block_size(like)
+    if size is None or not isinstance(d, int) or d <= size:
+        return [(0, d)]
+    size = max(align, size - size % align)
+    return [(a, min(a + size, d)) for a in range(0, d, size)]
+
+
+def _piece(memory, start, stop):
+    return None if memory is None else memory[start:stop]
+
+
+def _codes_memory(bk, d, dtype, like):
+    """(working memory for d codes padded with zeros to a multiple of 8, its first d
+    entries): what :func:`pack_codes` packs without a padded copy. (None, None) where
+    tensors are immutable."""
+    padded = bk.scratch("quantizer.codes", d + (-d) % 8, dtype, like)
+    if padded is None:
+        return None, None
+    bk.zeros_in(padded[d:])
+    return padded, padded[:d]
+
+
+class _Stochastic(_Dense):
     """An unbiased quantizer drawing from the private stream of its ``seed``."""
     bias = "unbiased"
     stochastic = True
@@ -27,8 +100,52 @@ class _Stochastic(Compressor):
     def __init__(self, seed=0):
         self.seed = check_int(self.name, "seed", seed)
 
-    def _uniform(self, bk, d, key: Key, like):
-        return uniform(bk, d, key._replace(seed=key.seed ^ self.seed), like)
+    def _uniform(self, bk, n, key: Key, like, start):
+        """The draws of entries start..start+n-1 (working memory)."""
+        return uniform(bk, n, key._replace(seed=key.seed ^ self.seed), like,
+                       out=bk.scratch("quantizer.u", n, "float32", like), start=start)
+
+
+def _times_sign(bk, y, negative):
+    """The float32 y with the sign bit set where ``negative`` (0 or 1) is 1, in y's
+    memory where the framework allows: y * (1 - 2 negative), exactly."""
+    bit = bk.cast_into(bk.scratch("quantizer.sign", bk.size(y), "int32", y), negative, "int32")
+    pattern = bk.bitcast(y, "int32")
+    return bk.bitcast(bk.into(pattern, "bor", pattern, bk.into(bit, "lshift", bit, 31)),
+                      "float32")
+
+
+def bucket_width(bucket: int, d) -> int:
+    return max(1, min(bucket, d)) if isinstance(d, int) else bucket  # never pad past d
+
+
+def bucket_rows(bk, x, d, width):
+    """(the float32 x padded with zeros to whole buckets of ``width`` entries, as rows; the
+    number of buckets): a new tensor."""
+    nb = -(-d // width)
+    pad = nb * width - d
+    if not isinstance(pad, int) or pad:
+        x = bk.concat([x, bk.zeros(pad, "float32", x)])
+    return bk.reshape(x, (nb, width)), nb
+
+
+def _bucket_norms(bk, x, d, width):
+    """The l2 norm of each bucket of ``width`` consecutive entries of x (the last one may
+    be shorter)."""
+    if not isinstance(d, int):  # a size known only inside the graph: pad to whole buckets
+        return bk.row_norms(bucket_rows(bk, x, d, width)[0])
+    full = d - d % width
+    norms = bk.row_norms(bk.reshape(x[:full], (-1, width)))
+    return norms if full == d else bk.concat([norms, bk.row_norms(bk.reshape(x[full:], (1, -1)))])
+
+
+def _scale_buckets(bk, x, factors, d, width):
+    """x times ``factors[b]`` over bucket b, in x's memory where the framework allows."""
+    full = d - d % width
+    rows = bk.reshape(x[:full], (-1, width))
+    rows = bk.into(rows, "mul", rows, bk.reshape(factors[:d // width], (-1, 1)))
+    tail = bk.into(x[full:], "mul", x[full:], factors[-1:])  # empty where full == d
+    return x if bk.mutable else bk.concat([bk.flatten(rows), tail])
 
 
 @register("compressor", "qsgd")
@@ -52,31 +169,39 @@ class QSGD(_Stochastic):
         self.seed = check_int("qsgd", "seed", seed)
         self.width = 1 + max(1, math.ceil(math.log2(self.s + 1)))
 
-    def _rows(self, bk, v, d):
-        width = min(self.bucket, d) if isinstance(d, int) else self.bucket  # never pad past d
-        nb = -(-d // width)
-        pad = nb * width - d
-        if pad:
-            v = bk.concat([v, bk.zeros(pad, "float32", v)])
-        return bk.reshape(v, (nb, width)), nb
-
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         v = _f32(bk, flat)
-        rows, nb = self._rows(bk, v, d)
-        norms = bk.sum_rows(rows * rows) ** 0.5
+        bucket = bucket_width(self.bucket, d)
+        norms = _bucket_norms(bk, v, d, bucket)
         inv = bk.where(norms > 0, self.s / bk.where(norms > 0, norms, norms + 1), norms)
-        r = bk.flatten(bk.abs(rows) * bk.reshape(inv, (-1, 1)))[:d]
+        cdtype = "uint8" if self.width <= 8 else "int32"
+        padded, codes = _codes_memory(bk, d, cdtype, v)
+        for a, b in _blocks(bk, d, v, bucket):
+            block = self._codes(bk, v[a:b], inv[a // bucket:-(-b // bucket)], bucket, key, a,
+                                _piece(codes, a, b), cdtype)
+        return Payload(shape=shape, dtype=dtype, count=d, scales=norms,
+                       codes=pack_codes(bk, block if padded is None else padded, self.width),
+                       code_bits=self.width, level=self.s if self.per_rank_level else 0)
+
+    def _codes(self, bk, v, inv, bucket, key, start, out, cdtype):
+        """The codes of the entries v (from ``start`` on; ``inv``: s / the norm of each of
+        their buckets), in ``out``'s memory where the framework allows."""
+        n = bk.size(v)
+        r = bk.into(bk.scratch("quantizer.b", n, "float32", v), "abs", v)
+        r = _scale_buckets(bk, r, inv, n, bucket)
         # |x_j| s / ||bucket|| can round above s (a bucket's largest entry): level s + 1
         # would not fit the code width
-        r = bk.where(r > self.s, r * 0.0 + self.s, r)
-        lo = bk.floor(r)
-        u = self._uniform(bk, d, key, v)
-        level = lo + bk.astype(u < r - lo, "float32")
-        codes = bk.astype(level, "int32") * 2 + bk.astype(v < 0, "int32")
-        return Payload(shape=shape, dtype=dtype, count=d, scales=norms,
-                       codes=pack_codes(bk, codes, self.width), code_bits=self.width,
-                       level=self.s if self.per_rank_level else 0)
+        r = bk.into(r, "clamp_max", r, float(self.s))
+        lo = bk.into(bk.scratch("quantizer.a", n, "float32", v), "floor", r)
+        frac = bk.into(r, "sub", r, lo)
+        up = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
+                     self._uniform(bk, n, key, v, start), frac)
+        codes = bk.cast_into(out, lo, cdtype)
+        codes = bk.into(codes, "add", codes, bk.astype(up, cdtype))  # the level
+        codes = bk.into(codes, "lshift", codes, 1)
+        negative = bk.into(up, "lt", v, 0.0)  # up is spent
+        return bk.into(codes, "bor", codes, bk.astype(negative, cdtype))
 
     per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
 
@@ -84,13 +209,16 @@ class QSGD(_Stochastic):
     def fixed_size(self):
         return not self.per_rank_level
 
-    def decode_flat(self, bk, p):
-        d = p.count
-        s = p.level or self.s
-        codes = unpack_codes(bk, p.codes, p.code_bits, d)
-        sign = 1.0 - 2.0 * bk.astype(codes % 2, "float32")
-        rows, _ = self._rows(bk, sign * bk.astype(codes // 2, "float32"), d)
-        return bk.flatten(rows * bk.reshape(p.scales * (1.0 / s), (-1, 1)))[:d]
+    def _align(self, d):
+        return bucket_width(self.bucket, d)
+
+    def _decode(self, bk, p, codes, start, out):
+        n, bucket = bk.size(codes), bucket_width(self.bucket, p.count)
+        factors = p.scales[start // bucket:-(-(start + n) // bucket)] * (1.0 / (p.level or self.s))
+        negative = bk.into(bk.scratch("quantizer.neg", n, bk.dtype(codes), codes), "band",
+                           codes, 1)
+        y = bk.cast_into(out, bk.into(codes, "rshift", codes, 1), "float32")  # the level
+        return _scale_buckets(bk, _times_sign(bk, y, negative), factors, n, bucket)
 
     def omega(self, d):
         b = min(self.bucket, d)
@@ -130,20 +258,35 @@ class TernGrad(_Stochastic):
             bound = bk.where(var > 0, bk.where(var > 0, var, var + 1.0) ** 0.5 * self.clip,
                              bk.max(bk.abs(v)))
             v = bk.where(v > bound, v * 0.0 + bound, bk.where(v < -bound, v * 0.0 - bound, v))
-        a = bk.abs(v)
-        s = bk.max(a)
-        p = a / bk.where(s > 0, s, s + 1)
-        u = self._uniform(bk, d, key, v)
-        keep = bk.astype(u < p, "int32")
-        codes = keep * (1 + bk.astype(v < 0, "int32"))
+        lo, hi = bk.reshape(bk.min(v), (1,)), bk.reshape(bk.max(v), (1,))
+        s = bk.max(bk.abs(bk.concat([lo, hi])))  # max |x_j|, in one read of x each
+        nonzero = bk.where(s > 0, s, s + 1)
+        padded, codes = _codes_memory(bk, d, "uint8", v)
+        for a, b in _blocks(bk, d, v):
+            block = self._codes(bk, v[a:b], nonzero, key, a, _piece(codes, a, b))
         return Payload(shape=shape, dtype=dtype, count=d, scales=bk.reshape(s, (1,)),
-                       codes=pack_codes(bk, codes, 2), code_bits=2)
+                       codes=pack_codes(bk, block if padded is None else padded, 2),
+                       code_bits=2)
 
-    def decode_flat(self, bk, p):
-        codes = unpack_codes(bk, p.codes, 2, p.count)
-        keep = bk.astype(codes > 0, "float32")
-        sign = 1.0 - 2.0 * bk.astype(codes == 2, "float32")
-        return keep * sign * p.scales[0]
+    def _codes(self, bk, v, s, key, start, out):
+        """The codes of the entries v (from ``start`` on), in ``out``'s memory where the
+        framework allows: 0, 1 (kept, positive) or 2 (kept, negative)."""
+        n = bk.size(v)
+        p = bk.into(bk.scratch("quantizer.a", n, "float32", v), "abs", v)
+        p = bk.into(p, "div", p, s)
+        keep = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
+                       self._uniform(bk, n, key, v, start), p)
+        negative = bk.into(bk.scratch("quantizer.negative", n, "bool", v), "lt", v, 0.0)
+        codes = bk.cast_into(out, negative, "uint8")
+        codes = bk.into(codes, "add", codes, 1)
+        return bk.into(codes, "mul", codes, bk.astype(keep, "uint8"))
+
+    def _decode(self, bk, p, codes, start, out):
+        y = bk.cast_into(out, codes, "float32")
+        # codes 0, 1, 2 stand for 0, +1, -1: y (2.5 - 1.5 y), exact in float32
+        f = bk.into(bk.scratch("quantizer.f", bk.size(y), "float32", y), "mul", y, -1.5)
+        y = bk.into(y, "mul", y, bk.into(f, "add", f, 2.5))
+        return bk.into(y, "mul", y, p.scales[0])
 
     def omega(self, d):
         if self.clip is not None:
@@ -152,7 +295,7 @@ class TernGrad(_Stochastic):
 
 
 @register("compressor", "sign")
-class ScaledSign(Compressor):
+class ScaledSign(_Dense):
     """Scaled sign: C(x) = (||x||_1 / d) sign(x), one bit per entry plus one float32.
 
     Contractive with alpha(x) = ||x||_1^2 / (d ||x||^2) >= 1/d, exactly: the error is
@@ -166,15 +309,26 @@ class ScaledSign(Compressor):
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
-        v = _f32(bk, flat)
-        # the l1 norm is reduced in float64 so every backend rounds it the same way
-        scale = bk.astype(bk.sum(bk.abs(bk.astype(flat, "float64"))) / d, "float32")
+        negative = bk.scratch("quantizer.negative", d, "bool", flat)
+        l1 = None
+        for a, b in _blocks(bk, d, flat):
+            x = flat[a:b]
+            # the l1 norm is reduced in float64 so every backend rounds it the same way
+            wide = bk.cast_into(bk.scratch("quantizer.wide", b - a, "float64", x), x,
+                                "float64")
+            part = bk.sum(bk.into(wide, "abs", wide))
+            l1 = part if l1 is None else l1 + part
+            signs = bk.into(_piece(negative, a, b), "lt", x, 0.0)
+        scale = bk.astype(l1 / d, "float32")
         return Payload(shape=shape, dtype=dtype, count=d, scales=bk.reshape(scale, (1,)),
-                       codes=pack_codes(bk, bk.astype(v < 0, "int32"), 1), code_bits=1)
+                       codes=pack_codes(bk, signs if negative is None else negative, 1),
+                       code_bits=1)
 
-    def decode_flat(self, bk, p):
-        neg = bk.astype(unpack_codes(bk, p.codes, 1, p.count), "float32")
-        return (1.0 - 2.0 * neg) * p.scales[0]
+    def _decode(self, bk, p, codes, start, out):
+        # (1 - 2 negative) scale, as negative (-2 scale) + scale: exact
+        y = bk.cast_into(out, codes, "float32")
+        y = bk.into(y, "mul", y, p.scales[0] * -2.0)
+        return bk.into(y, "add", y, p.scales[0])
 
     def alpha(self, d):
         return 1.0 / d  # worst case; the data-dependent value is usually much larger
@@ -197,22 +351,43 @@ class Natural(_Stochastic):
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         v = _f32(bk, flat)
-        a = bk.abs(v)
-        expo = (bk.bitcast(a, "int32") & 0x7F800000) // (1 << 23)
-        lo = bk.bitcast(expo * (1 << 23), "float32")       # 2**e (0 below the normals)
-        normal = expo > 0
-        hi = bk.where(normal, lo * 2.0, lo + 2.0 ** -126)
-        p = (a - lo) / (hi - lo)
-        u = self._uniform(bk, d, key, v)
-        up = bk.astype(u < p, "int32")
-        code = bk.astype(bk.where(expo < 254, expo + up, expo), "uint8")
-        return Payload(shape=shape, dtype=dtype, count=d, values=code,
-                       codes=pack_codes(bk, bk.astype(v < 0, "int32"), 1), code_bits=1)
+        # the codes are the payload: fresh memory
+        values = bk.zeros(d, "uint8", v) if bk.mutable else None
+        negative = bk.scratch("quantizer.negative", d, "bool", v)
+        for a, b in _blocks(bk, d, v):
+            code, signs = self._codes(bk, v[a:b], key, a, _piece(values, a, b),
+                                      _piece(negative, a, b))
+        return Payload(shape=shape, dtype=dtype, count=d,
+                       values=code if values is None else values,
+                       codes=pack_codes(bk, signs if negative is None else negative, 1),
+                       code_bits=1)
 
-    def decode_flat(self, bk, p):
-        mag = bk.bitcast(bk.astype(p.values, "int32") * (1 << 23), "float32")
-        neg = bk.astype(unpack_codes(bk, p.codes, 1, p.count), "float32")
-        return (1.0 - 2.0 * neg) * mag
+    def _codes(self, bk, v, key, start, out, out_negative):
+        """(the exponent codes of the entries v, from ``start`` on, their signs), in the
+        memory of ``out`` and ``out_negative`` where the framework allows."""
+        n = bk.size(v)
+        a = bk.into(bk.scratch("quantizer.a", n, "float32", v), "abs", v)
+        expo = bk.into(bk.scratch("quantizer.expo", n, "int32", v), "rshift",
+                       bk.bitcast(a, "int32"), 23)  # the sign bit is clear
+        lo = bk.bitcast(bk.into(bk.scratch("quantizer.b", n, "int32", v), "band",
+                                bk.bitcast(a, "int32"), 0x7F800000), "float32")  # 2**e
+        # the gap to the next power, 2**e (overflowing at the top exponent, 254, which so
+        # never rounds up to infinity), or 2**-126 below the normals (where lo is 0)
+        gap = bk.into(bk.scratch("quantizer.gap", n, "float32", v), "mul", lo, 2.0)
+        gap = bk.into(gap, "sub", gap, lo)
+        gap = bk.into(gap, "clamp_min", gap, 2.0 ** -126)
+        p = bk.into(a, "div", bk.into(a, "sub", a, lo), gap)
+        up = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
+                     self._uniform(bk, n, key, v, start), p)
+        code = bk.cast_into(out, expo, "uint8")
+        code = bk.into(code, "add", code, bk.astype(up, "uint8"))
+        return code, bk.into(out_negative, "lt", v, 0.0)
+
+    def decode_flat(self, bk, p, out=None):
+        bits = bk.cast_into(None if out is None else bk.bitcast(out, "int32"), p.values,
+                            "int32")
+        magnitude = bk.bitcast(bk.into(bits, "lshift", bits, 23), "float32")  # 2**e
+        return _times_sign(bk, magnitude, unpack_codes(bk, p.codes, 1, p.count))
 
     def omega(self, d):
         return 0.125

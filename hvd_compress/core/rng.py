@@ -69,7 +69,7 @@ def _mix(bk, x):
     """The same avalanche as :func:`_mix_py`, on int32 tensors of 32-bit patterns; it
     overwrites x where the framework allows, with one scratch tensor (instead of eleven
     new tensors)."""
-    scratch = _lsr(bk, x, 16)
+    scratch = _lsr(bk, x, 16, bk.scratch("rng.mix", bk.size(x), "int32", x))
     x = bk.xor_(x, scratch)
     x = bk.mul_(x, _C1)
     x = bk.xor_(x, _lsr(bk, x, 15, scratch))
@@ -77,8 +77,10 @@ def _mix(bk, x):
     return bk.xor_(x, _lsr(bk, x, 16, scratch))
 
 
-def random_bits(bk, n: int, key: Key, like, salt: int = 0):
-    """n pseudo-random 32-bit patterns (int32) for positions 0..n-1."""
+def random_bits(bk, n: int, key: Key, like, salt: int = 0, out=None, start: int = 0):
+    """n pseudo-random 32-bit patterns (int32) for positions start..start+n-1; in
+    ``out``'s memory (n int32 entries) where the framework allows, block by block where
+    the backend works in blocks (:meth:`~hvd_compress.core.ops.Backend.block_size`)."""
     if isinstance(n, int) and n >= (1 << 31):
         raise HvdCompressError(f"random draws over {n} entries: at most 2**31 - 1 per tensor")
     stream = key.stream(salt)
@@ -92,14 +94,29 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0):
     else:  # a step tensor inside a graph
         s = bk.copy(bk.astype(step, "int32"))  # _mix overwrites it
         base = _mix(bk, bk.xor(_mix(bk, s), bk.constant(_signed(stream), "int32", like)))
-    return _mix(bk, bk.xor_(bk.mul_(bk.arange(n, like, "int32"), _GOLD), base))
+    size = None if out is None or not isinstance(n, int) else bk.block_size(like)
+    if size is None or n <= size:
+        return _hash_counter(bk, n, like, out, start, base)
+    for a in range(0, n, size):
+        _hash_counter(bk, min(size, n - a), like, out[a:a + size], start + a, base)
+    return out
 
 
-def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):
+def _hash_counter(bk, n, like, out, start, base):
+    counter = bk.arange(n, like, "int32", out, start)
+    return _mix(bk, bk.xor_(bk.mul_(counter, _GOLD), base))
+
+
+def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32", out=None,
+            start: int = 0):
     """n uniforms in [0, 1) with 24 random bits each (exact in float32), identical on
-    every backend for the same key."""
-    bits = _lsr(bk, random_bits(bk, n, key, like, salt), 8)
-    return bk.mul_(bk.astype(bits, dtype), 1.0 / (1 << 24))
+    every backend for the same key, for positions start..start+n-1; in ``out``'s memory
+    (n entries of ``dtype``) where the framework allows."""
+    bits = random_bits(bk, n, key, like, salt,
+                       None if out is None else bk.scratch("rng.bits", n, "int32", like),
+                       start)
+    bits = _lsr(bk, bits, 8, bits)
+    return bk.mul_(bk.cast_into(out, bits, dtype), 1.0 / (1 << 24))
 
 
 def normal(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32"):

@@ -26,6 +26,7 @@ _VALUE_DTYPES = (None, "float16", "bfloat16", "float32")
 class _Sparse(Compressor):
     """Shared encode/decode of (index, value) payloads."""
     indices = None
+    decodes_into = True
     size_fixed = True  # sizes follow from d alone (threshold and the dynamic policy: no)
 
     @property
@@ -204,7 +205,8 @@ class RandK(_Sparse):
         """The sorted positions this rank keeps for ``key`` (same on every backend)."""
         key = key._replace(seed=key.seed ^ self.seed, rank=None if self.shared else key.rank)
         # the k largest of d independent uniform keys: a uniform k-subset
-        return topk_indices(bk, random_bits(bk, d, key, like), self.k_for(d, key.name))
+        keys = random_bits(bk, d, key, like, out=bk.scratch("randk.keys", d, "int32", like))
+        return topk_indices(bk, keys, self.k_for(d, key.name))
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
