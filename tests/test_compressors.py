@@ -567,3 +567,23 @@ def test_working_memory_never_leaks_into_payloads(spec, backend):
     into, _ = c.mean(bk, [p1, p2], 2, out)
     np.testing.assert_array_equal(xp.numpy(into), xp.numpy(fresh))
     np.testing.assert_array_equal(xp.numpy(out), xp.numpy(fresh))  # built in out's memory
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_randk_drawn_block_by_block_keeps_what_all_keys_keep(shared):
+    """On a CPU rand-k draws its keys block by block and keeps only those above a
+    threshold; the k largest of them are the k largest of all d keys (TF selects among
+    all d keys at once)."""
+    import tensorflow as tf
+    import torch
+
+    from hvd_compress.core.rng import random_bits
+    d, k = 3 * backend_named("numpy").block_size(None) + 17, 1500
+    c = hc.resolve(f"randk:k={k},shared={'true' if shared else 'false'}")
+    key = Key(seed=3, rank=1, name="w", step=7)
+    stream = key._replace(seed=key.seed ^ c.seed, rank=None if shared else key.rank)
+    keys = random_bits(backend_named("numpy"), d, stream, np.zeros(1, np.float32))
+    want = np.sort(np.argsort(-keys.astype(np.int64), kind="stable")[:k])  # ties: lower first
+    for t in (np.zeros(d, np.float32), torch.zeros(d), tf.zeros(d)):
+        got = c.mask(backend_for(t), d, key, t)
+        np.testing.assert_array_equal(backend_for(t).to_numpy(got), want)

@@ -41,8 +41,7 @@ def pack_codes(bk, codes, width: int):
             w = bk.into(work, "rshift", words, j - low)
             w = bk.into(w, "band", w, _BYTE_LSBS)   # bit j of code i at bit 8i
             w = bk.into(w, "mul", w, _GATHER)       # ... and at bit 56 + i
-            w = bk.into(w, "rshift", w, 56)
-            w = bk.into(w, "band", w, 0xFF)
+            w = bk.into(w, "rshift", w, 56)         # the low byte (a cast keeps it)
             plane = None if packed is None else packed[j * nb:(j + 1) * nb]
             planes.append(bk.cast_into(plane, w, "uint8"))
     if packed is not None:

@@ -259,7 +259,7 @@ _CPU_BLOCK = 1 << 18
 
 
 class _Arena(threading.local):
-    """Per-thread scratch buffers, keyed by (slot, dtype, device)."""
+    """Per-thread scratch buffers, keyed by (slot, dtype)."""
 
     def __init__(self):
         self.buffers: dict = {}
@@ -402,6 +402,8 @@ class TorchBackend(Backend):
                     "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
                     "uint16": torch.int16, "bool": torch.bool}
         self._constants: dict = {}  # (values, dtype, device) -> tensor, on accelerators
+        # what host_view hands to numpy: gradients, and rand-k's random keys
+        self._host_dtypes = (torch.float32, torch.float64, torch.int32)
         self._ops = {"abs": torch.abs, "floor": torch.floor, "add": torch.add,
                      "sub": torch.sub, "mul": torch.mul, "div": torch.div, "lt": torch.lt,
                      "clamp_max": torch.clamp_max, "clamp_min": torch.clamp_min,
@@ -532,7 +534,7 @@ class TorchBackend(Backend):
         # on a CPU, torch's compare and nonzero run 2x (80k entries) to 3x (10M) slower
         # than numpy's at one or two threads, where data-parallel ranks usually run (both
         # measured on the CI machine); the view shares x's memory, so nothing is copied
-        if x.device.type != "cpu" or x.dtype not in (self.t.float32, self.t.float64) or \
+        if x.device.type != "cpu" or x.dtype not in self._host_dtypes or \
                 not x.is_contiguous() or x.requires_grad or self.avoid_syncs_on_cpu or \
                 self.t.get_num_threads() > self.host_threads:
             return None

@@ -106,6 +106,13 @@ class _Stochastic(_Dense):
                        out=bk.scratch("quantizer.u", n, "float32", like), start=start)
 
 
+def _as_codes(bk, mask, dtype):
+    """A boolean mask as 0/1 codes of ``dtype``: the mask's own bytes where they are
+    uint8 already (numpy, torch)."""
+    return bk.bitcast(mask, "uint8") if bk.mutable and dtype == "uint8" else \
+        bk.astype(mask, dtype)
+
+
 def _times_sign(bk, y, negative):
     """The float32 y with the sign bit set where ``negative`` (0 or 1) is 1, in y's
     memory where the framework allows: y * (1 - 2 negative), exactly."""
@@ -198,10 +205,10 @@ class QSGD(_Stochastic):
         up = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
                      self._uniform(bk, n, key, v, start), frac)
         codes = bk.cast_into(out, lo, cdtype)
-        codes = bk.into(codes, "add", codes, bk.astype(up, cdtype))  # the level
+        codes = bk.into(codes, "add", codes, _as_codes(bk, up, cdtype))  # the level
         codes = bk.into(codes, "lshift", codes, 1)
         negative = bk.into(up, "lt", v, 0.0)  # up is spent
-        return bk.into(codes, "bor", codes, bk.astype(negative, cdtype))
+        return bk.into(codes, "bor", codes, _as_codes(bk, negative, cdtype))
 
     per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
 
@@ -279,7 +286,7 @@ class TernGrad(_Stochastic):
         negative = bk.into(bk.scratch("quantizer.negative", n, "bool", v), "lt", v, 0.0)
         codes = bk.cast_into(out, negative, "uint8")
         codes = bk.into(codes, "add", codes, 1)
-        return bk.into(codes, "mul", codes, bk.astype(keep, "uint8"))
+        return bk.into(codes, "mul", codes, _as_codes(bk, keep, "uint8"))
 
     def _decode(self, bk, p, codes, start, out):
         y = bk.cast_into(out, codes, "float32")
@@ -380,7 +387,7 @@ class Natural(_Stochastic):
         up = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
                      self._uniform(bk, n, key, v, start), p)
         code = bk.cast_into(out, expo, "uint8")
-        code = bk.into(code, "add", code, bk.astype(up, "uint8"))
+        code = bk.into(code, "add", code, _as_codes(bk, up, "uint8"))
         return code, bk.into(out_negative, "lt", v, 0.0)
 
     def decode_flat(self, bk, p, out=None):

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .ops import backend_named
 
 _SAMPLED_MIN_D = 1 << 16      # below this a plain top-k is cheap enough
@@ -105,3 +107,14 @@ def _exact(bk, score, k: int, cand=None):
     keep = above | (ties & (tie_rank <= k - n_above))  # exactly k entries, unless a NaN
     pos = bk.nonzero_exactly(keep, k)
     return pos if cand is None else bk.gather(cand, pos)
+
+
+def at_least(bk, x, t):
+    """(the ascending positions of the entries of the 1-D x that are >= t, those
+    entries), by numpy over x's own memory where :meth:`Backend.host_view` allows."""
+    view = bk.host_view(x)
+    if view is not None:
+        pos = np.flatnonzero(view >= t)
+        return bk.from_host(pos, x), bk.from_host(view[pos], x)
+    pos = bk.nonzero(x >= t)
+    return pos, bk.gather(x, pos)

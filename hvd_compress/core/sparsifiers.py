@@ -17,7 +17,7 @@ from .compressor import Compressor, check_bool, check_float, check_int, check_ra
 from .payload import Payload
 from .registry import register
 from .rng import Key, random_bits, uniform
-from .select import largest_magnitudes, topk_indices
+from .select import at_least, largest_magnitudes, topk_indices
 from .varint import encode_sorted
 
 _VALUE_DTYPES = (None, "float16", "bfloat16", "float32")
@@ -205,8 +205,14 @@ class RandK(_Sparse):
         """The sorted positions this rank keeps for ``key`` (same on every backend)."""
         key = key._replace(seed=key.seed ^ self.seed, rank=None if self.shared else key.rank)
         # the k largest of d independent uniform keys: a uniform k-subset
+        k = self.k_for(d, key.name)
+        size = bk.block_size(like)
+        if size is not None and isinstance(k, int) and d > size and 16 * k <= d:
+            kept = _largest_keys_by_block(bk, d, k, key, like, size)
+            if kept is not None:
+                return kept
         keys = random_bits(bk, d, key, like, out=bk.scratch("randk.keys", d, "int32", like))
-        return topk_indices(bk, keys, self.k_for(d, key.name))
+        return topk_indices(bk, keys, k)
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
@@ -222,6 +228,28 @@ class RandK(_Sparse):
 
     def alpha(self, d):
         return self.k_for(d) / d if not self.scaled else super().alpha(d)
+
+
+def _largest_keys_by_block(bk, d, k, key, like, size):
+    """Rand-k's kept positions without writing the d keys: each block of keys, drawn in
+    cache, hands over only the keys above a threshold that about k + 4 sqrt(k) + 16 of
+    the d uniform keys reach; the k largest of those are the k largest of all (ties
+    toward lower positions alike). None where fewer than k reached it (a chance of about
+    3e-5): the caller then selects among all d keys."""
+    reach = k + 4.0 * math.sqrt(k) + 16.0  # keys are uniform over the 2**32 int32 values
+    t = max(-(1 << 31), (1 << 31) - math.ceil(reach / d * (1 << 32)))
+    positions, keys = [], []
+    for a in range(0, d, size):
+        n = min(size, d - a)
+        block = random_bits(bk, n, key, like, out=bk.scratch("randk.block", n, "int32", like),
+                            start=a)
+        pos, above = at_least(bk, block, t)
+        positions.append(pos + a)
+        keys.append(above)
+    positions, keys = bk.concat(positions), bk.concat(keys)
+    if bk.size(positions) < k:
+        return None
+    return bk.gather(positions, topk_indices(bk, keys, k))
 
 
 @register("compressor", "threshold")
