@@ -587,3 +587,36 @@ def test_randk_drawn_block_by_block_keeps_what_all_keys_keep(shared):
     for t in (np.zeros(d, np.float32), torch.zeros(d), tf.zeros(d)):
         got = c.mask(backend_for(t), d, key, t)
         np.testing.assert_array_equal(backend_for(t).to_numpy(got), want)
+
+
+@pytest.mark.parametrize("spec", ["qsgd:bucket=7", "qsgd", "terngrad", "sign", "natural"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_decoding_into_a_view_of_another_buffer(spec, backend):
+    """The average may be built in the memory of a gradient that is a view: at an offset
+    that no 8-byte word starts at, or strided; it equals the average built afresh."""
+    from conftest import XP
+    xp = XP(backend)
+    d = 2 * backend_named("numpy").block_size(None) + 5
+    c = hc.resolve(spec)
+    p = c.compress(xp.asarray(data(d, seed=5)), Key(name="w"))
+    bk = backend_for(p.codes)
+    want, _ = c.mean(bk, [p, p], 2)
+    big = xp.asarray(np.zeros(2 * d + 1, np.float32))
+    for out in (big[1:d + 1], big[::2][:d]):
+        got, _ = c.mean(bk, [p, p], 2, out)
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+
+
+@pytest.mark.parametrize("spec", QUANTIZERS)
+def test_quantizers_take_tensors_that_require_grad(spec):
+    import torch
+    x = torch.from_numpy(data(1000)).requires_grad_()
+    c = hc.resolve(spec)
+    got = dense(c, c.compress(x, Key(name="w")))
+    np.testing.assert_array_equal(got, dense(c, c.compress(x.detach(), Key(name="w"))))
+
+
+def test_sign_decodes_the_largest_floats(xp):
+    c = hc.resolve("sign")
+    x = np.array([3e38, -3e38], np.float32)
+    np.testing.assert_array_equal(dense(c, c.compress(xp.asarray(x))), x.astype(np.float64))

@@ -116,7 +116,7 @@ class Compressor(Algorithm):
                 f"{self.spec()}: tensor {name or '<unnamed>'} has dtype {dtype}; "
                 f"compressors take floating tensors ({', '.join(FLOAT_DTYPES)})")
         shape = bk.shape(x)
-        flat = bk.flatten(x)
+        flat = bk.flatten(bk.detached(x))
         return bk, flat, bk.size(flat), shape, dtype
 
     def _index_dtype(self, d) -> str:

@@ -69,6 +69,9 @@ class Backend:
 
     def flatten(self, x):
         return self.reshape(x, (-1,))
+    def detached(self, x):
+        """x without its autograd history (compression is not differentiated)."""
+        return x
 
     # -- construction ----------------------------------------------------------------
     def zeros(self, n: int, dtype: str, like): raise NotImplementedError
@@ -304,7 +307,6 @@ class NumpyBackend(Backend):
     def where(self, cond, a, b): return np.where(cond, a, b)
     def sum(self, x): return x.sum()
     def sum_rows(self, x): return x.sum(axis=1)
-    def row_norms(self, x): return np.sqrt(np.einsum("ij,ij->i", x, x))
     def max(self, x): return x.max()
     def min(self, x): return x.min()
     def finite_flag(self, x):
@@ -417,6 +419,7 @@ class TorchBackend(Backend):
     def shape(self, x): return tuple(x.shape)
     def dtype(self, x): return str(x.dtype).replace("torch.", "")
     def reshape(self, x, shape): return x.reshape(shape)
+    def detached(self, x): return x.detach()
     def astype(self, x, dtype):
         t = self._dt[dtype]
         return x if x.dtype == t else x.to(t)
@@ -426,8 +429,8 @@ class TorchBackend(Backend):
         return self.t.mul(x, factor, out=out)
     def bitcast(self, x, dtype):
         x = x.contiguous()
-        if x.storage_offset() % ITEMSIZE[dtype]:  # a slice of a gathered byte buffer
-            x = x.clone()
+        if x.storage_offset() * x.element_size() % ITEMSIZE[dtype]:
+            x = x.clone()  # a slice of a gathered byte buffer, at an unaligned byte
         return x.view(self._dt[dtype])
     def zeros(self, n, dtype, like):
         return self.t.zeros(n, dtype=self._dt[dtype], device=like.device)

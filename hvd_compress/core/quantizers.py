@@ -32,6 +32,8 @@ class _Dense(Compressor):
         d = p.count
         codes = unpack_codes(bk, p.codes, p.code_bits, d, scratch=True)
         blocks = _blocks(bk, d, codes, self._align(d))
+        if out is not None and not bk.contiguous(out):
+            out = None  # the blocks write through views of out's memory
         if out is None and len(blocks) > 1:
             out = bk.zeros(d, "float32", codes)
         for a, b in blocks:
@@ -316,7 +318,7 @@ class ScaledSign(_Dense):
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
-        negative = bk.scratch("quantizer.negative", d, "bool", flat)
+        padded, negative = _codes_memory(bk, d, "uint8", flat)
         l1 = None
         for a, b in _blocks(bk, d, flat):
             x = flat[a:b]
@@ -328,14 +330,14 @@ class ScaledSign(_Dense):
             signs = bk.into(_piece(negative, a, b), "lt", x, 0.0)
         scale = bk.astype(l1 / d, "float32")
         return Payload(shape=shape, dtype=dtype, count=d, scales=bk.reshape(scale, (1,)),
-                       codes=pack_codes(bk, signs if negative is None else negative, 1),
+                       codes=pack_codes(bk, signs if padded is None else padded, 1),
                        code_bits=1)
 
     def _decode(self, bk, p, codes, start, out):
-        # (1 - 2 negative) scale, as negative (-2 scale) + scale: exact
         y = bk.cast_into(out, codes, "float32")
-        y = bk.into(y, "mul", y, p.scales[0] * -2.0)
-        return bk.into(y, "add", y, p.scales[0])
+        y = bk.into(y, "mul", y, -2.0)
+        y = bk.into(y, "add", y, 1.0)  # 1 - 2 negative
+        return bk.into(y, "mul", y, p.scales[0])
 
     def alpha(self, d):
         return 1.0 / d  # worst case; the data-dependent value is usually much larger
@@ -360,13 +362,13 @@ class Natural(_Stochastic):
         v = _f32(bk, flat)
         # the codes are the payload: fresh memory
         values = bk.zeros(d, "uint8", v) if bk.mutable else None
-        negative = bk.scratch("quantizer.negative", d, "bool", v)
+        padded, negative = _codes_memory(bk, d, "uint8", v)
         for a, b in _blocks(bk, d, v):
             code, signs = self._codes(bk, v[a:b], key, a, _piece(values, a, b),
                                       _piece(negative, a, b))
         return Payload(shape=shape, dtype=dtype, count=d,
                        values=code if values is None else values,
-                       codes=pack_codes(bk, signs if negative is None else negative, 1),
+                       codes=pack_codes(bk, signs if padded is None else padded, 1),
                        code_bits=1)
 
     def _codes(self, bk, v, key, start, out, out_negative):
@@ -390,11 +392,12 @@ class Natural(_Stochastic):
         code = bk.into(code, "add", code, _as_codes(bk, up, "uint8"))
         return code, bk.into(out_negative, "lt", v, 0.0)
 
-    def decode_flat(self, bk, p, out=None):
-        bits = bk.cast_into(None if out is None else bk.bitcast(out, "int32"), p.values,
+    def _decode(self, bk, p, codes, start, out):
+        exponents = p.values[start:start + bk.size(codes)]
+        bits = bk.cast_into(None if out is None else bk.bitcast(out, "int32"), exponents,
                             "int32")
         magnitude = bk.bitcast(bk.into(bits, "lshift", bits, 23), "float32")  # 2**e
-        return _times_sign(bk, magnitude, unpack_codes(bk, p.codes, 1, p.count))
+        return _times_sign(bk, magnitude, codes)
 
     def omega(self, d):
         return 0.125
