@@ -219,6 +219,15 @@ class Backend:
         random draws run 2x faster in blocks of 2**18 entries than over 10M at once),
         or None: the whole tensor at once (accelerators, graphs)."""
         return None
+    def blocks(self, n, like, align: int = 1) -> list:
+        """The (start, stop) ranges, in order, that such a chain over n entries runs
+        over: blocks of :meth:`block_size` entries (a multiple of ``align``, so that no
+        group of ``align`` entries straddles two), or the whole (0, n)."""
+        size = self.block_size(like)
+        if size is None or not isinstance(n, int) or n <= size:
+            return [(0, n)]
+        size = max(align, size - size % align)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
     def into(self, out, op: str, *args):
         """The elementwise ``op`` of :data:`ELEMENTWISE` applied to args, written into
         ``out``'s memory where the framework allows (out may be an argument; None: a new

@@ -31,7 +31,7 @@ class _Dense(Compressor):
         tensor of its size) where the framework allows."""
         d = p.count
         codes = unpack_codes(bk, p.codes, p.code_bits, d, scratch=True)
-        blocks = _blocks(bk, d, codes, self._align(d))
+        blocks = bk.blocks(d, codes, self._align(d))
         if out is not None and not bk.contiguous(out):
             out = None  # the blocks write through views of out's memory
         if out is None and len(blocks) > 1:
@@ -66,17 +66,6 @@ class _Dense(Compressor):
         if n != 1:
             total = bk.mul_(total, 1.0 / n)
         return total, bk.finite_flag(total)
-
-
-def _blocks(bk, d, like, align: int = 1):
-    """The (start, stop) ranges an elementwise chain runs over, in order: blocks of
-    :meth:`~hvd_compress.core.ops.Backend.block_size` entries (a multiple of ``align``,
-    so no bucket straddles two), or the whole tensor."""
-    size = bk.block_size(like)
-    if size is None or not isinstance(d, int) or d <= size:
-        return [(0, d)]
-    size = max(align, size - size % align)
-    return [(a, min(a + size, d)) for a in range(0, d, size)]
 
 
 def _piece(memory, start, stop):
@@ -186,7 +175,7 @@ class QSGD(_Stochastic):
         inv = bk.where(norms > 0, self.s / bk.where(norms > 0, norms, norms + 1), norms)
         cdtype = "uint8" if self.width <= 8 else "int32"
         padded, codes = _codes_memory(bk, d, cdtype, v)
-        for a, b in _blocks(bk, d, v, bucket):
+        for a, b in bk.blocks(d, v, bucket):
             block = self._codes(bk, v[a:b], inv[a // bucket:-(-b // bucket)], bucket, key, a,
                                 _piece(codes, a, b), cdtype)
         return Payload(shape=shape, dtype=dtype, count=d, scales=norms,
@@ -271,7 +260,7 @@ class TernGrad(_Stochastic):
         s = bk.max(bk.abs(bk.concat([lo, hi])))  # max |x_j|, in one read of x each
         nonzero = bk.where(s > 0, s, s + 1)
         padded, codes = _codes_memory(bk, d, "uint8", v)
-        for a, b in _blocks(bk, d, v):
+        for a, b in bk.blocks(d, v):
             block = self._codes(bk, v[a:b], nonzero, key, a, _piece(codes, a, b))
         return Payload(shape=shape, dtype=dtype, count=d, scales=bk.reshape(s, (1,)),
                        codes=pack_codes(bk, block if padded is None else padded, 2),
@@ -320,7 +309,7 @@ class ScaledSign(_Dense):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         padded, negative = _codes_memory(bk, d, "uint8", flat)
         l1 = None
-        for a, b in _blocks(bk, d, flat):
+        for a, b in bk.blocks(d, flat):
             x = flat[a:b]
             # the l1 norm is reduced in float64 so every backend rounds it the same way
             wide = bk.cast_into(bk.scratch("quantizer.wide", b - a, "float64", x), x,
@@ -363,7 +352,7 @@ class Natural(_Stochastic):
         # the codes are the payload: fresh memory
         values = bk.zeros(d, "uint8", v) if bk.mutable else None
         padded, negative = _codes_memory(bk, d, "uint8", v)
-        for a, b in _blocks(bk, d, v):
+        for a, b in bk.blocks(d, v):
             code, signs = self._codes(bk, v[a:b], key, a, _piece(values, a, b),
                                       _piece(negative, a, b))
         return Payload(shape=shape, dtype=dtype, count=d,

@@ -80,7 +80,7 @@ def _mix(bk, x):
 def random_bits(bk, n: int, key: Key, like, salt: int = 0, out=None, start: int = 0):
     """n pseudo-random 32-bit patterns (int32) for positions start..start+n-1; in
     ``out``'s memory (n int32 entries) where the framework allows, block by block where
-    the backend works in blocks (:meth:`~hvd_compress.core.ops.Backend.block_size`)."""
+    the backend works in blocks (:meth:`~hvd_compress.core.ops.Backend.blocks`)."""
     if isinstance(n, int) and n >= (1 << 31):
         raise HvdCompressError(f"random draws over {n} entries: at most 2**31 - 1 per tensor")
     stream = key.stream(salt)
@@ -94,11 +94,10 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0, out=None, start: int 
     else:  # a step tensor inside a graph
         s = bk.copy(bk.astype(step, "int32"))  # _mix overwrites it
         base = _mix(bk, bk.xor(_mix(bk, s), bk.constant(_signed(stream), "int32", like)))
-    size = None if out is None or not isinstance(n, int) else bk.block_size(like)
-    if size is None or n <= size:
+    if out is None or not bk.mutable:
         return _hash_counter(bk, n, like, out, start, base)
-    for a in range(0, n, size):
-        _hash_counter(bk, min(size, n - a), like, out[a:a + size], start + a, base)
+    for a, b in bk.blocks(n, like):
+        _hash_counter(bk, b - a, like, out[a:b], start + a, base)
     return out
 
 

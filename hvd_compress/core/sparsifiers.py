@@ -206,9 +206,9 @@ class RandK(_Sparse):
         key = key._replace(seed=key.seed ^ self.seed, rank=None if self.shared else key.rank)
         # the k largest of d independent uniform keys: a uniform k-subset
         k = self.k_for(d, key.name)
-        size = bk.block_size(like)
-        if size is not None and isinstance(k, int) and d > size and 16 * k <= d:
-            kept = _largest_keys_by_block(bk, d, k, key, like, size)
+        blocks = bk.blocks(d, like)
+        if len(blocks) > 1 and isinstance(k, int) and 16 * k <= d:
+            kept = _largest_keys_by_block(bk, d, k, key, like, blocks)
             if kept is not None:
                 return kept
         keys = random_bits(bk, d, key, like, out=bk.scratch("randk.keys", d, "int32", like))
@@ -230,7 +230,7 @@ class RandK(_Sparse):
         return self.k_for(d) / d if not self.scaled else super().alpha(d)
 
 
-def _largest_keys_by_block(bk, d, k, key, like, size):
+def _largest_keys_by_block(bk, d, k, key, like, blocks):
     """Rand-k's kept positions without writing the d keys: each block of keys, drawn in
     cache, hands over only the keys above a threshold that about k + 4 sqrt(k) + 16 of
     the d uniform keys reach; the k largest of those are the k largest of all (ties
@@ -239,10 +239,9 @@ def _largest_keys_by_block(bk, d, k, key, like, size):
     reach = k + 4.0 * math.sqrt(k) + 16.0  # keys are uniform over the 2**32 int32 values
     t = max(-(1 << 31), (1 << 31) - math.ceil(reach / d * (1 << 32)))
     positions, keys = [], []
-    for a in range(0, d, size):
-        n = min(size, d - a)
-        block = random_bits(bk, n, key, like, out=bk.scratch("randk.block", n, "int32", like),
-                            start=a)
+    for a, b in blocks:
+        block = random_bits(bk, b - a, key, like,
+                            out=bk.scratch("randk.block", b - a, "int32", like), start=a)
         pos, above = at_least(bk, block, t)
         positions.append(pos + a)
         keys.append(above)
