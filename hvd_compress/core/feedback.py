@@ -138,7 +138,7 @@ class EF21(Feedback):
     def _correct(self, compress, bk, target, local, scratch, undo):
         """Send C(target - local), the difference written in ``scratch`` (the caller's
         gradient) where it is not None; local moves by what was sent."""
-        diff = target - local if scratch is None else bk.sub_into(scratch, target, local)
+        diff = bk.into(scratch, "sub", target, local)
         payload, sent = compress(diff)
         return payload, sent.move(local, undo)
 
@@ -260,7 +260,7 @@ class DIANA(Feedback):
         return DIANAState(_zeros(bk, x), _zeros(bk, x), alpha)
 
     def encode(self, compress, bk, g, state, owned=False, undo=None):
-        diff = bk.sub_into(g, g, state.shift) if owned else g - state.shift
+        diff = bk.into(g if owned else None, "sub", g, state.shift)
         payload, sent = compress(diff)
         return payload, state._replace(shift=sent.move(state.shift, undo, state.alpha))
 

@@ -182,21 +182,13 @@ class Backend:
     def rshift(self, a, s): raise NotImplementedError   # s: an int or a tensor of shifts
     def lshift(self, a, s: int): raise NotImplementedError
 
-    # -- the same in the first argument's memory, where the framework allows: callers
-    # -- pass only tensors they made (a fresh tensor of the model's size costs a pass)
-    def xor_(self, a, b): return self.xor(a, b)
-    def band_(self, a, b): return self.band(a, b)
+    # -- in the first argument's memory, where the framework allows (see also :meth:`into`):
+    # -- callers pass only tensors they made (a fresh tensor of the model's size costs a pass)
     def mul_(self, a, c): return a * c
     def add_(self, a, b): return a + b
     def overwrite(self, a, b):
         """b's values in a's memory where the framework allows (else a copy of b)."""
         return self.copy(b)
-    def rshift_into(self, out, a, s: int):
-        """a >> s, in out's memory where the framework allows (out shaped like a)."""
-        return self.rshift(a, s)
-    def sub_into(self, out, a, b):
-        """a - b, in out's memory where the framework allows (out may be a)."""
-        return a - b
     def put_(self, out, idx, values):
         """out with ``values`` written at the distinct positions idx, in its memory (only
         for mutable backends)."""
@@ -354,8 +346,6 @@ class NumpyBackend(Backend):
     def bor(self, a, b): return np.bitwise_or(a, b)
     def rshift(self, a, s): return np.right_shift(a, np.asarray(s, a.dtype))
     def lshift(self, a, s): return np.left_shift(a, np.asarray(s, a.dtype))
-    def xor_(self, a, b): return np.bitwise_xor(a, b, out=a)
-    def band_(self, a, b): return np.bitwise_and(a, np.asarray(b, a.dtype), out=a)
     def mul_(self, a, c): return np.multiply(a, np.asarray(c, a.dtype), out=a)
     def add_(self, a, b): return np.add(a, b, out=a)
     def overwrite(self, a, b):
@@ -363,8 +353,6 @@ class NumpyBackend(Backend):
         return a
     def contiguous(self, x): return bool(x.flags.c_contiguous)
     def in_order(self, x): return np.ascontiguousarray(x)
-    def rshift_into(self, out, a, s): return np.right_shift(a, np.asarray(s, a.dtype), out=out)
-    def sub_into(self, out, a, b): return np.subtract(a, b, out=out)
     def put_(self, out, idx, values):
         out[idx] = values
         return out
@@ -519,12 +507,9 @@ class TorchBackend(Backend):
     def bor(self, a, b): return self.t.bitwise_or(a, b)
     def rshift(self, a, s): return self.t.bitwise_right_shift(a, s)
     def lshift(self, a, s): return self.t.bitwise_left_shift(a, s)
-    def xor_(self, a, b): return a.bitwise_xor_(b)
-    def band_(self, a, b): return a.bitwise_and_(b)
     def mul_(self, a, c): return a.mul_(c)
     def add_(self, a, b): return a.add_(b)
     def overwrite(self, a, b): return a.copy_(b)
-    def sub_into(self, out, a, b): return self.t.sub(a, b, out=out)
     def put_(self, out, idx, values): return out.index_put_((idx,), values)
     def contiguous(self, x): return x.is_contiguous()
     def extremes(self, x):
@@ -533,7 +518,6 @@ class TorchBackend(Backend):
         lo, hi = self.t.aminmax(x.reshape(-1))
         return tuple(self.t.stack([lo, hi]).double().tolist())  # one read
     def in_order(self, x): return x.contiguous()
-    def rshift_into(self, out, a, s): return self.t.bitwise_right_shift(a, s, out=out)
     def to_numpy(self, x):
         if x.dtype == self.t.bfloat16:
             return x.view(self.t.int16).cpu().numpy().view(np.uint16)

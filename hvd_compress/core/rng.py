@@ -61,8 +61,8 @@ def _signed(v: int) -> int:
 def _lsr(bk, x, s: int, out=None):
     """Logical right shift of int32 bit patterns (the arithmetic shift, masked): a new
     tensor, or ``out``'s memory where the framework allows."""
-    shifted = bk.rshift(x, s) if out is None else bk.rshift_into(out, x, s)
-    return bk.band_(shifted, (1 << (32 - s)) - 1)
+    shifted = bk.into(out, "rshift", x, s)
+    return bk.into(shifted, "band", shifted, (1 << (32 - s)) - 1)
 
 
 def _mix(bk, x):
@@ -70,11 +70,11 @@ def _mix(bk, x):
     overwrites x where the framework allows, with one scratch tensor (instead of eleven
     new tensors)."""
     scratch = _lsr(bk, x, 16, bk.scratch("rng.mix", bk.size(x), "int32", x))
-    x = bk.xor_(x, scratch)
+    x = bk.into(x, "xor", x, scratch)
     x = bk.mul_(x, _C1)
-    x = bk.xor_(x, _lsr(bk, x, 15, scratch))
+    x = bk.into(x, "xor", x, _lsr(bk, x, 15, scratch))
     x = bk.mul_(x, _C2)
-    return bk.xor_(x, _lsr(bk, x, 16, scratch))
+    return bk.into(x, "xor", x, _lsr(bk, x, 16, scratch))
 
 
 def random_bits(bk, n: int, key: Key, like, salt: int = 0, out=None, start: int = 0):
@@ -103,7 +103,8 @@ def random_bits(bk, n: int, key: Key, like, salt: int = 0, out=None, start: int 
 
 def _hash_counter(bk, n, like, out, start, base):
     counter = bk.arange(n, like, "int32", out, start)
-    return _mix(bk, bk.xor_(bk.mul_(counter, _GOLD), base))
+    counter = bk.mul_(counter, _GOLD)
+    return _mix(bk, bk.into(counter, "xor", counter, base))
 
 
 def uniform(bk, n: int, key: Key, like, salt: int = 0, dtype: str = "float32", out=None,
