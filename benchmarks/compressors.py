@@ -15,8 +15,9 @@ timed beside it as a baseline.
 Ratios, not seconds: absolute times on a shared machine are noise; ratios measured in the
 same run on the same tensor are not.
 
-Each step gets a fresh copy of the gradient, made outside the timing as backward makes it,
-and may write the average into it, as the PyTorch frontend does (``overwrite=True``).
+Each step gets a fresh gradient (the same entries, rotated: every step's differs), made
+outside the timing as backward makes it, and may write the average into it, as the
+PyTorch frontend does (``overwrite=True``).
 """
 import argparse
 import time
@@ -33,9 +34,12 @@ SPECS = ["none", "fp16", "bf16", "topk:0.001", "topk:0.01", "topk:0.001+ef14",
 
 
 def best_time(fn, repeats, x=None):
-    """Minimum wall time of fn() over repeats (after one warm-up call), or of fn(a fresh
-    copy of x), the copy made before the clock starts."""
-    fresh = (lambda: ()) if x is None else (lambda: (x.clone(),))
+    """Minimum wall time of fn() over repeats (after one warm-up call), or of fn(g), g a
+    fresh tensor made before the clock starts: x rotated by another shift at each call,
+    so that every step's gradient differs, as a training run's do (a residual grows as it
+    would, and a hard threshold sends what it would)."""
+    shifts = iter(range(0, 7919 * (repeats + 1), 7919))
+    fresh = (lambda: ()) if x is None else (lambda: (torch.roll(x, next(shifts)),))
     fn(*fresh())
     best = float("inf")
     for _ in range(repeats):

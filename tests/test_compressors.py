@@ -54,6 +54,18 @@ def test_topk_keeps_exactly_the_k_largest(xp, d, k):
     np.testing.assert_array_equal(xp.numpy(p.values), x[topk_oracle(x, k)])
 
 
+def test_threshold_keeps_every_entry_at_or_above_lam(xp):
+    """|x| >= lam, both signs and the entries at exactly +-lam included, over several of
+    the blocks a CPU selects in and a ragged end."""
+    d = 3 * backend_named("numpy").block_size(None) + 1001
+    x = data(d, seed=6)
+    x[::1000] = 2.0 * np.sign(x[::1000])
+    p = hc.resolve("threshold:lam=2.0").compress(xp.asarray(x))
+    want = np.flatnonzero(np.abs(x) >= 2.0)
+    np.testing.assert_array_equal(xp.numpy(p.indices), want)
+    np.testing.assert_array_equal(xp.numpy(p.values), x[want])
+
+
 def test_topk_tie_rule_on_constant_input(xp):
     x = np.ones(100_000, np.float32)
     p = hc.resolve("topk:k=1000").compress(xp.asarray(x))

@@ -373,6 +373,43 @@ def test_a_void_step_leaves_the_state_exactly_as_it_was(spec, backend):
         assert np.array_equal(run(voided, g), run(clean, g))
 
 
+@pytest.mark.parametrize("spec", ["topk:0.1+ef14", "topk:0.1+ef21sgdm:eta=0.3",
+                                  "topk:0.1+ef21sgd2m:eta=0.3", "sign+ef14"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_state_memory_alternates_between_two_copies(spec, backend):
+    """On a CPU the tensors a rule writes anew each step (EF14's residual, the momenta)
+    take the memory the state before the last valid step held: two copies alternate. No
+    state tensor shares memory with another, with the gradient or with the update, and
+    the updates are the pipeline's own, run without the exchange (a void step between)."""
+    xp, bk = XP(backend), backend_named(backend)
+
+    def address(t):
+        return t.data_ptr() if backend == "torch" else t.__array_interface__["data"][0]
+    ex, pipe = Exchange(spec), resolve_pipeline(spec)
+    state, seen = pipe.init(bk, xp.asarray(grads(1, 300, 0)[0])), []
+    for step in range(7):
+        g = grads(1, 300, step)[0]
+        if step == 4:
+            g[5] = np.nan
+        mine = xp.asarray(g.copy())
+        out = ex.begin(bk, "w", mine, 0, overwrite=True)
+        got = ex.finish_gathered(bk, out.wire, out, 1, False)
+        if step != 4:
+            payload, codec, state, _ = pipe.encode(bk, xp.asarray(g), state, Key(0, 0, "w", 0))
+            mean, _ = codec.mean(bk, [payload], 1)
+            want, state = pipe.decode(bk, bk.astype(mean, "float32"), state)
+            assert np.array_equal(xp.numpy(got), xp.numpy(want)), step
+        held = {f: address(v) for f, v in ex.states["w"]._asdict().items()
+                if hasattr(v, "shape")}
+        assert len(set(held.values())) == len(held)
+        assert not {address(mine), address(got)} & set(held.values())
+        seen.append(held)
+    # the fields written anew: the momenta, or EF14's residual
+    fresh = [f for f in seen[0] if f not in ("local", "aggregate")]
+    for f in fresh:
+        assert len({s[f] for s in seen[1:]}) == 2, f
+
+
 @pytest.mark.parametrize("spec", ["none+ef21", "topk:0.1+ef21+warmup:3",
                                   "topk:0.1+ef21sgdm+warmup:3", "none+diana",
                                   "randk:0.2,scaled=true+diana"])

@@ -123,6 +123,7 @@ class Exchange:
         self._spec: str | None = None          # the pipeline's spec, once asked for
         self._stamps: dict[tuple, Stamp] = {}  # the fingerprints of each tensor, once made
         self._loaded: set[str] = set()  # states loaded whose size no step has checked yet
+        self._spare: dict[str, Any] = {}  # name -> memory for its next state (_released)
         # whether encoding reads values on the host (level policies, data-sized payloads):
         # such pipelines, and every pipeline on a CPU, see a non-finite tensor with those
         # entries zeroed; the others, on an accelerator, encode it as it is (the header
@@ -230,7 +231,7 @@ class Exchange:
         payload, codec, state, error = self.pipeline.encode(
             bk, flat, prior, Key(self.seed, rank, name, step), measure=self.measure_error,
             gather=gather, dense=dense, model_size=self.model_size, level=level,
-            owned=overwrite, undo=undo)
+            owned=overwrite, undo=undo, spare=self._spare.pop(name, None))
         self.states[name] = state
         by_allreduce = codec.summable and payload.values is not None and \
             bk.dtype(payload.values) in self.allreduce_dtypes
@@ -479,6 +480,7 @@ class Exchange:
             state = _select_state(bk, bad, outgoing.prior, state)
             update = bk.where(bad, bk.nan_like(update), update)
         self.states[name] = state
+        self._spare[name] = _released(bk, outgoing.prior, state)
         self.commit_state(name, state)
         if scale != 1:
             update = update * float(scale)
@@ -487,6 +489,7 @@ class Exchange:
     def _restore(self, bk, outgoing: Outgoing):
         """The state as it was before this step (a void or refused step)."""
         Undo.put_back(bk, outgoing.undo)
+        self._spare[outgoing.name] = _released(bk, self.states[outgoing.name], outgoing.prior)
         self.states[outgoing.name] = outgoing.prior
         self.commit_state(outgoing.name, outgoing.prior)
 
@@ -624,8 +627,9 @@ class Exchange:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly, and who wrote it (see
-        :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors; the
-        rest is ints, floats, strings and None, so torch.load(weights_only=True) reads it."""
+        :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors (the
+        live state, which later steps overwrite in place); the rest is ints, floats,
+        strings and None, so torch.load(weights_only=True) reads it."""
         return {**self._checkpoint_header(), "steps": dict(self.steps),
                 "states": {k: (None if s is None else s._asdict())
                            for k, s in self.states.items()}}
@@ -635,7 +639,7 @@ class Exchange:
         (a refused state changes nothing)."""
         self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
-        self.states = {}
+        self.states, self._spare = {}, {}
         self._loaded = {name for name, fields in sd["states"].items() if fields is not None}
         for name, fields in sd["states"].items():
             if fields is None:
@@ -650,6 +654,19 @@ class Exchange:
             self.states[name] = template._replace(**{
                 k: bk.copy(v) if hasattr(v, "shape") else v
                 for k, v in fields.items() if not isinstance(v, float)})
+
+
+def _released(bk, old, new):
+    """The state ``old`` less what ``new`` still holds: tensors no one holds once ``new``
+    replaces ``old``, whose memory the next step's state may take (see the ``spare`` of
+    :meth:`~hvd_compress.core.feedback.Feedback.encode`), or None where none is worth
+    keeping (see :meth:`~hvd_compress.core.ops.Backend.keeps_memory`)."""
+    if old is None or not bk.mutable:
+        return None
+    held = {id(v) for v in (new or ())}
+    free = {f: v if hasattr(v, "shape") and id(v) not in held and bk.keeps_memory(v) else None
+            for f, v in old._asdict().items()}
+    return old._replace(**free) if any(v is not None for v in free.values()) else None
 
 
 def _first_tensor(fields: dict) -> str:

@@ -25,6 +25,11 @@ rule may use as scratch (the difference it compresses goes there). ``encode(...,
 undo=[])`` lets the rule move its running estimates by a sparse payload in their own
 memory, listing the k entries it overwrote (:class:`~hvd_compress.core.pipeline.Undo`),
 so a step every rank voids (a NaN somewhere) leaves the state exactly as it was.
+``encode(..., spare=state)`` hands the rule a state of its own that no one holds any
+more (what the last valid step replaced, where the backend
+:meth:`~hvd_compress.core.ops.Backend.keeps_memory`): the tensors the rule writes anew
+each step (EF14's residual, the momenta) go into its memory, so two copies alternate
+instead of a fresh tensor per step.
 ``decode`` consumes the state it is given: on numpy and torch it may update the
 aggregate in place (it runs once every rank's payload is known to be valid).
 
@@ -59,9 +64,10 @@ class Feedback(Algorithm):
         """Fresh state for the flat tensor x (compressor: the one this rule wraps)."""
         raise NotImplementedError
 
-    def encode(self, compress, bk, g, state, owned: bool = False, undo: list | None = None):
+    def encode(self, compress, bk, g, state, owned: bool = False, undo: list | None = None,
+               spare=None):
         """(payload, state) for this rank's flat gradient g (see the module's docstring
-        for ``owned`` and ``undo``)."""
+        for ``owned``, ``undo`` and ``spare``)."""
         raise NotImplementedError
 
     def decode(self, bk, mean, state, owned: bool = False):
@@ -70,6 +76,14 @@ class Feedback(Algorithm):
 
 def _zeros(bk, x):
     return bk.zeros(bk.size(x), bk.dtype(x), x)
+
+
+def _memory(bk, spare, field: str, like):
+    """The spare state's ``field`` where its memory fits a tensor like ``like``, else
+    None (a new tensor)."""
+    t = None if spare is None else getattr(spare, field)
+    return t if t is not None and bk.size(t) == bk.size(like) and \
+        bk.dtype(t) == bk.dtype(like) else None
 
 
 class EF14State(NamedTuple):
@@ -83,7 +97,8 @@ class EF14(Feedback):
 
     Nothing is lost: over steps every coordinate is eventually sent. The update applied is
     the average of what the ranks sent. Works with any contractive compressor and with hard
-    threshold (Sahu et al. 2021). Memory: one tensor per parameter.
+    threshold (Sahu et al. 2021). Memory: one tensor per parameter (on a CPU a second
+    one is kept between steps, for the next residual: see the module's ``spare``).
     """
     accepts = ("contractive", "absolute")
     hint = "Use an unscaled compressor (e.g. randk without scaled=true), or diana."
@@ -94,9 +109,9 @@ class EF14(Feedback):
     def init(self, bk, x, compressor):
         return EF14State(_zeros(bk, x))
 
-    def encode(self, compress, bk, g, state, owned=False, undo=None):
-        # the new residual is a fresh tensor: the old one stays until the step is valid
-        p = state.residual + g
+    def encode(self, compress, bk, g, state, owned=False, undo=None, spare=None):
+        # the new residual is another tensor: the old one stays until the step is valid
+        p = bk.into(_memory(bk, spare, "residual", state.residual), "add", state.residual, g)
         payload, sent = compress(p)
         return payload, EF14State(sent.subtract_from(p, owned=True))
 
@@ -142,7 +157,7 @@ class EF21(Feedback):
         payload, sent = compress(diff)
         return payload, sent.move(local, undo)
 
-    def encode(self, compress, bk, g, state, owned=False, undo=None):
+    def encode(self, compress, bk, g, state, owned=False, undo=None, spare=None):
         payload, local = self._correct(compress, bk, g, state.local, g if owned else None,
                                        undo)
         return payload, state._replace(local=local)
@@ -172,7 +187,8 @@ class EF21SGDM(EF21):
         The first step takes v_i = grad_i.
 
     Since v_i already averages gradients, lower the optimizer's own momentum (or use plain
-    SGD) when enabling it. Memory: three tensors per parameter.
+    SGD) when enabling it. Memory: three tensors per parameter (on a CPU a fourth is
+    kept between steps, for the next momentum).
     """
 
     def __init__(self, eta=0.1):
@@ -181,23 +197,27 @@ class EF21SGDM(EF21):
     def init(self, bk, x, compressor):
         return EF21SGDMState(_zeros(bk, x), _zeros(bk, x), _zeros(bk, x), 0)
 
-    def _momentum(self, bk, v, g, count, owned=False):
+    def _momentum(self, bk, v, g, count, owned=False, memory=None):
+        """(1 - eta) v + eta g, written in ``memory`` where it is not None, and in g's
+        where g is ``owned`` (the caller's own tensor)."""
         if isinstance(count, int):
             # a copy at the first step: the state must not share memory with the caller's
             # gradient, which frameworks and users reuse
             if count == 0:
-                return bk.copy(g)
-            # the sum in the first product's memory, the second in g's where it is ours:
-            # the same roundings, one or two tensors fewer
-            kept = v * (1.0 - self.eta)
-            new = bk.mul_(g, self.eta) if owned else g * self.eta
+                return bk.copy(g) if memory is None else bk.cast_into(memory, g, bk.dtype(g))
+            # the sum in the first product's memory, the second in g's where it is ours
+            # (else in scratch): the same roundings, no tensor of the model's size fresh
+            kept = bk.into(memory, "mul", v, 1.0 - self.eta)
+            term = g if owned else bk.scratch("feedback.momentum", bk.size(g), bk.dtype(g), g)
+            new = bk.into(term, "mul", g, self.eta)
             return bk.add_(kept, new) if bk.dtype(kept) == bk.dtype(new) else kept + new
         # a step-count tensor inside a graph: the same coefficients, chosen arithmetically
         first = bk.astype(count == 0, bk.dtype(g))
         return v * ((1.0 - self.eta) * (1.0 - first)) + g * (self.eta + (1.0 - self.eta) * first)
 
-    def encode(self, compress, bk, g, state, owned=False, undo=None):
-        v = self._momentum(bk, state.momentum, g, state.count, owned)
+    def encode(self, compress, bk, g, state, owned=False, undo=None, spare=None):
+        v = self._momentum(bk, state.momentum, g, state.count, owned,
+                           _memory(bk, spare, "momentum", state.momentum))
         payload, local = self._correct(compress, bk, v, state.local, g if owned else None,
                                        undo)
         return payload, state._replace(momentum=v, local=local, count=state.count + 1)
@@ -215,14 +235,17 @@ class EF21SGD2MState(NamedTuple):
 class EF21SGD2M(EF21SGDM):
     """EF21-SGD2M, the double-momentum variant of EF21-SGDM (same paper): a second moving
     average u_i of v_i is what g_i tracks. Improves the compression-dependent term of the
-    rate; same knob eta. Memory: four tensors per parameter."""
+    rate; same knob eta. Memory: four tensors per parameter (on a CPU two more are kept
+    between steps, for the next momenta)."""
 
     def init(self, bk, x, compressor):
         return EF21SGD2MState(*[_zeros(bk, x) for _ in range(4)], 0)
 
-    def encode(self, compress, bk, g, state, owned=False, undo=None):
-        v = self._momentum(bk, state.momentum, g, state.count, owned)
-        u = self._momentum(bk, state.momentum2, v, state.count)
+    def encode(self, compress, bk, g, state, owned=False, undo=None, spare=None):
+        v = self._momentum(bk, state.momentum, g, state.count, owned,
+                           _memory(bk, spare, "momentum", state.momentum))
+        u = self._momentum(bk, state.momentum2, v, state.count,
+                           memory=_memory(bk, spare, "momentum2", state.momentum2))
         payload, local = self._correct(compress, bk, u, state.local, g if owned else None,
                                        undo)
         return payload, state._replace(momentum=v, momentum2=u, local=local,
@@ -259,7 +282,7 @@ class DIANA(Feedback):
                 else 1.0
         return DIANAState(_zeros(bk, x), _zeros(bk, x), alpha)
 
-    def encode(self, compress, bk, g, state, owned=False, undo=None):
+    def encode(self, compress, bk, g, state, owned=False, undo=None, spare=None):
         diff = bk.into(g if owned else None, "sub", g, state.shift)
         payload, sent = compress(diff)
         return payload, state._replace(shift=sent.move(state.shift, undo, state.alpha))

@@ -195,15 +195,19 @@ class Backend:
         raise NotImplementedError
 
     # -- working memory: a chain of elementwise steps over a few reused tensors ----------
+    def keeps_memory(self, like) -> bool:
+        """Whether memory is worth keeping from step to step on ``like``'s device: where
+        fresh memory costs (a CPU maps and zeroes each new tensor above 32 MB, which
+        costs as much as five passes over it), not where an accelerator's caching
+        allocator reuses memory already, nor where tensors are immutable."""
+        return False
     def scratch(self, slot: str, n, dtype: str, like):
         """Memory for n entries of ``dtype`` on ``like``'s device, with undefined values,
-        for a computation to write and read back before it returns. Where fresh memory
-        costs (a CPU maps and zeroes each new tensor above 32 MB, which costs as much as
-        five passes over it), every call with the same ``slot`` on a thread gets the same
-        memory, kept at the largest size asked for; elsewhere a new tensor (an
-        accelerator's caching allocator reuses memory already). None where tensors are
-        immutable: :meth:`into` ignores it there. Whatever returns to a caller must not
-        share it, and two tensors alive at once need two slots."""
+        for a computation to write and read back before it returns. Where the backend
+        :meth:`keeps_memory`, every call with the same ``slot`` on a thread gets the same
+        memory, kept at the largest size asked for; elsewhere a new tensor. None where
+        tensors are immutable: :meth:`into` ignores it there. Whatever returns to a
+        caller must not share it, and two tensors alive at once need two slots."""
         return None
     def block_size(self, like):
         """Entries per block where a chain of elementwise steps runs block by block (on a
@@ -318,11 +322,11 @@ class NumpyBackend(Backend):
             return np.bool_(np.isfinite(x.sum(dtype=wide)) or np.isfinite(x).all())
     def isfinite(self, x): return np.isfinite(x)
     def finite_or_zero(self, x): return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
+    def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64, copy=False)
     def unique(self, x):
         values, inverse = np.unique(x, return_inverse=True)
         return values, inverse.reshape(-1).astype(np.int64)
-    def gather(self, x, idx): return x[idx]
+    def gather(self, x, idx): return x.take(idx, axis=0)
     def topk_values(self, x, k):
         return -np.sort(-np.partition(x, len(x) - k)[len(x) - k:])
     def cumsum(self, x): return np.cumsum(x)
@@ -360,6 +364,7 @@ class NumpyBackend(Backend):
     def from_numpy(self, a, like): return np.asarray(a)
     _arena = _Arena()
     def block_size(self, like): return _CPU_BLOCK
+    def keeps_memory(self, like): return True
     def scratch(self, slot, n, dtype, like):
         t = _NP_DTYPES[dtype]
         return self._arena.get((slot, dtype), n, lambda m: np.empty(m, t))
@@ -538,10 +543,11 @@ class TorchBackend(Backend):
     def from_host(self, a, like): return self.t.from_numpy(a)
     _arena = _Arena()
     def block_size(self, like): return _CPU_BLOCK if like.device.type == "cpu" else None
+    def keeps_memory(self, like): return like.device.type == "cpu"
     def scratch(self, slot, n, dtype, like):
         def make(m):
             return self.t.empty(m, dtype=self._dt[dtype], device=like.device)
-        if like.device.type != "cpu":
+        if not self.keeps_memory(like):
             return make(n)
         return self._arena.get((slot, dtype), n, make)
     def into(self, out, op, *args):

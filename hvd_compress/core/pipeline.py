@@ -98,7 +98,7 @@ class Pipeline:
 
     def encode(self, bk, flat, state, key: Key, measure: bool = False,
                gather=None, dense=None, model_size=None, level=None,
-               owned: bool = False, undo: list | None = None) -> Encoded:
+               owned: bool = False, undo: list | None = None, spare=None) -> Encoded:
         """This rank's payload for its flat tensor at step ``key.step``.
 
         ``measure`` also returns the compression error of the vector compressed, relative
@@ -111,7 +111,7 @@ class Pipeline:
         ``auto`` planned for this tensor, in place of the spec's (see
         :meth:`hvd_compress.core.auto.Auto.route`). ``model_size``: the entries of the
         whole model, which ``perturb`` spreads its noise over (required with it).
-        ``owned`` and ``undo``: see :meth:`Feedback.encode`."""
+        ``owned``, ``undo`` and ``spare``: see :meth:`Feedback.encode`."""
         codec = self.codec(key.step) if dense is None else \
             (self._dense if dense else self.compressor)
         used, error = [codec], [None]
@@ -146,7 +146,8 @@ class Pipeline:
                     f"it; pass model_size= to SparseAllreduce, Exchange or Workers)")
             flat = self.perturbation.apply(bk, flat, key, model_size)
         if self.feedback is not None:
-            payload, state = self.feedback.encode(compress, bk, flat, state, owned, undo)
+            payload, state = self.feedback.encode(compress, bk, flat, state, owned, undo,
+                                                  spare)
         elif measure:
             payload, _ = compress(flat)
         else:  # nothing needs the dense view: skip decoding

@@ -40,6 +40,13 @@ class _Dense(Compressor):
             y = self._decode(bk, p, codes[a:b], a, _piece(out, a, b))
         return y if len(blocks) == 1 else out
 
+    def add_sent(self, bk, x, p, scale=1.0, owned=False):
+        # an owned float32 x moves in its own memory, by the payload decoded in scratch
+        if not (owned and scale in (1.0, -1.0) and bk.dtype(x) == "float32"):
+            return super().add_sent(bk, x, p, scale, owned)
+        sent = self.decode_flat(bk, p, bk.scratch("quantizer.sent", bk.size(x), "float32", x))
+        return bk.into(x, "add" if scale == 1.0 else "sub", x, sent)
+
     def _align(self, d) -> int:
         return 1
 

@@ -12,7 +12,8 @@ the result is always exact. The exact top-k is the framework's own where it prom
 tie rule (TensorFlow) or where no tie sits at the k-th value (PyTorch on a CPU checks),
 else a k-th value, a compare and a prefix count of the ties.
 ``largest_magnitudes(bk, x, k)`` selects by |x| without writing |x| for the whole tensor:
-the candidates are the entries with x >= t or x <= -t.
+the candidates are the entries with x >= t or x <= -t (``magnitudes_reaching``, which
+hard threshold calls too).
 
 A float32 or float64 torch tensor on a CPU is selected from by numpy, over a view of its
 own memory (nothing is copied; the positions come back as a tensor over numpy's
@@ -64,7 +65,7 @@ def topk_indices(bk, score, k):
     view = bk.host_view(score) if isinstance(k, int) else None
     if view is not None:
         return bk.from_host(topk_indices(_NUMPY, view, k), score)
-    return _select(bk, score, k, lambda s: s, lambda t: score >= t)
+    return _select(bk, score, k, lambda s: s, lambda s, t: s >= t)
 
 
 def largest_magnitudes(bk, x, k):
@@ -73,12 +74,26 @@ def largest_magnitudes(bk, x, k):
     view = bk.host_view(x) if isinstance(k, int) else None
     if view is not None:
         return bk.from_host(largest_magnitudes(_NUMPY, view, k), x)
-    return _select(bk, x, k, bk.abs, lambda t: (x >= t) | (x <= -t))
+    return _select(bk, x, k, bk.abs, _magnitude_reaches)
+
+
+def magnitudes_reaching(bk, x, t):
+    """The ascending positions of the entries of the 1-D x with |x| >= t, without a pass
+    that writes |x| (by numpy over x's own memory where :meth:`Backend.host_view`
+    allows)."""
+    view = bk.host_view(x)
+    if view is not None:
+        return bk.from_host(magnitudes_reaching(_NUMPY, view, t), x)
+    return _reaching(bk, x, t, _magnitude_reaches)
+
+
+def _magnitude_reaches(v, t):
+    return (v >= t) | (v <= -t)
 
 
 def _select(bk, x, k, score, reaches):
-    """The k entries of x with the largest ``score(x)``; ``reaches(t)`` is the mask of
-    score(x) >= t, computed from x."""
+    """The k entries of x with the largest ``score(x)``; ``reaches(v, t)`` is the mask of
+    score(v) >= t, computed from a part v of x."""
     d = bk.size(x)
     if not isinstance(k, int):  # chosen inside a graph: the framework's own top-k
         return bk.topk_positions(score(x), k)
@@ -87,10 +102,20 @@ def _select(bk, x, k, score, reaches):
     if _sampled(bk, x, d, k):
         m = min(_SAMPLE_MAX, max(_SAMPLE_MIN, d // _SAMPLE_SHARE))
         t = _threshold(bk, score(x[::max(1, d // m)]), k, d)
-        cand = bk.nonzero(reaches(t))
+        cand = _reaching(bk, x, t, reaches)
         if bk.size(cand) >= k:
             return _exact(bk, score(bk.gather(x, cand)), k, cand)
     return _exact(bk, score(x), k)
+
+
+def _reaching(bk, x, t, reaches):
+    """The ascending positions where ``reaches(x, t)``, block by block where the backend
+    runs blocks (the masks stay in cache: 1.3 memory passes over 10M entries at once,
+    0.85 in blocks)."""
+    spans = bk.blocks(bk.size(x), x)
+    if len(spans) == 1:
+        return bk.nonzero(reaches(x, t))
+    return bk.concat([bk.nonzero(reaches(x[a:b], t)) + a for a, b in spans])
 
 
 def _exact(bk, score, k: int, cand=None):

@@ -17,7 +17,7 @@ from .compressor import Compressor, check_bool, check_float, check_int, check_ra
 from .payload import Payload
 from .registry import register
 from .rng import Key, random_bits, uniform
-from .select import at_least, largest_magnitudes, topk_indices
+from .select import at_least, largest_magnitudes, magnitudes_reaching, topk_indices
 from .varint import encode_sorted
 
 _VALUE_DTYPES = (None, "float16", "bfloat16", "float32")
@@ -275,7 +275,7 @@ class Threshold(_Sparse):
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
-        idx = bk.nonzero(bk.abs(flat) >= self.lam)
+        idx = magnitudes_reaching(bk, flat, self.lam)
         return self._payload(bk, flat, idx, shape, dtype, d)
 
     def kappa(self, d):

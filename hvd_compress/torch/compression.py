@@ -164,8 +164,10 @@ class Compression:
 
     def state_dict(self) -> dict:
         """Feedback state and step counters, and who wrote them (format, rank, world
-        size, spec, seed); ``torch.load(weights_only=True)`` reads it back. For one file
-        for all ranks see :mod:`hvd_compress.checkpoint`."""
+        size, spec, seed); ``torch.load(weights_only=True)`` reads it back. Its tensors
+        are the live state, which later steps overwrite in place, as a torch
+        optimizer's are: save it, or ``copy.deepcopy`` it to keep it in memory. For one
+        file for all ranks see :mod:`hvd_compress.checkpoint`."""
         from ..checkpoint import sync_group
         return sync_group(self).state_dict()
 
