@@ -48,6 +48,9 @@ def main():
         ("hvd_compress tape, qsgd", "ours", "qsgd"),
         ("hvd_compress tape, topk+ef14+dynamic:c0=20000", "ours",
          "topk+ef14+dynamic:c0=20000"),
+        ("hvd_compress tape, topk+ef14+dynamic:c0=20000,agree=true", "ours",
+         "topk+ef14+dynamic:c0=20000,agree=true"),
+        ("hvd_compress tape, qsgd+dynamic", "ours", "qsgd+dynamic"),
         ("hvd_compress tape, auto (it measures on step 1)", "ours", "auto"),
     ]
     h = args.hidden
@@ -55,7 +58,7 @@ def main():
         print(f"{hvd.size()} ranks, MLP 123-{h}-{h}-1 ({124 * h + (h + 1) * h + h + 1:,} "
               f"parameters), batch {args.batch}, median of {args.steps} steps, the routes "
               "taking turns step by step")
-        print(f"{'route':<52}{'time/step':>10}{'bits/step/rank':>16}")
+        print(f"{'route':<60}{'time/step':>10}{'bits/step/rank':>16}")
     made = []
     for label, where, comp in routes:
         comp = hctf.compression(comp) if isinstance(comp, str) else comp
@@ -75,7 +78,7 @@ def main():
             "dense 16-bit" if not hasattr(comp, "telemetry") else
             f"{comp.telemetry.total_bits() / (args.steps + 2):,.0f}")
         if hvd.rank() == 0:
-            print(f"{label:<52}{float(np.median(times[label])) / base:>9.2f}x{bits:>16}",
+            print(f"{label:<60}{float(np.median(times[label])) / base:>9.2f}x{bits:>16}",
                   flush=True)
 
 

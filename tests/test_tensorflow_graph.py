@@ -18,7 +18,9 @@ PIPELINES = ["topk:0.05+ef14", "topk:0.05+ef21", "topk:0.05+ef21sgdm:eta=0.3",
              "threshold:lam=1.5+ef14", "topk:0.05,indices=varint,values=float16+ef14",
              "topk:0.05+ef21+warmup:2", "topk:0.05+ef14+perturb:radius=0.1", "fp16", "bf16",
              "topk+ef14+dynamic:c0=20000", "topk+ef21sgdm+dynamic:cost=packet",
-             "topk:indices=varint+dynamic:c0=5000,kmin=3"]
+             "topk:indices=varint+dynamic:c0=5000,kmin=3", "qsgd+dynamic",
+             "qsgd:bucket=64+dynamic:cost=packet", "qsgd:bucket=100+dynamic:c0=1e6",
+             "topk+ef14+dynamic:c0=20000,agree=true"]
 TF = backend_named("tensorflow")
 TORCH = backend_named("torch")
 
@@ -55,8 +57,9 @@ def test_tensorflow_sends_the_bits_pytorch_sends(spec):
     def tf_step(x):
         step = tfx.next_step("layer/kernel")
 
-        def phase(dense):
-            out = tfx.begin(TF, "layer/kernel", x, 0, step=step, dense=dense)
+        def phase(dense):  # one rank: gathering a row gives it back as the only row
+            out = tfx.begin(TF, "layer/kernel", x, 0, step=step, dense=dense,
+                            gather=lambda row: tf.reshape(row, (1, -1)))
             if out.by_allreduce:
                 return tfx.finish_allreduced(TF, out.wire, out, 1, False)
             return tfx.finish_gathered(TF, out.wire, out, 1, False)
@@ -67,7 +70,8 @@ def test_tensorflow_sends_the_bits_pytorch_sends(spec):
     for step in range(4):
         g = grads(step).reshape(40, 50)
         got = tf_step(tf.constant(g)).numpy()
-        out = thx.begin(TORCH, "layer/kernel", torch.from_numpy(g), 0)
+        out = thx.begin(TORCH, "layer/kernel", torch.from_numpy(g), 0,
+                        gather=lambda row: row.reshape(1, -1))
         want = (thx.finish_allreduced if out.by_allreduce else thx.finish_gathered)(
             TORCH, out.wire, out, 1, False).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
@@ -130,3 +134,37 @@ def test_graph_topk_keeps_the_tie_rule(d, k):
     x = np.random.RandomState(1).randint(0, 5, d).astype(np.float32)  # many ties
     got = tf.function(lambda s: topk_indices(TF, s, k))(tf.constant(x)).numpy()
     np.testing.assert_array_equal(got, np.sort(np.argsort(-x, kind="stable")[:k]))
+
+
+def test_graph_decodes_ranks_that_chose_different_levels():
+    """Under ``qsgd+dynamic`` each rank picks its own s every step, inside the graph too:
+    the payload carries its level and code width in the header, the graph cuts the
+    gathered bytes by each header's width and decodes each rank's codes at its level.
+    The bytes a graph sends (but for a norm's last bit) and the mean it decodes are the
+    eager ones."""
+    from hvd_compress.core.payload import split_gathered
+    q = hc.resolve("qsgd:bucket=64")
+    xs = [tf.constant(grads(r, d=1000)) for r in range(3)]
+    levels = [1, 31, 255]  # codes of 2, 6 and 9 bits
+    sent = [pack(TF, q.at_level(s).compress(x, Key(0, r, "w", 0)))
+            for r, (s, x) in enumerate(zip(levels, xs))]
+    gathered = tf.concat(sent, 0)
+    mine = q.at_level(31)
+    parts, _ = split_gathered(TF, gathered, mine.compress(xs[1], Key(0, 1, "w", 0)), 3, False)
+    want, _ = mine.mean(TF, parts, 3)
+
+    @tf.function
+    def graph(gathered, s):
+        codec = q.at_level(s)
+        template = codec.compress(xs[1], Key(0, 1, "w", 0))
+        parts, flags = split_gathered(TF, gathered, template, 3, False)
+        return pack(TF, template), codec.mean(TF, parts, 3)[0], flags
+
+    wire, got, flags = graph(gathered, tf.constant(31))
+    assert wire.shape == sent[1].shape
+    np.testing.assert_array_equal(wire.numpy()[:24], sent[1].numpy()[:24])  # the header
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    assert flags.numpy().tolist() == [0, 0, 0]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="rank 2: level 255 does not fit"):
+        broken = tf.concat(sent[:2] + [sent[2][:5], tf.constant([3], tf.uint8), sent[2][6:]], 0)
+        graph(broken, tf.constant(31))

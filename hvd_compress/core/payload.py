@@ -181,24 +181,22 @@ def pack(bk, p: Payload, stamp: Stamp = Stamp(), flags=0):
     if isinstance(p.count, int) and p.count > MAX_COUNT:
         raise HvdCompressError(f"a payload of {p.count} entries exceeds the wire format's "
                                f"limit of {MAX_COUNT} (a uint32 count); split the tensor")
-    if not 0 <= p.level < (1 << 16):
+    if isinstance(p.level, int) and not 0 <= p.level < (1 << 16):
         raise HvdCompressError(f"payload level {p.level} does not fit the header's uint16")
-    dynamic_flags = not isinstance(flags, int)
-    if isinstance(p.count, int):  # the common case: one constant, and the flags
-        head = list(_HEAD.pack(MAGIC, VERSION, 0 if dynamic_flags else flags, _index_width(p),
-                               value_code, p.code_bits, p.level, p.count, *stamp))
-        parts = [bk.constant(head, "uint8", like)] if not dynamic_flags else \
-            [bk.constant(head[:2], "uint8", like), bk.reshape(bk.astype(flags, "uint8"), (1,)),
-             bk.constant(head[3:], "uint8", like)]
-    else:  # the count is a graph tensor
-        count = bk.reshape(bk.astype(bk.constant([0], "int64", like) + p.count, "int64"), (1,))
-        flag = bk.reshape(bk.astype(flags, "uint8"), (1,)) if dynamic_flags \
-            else bk.constant([flags], "uint8", like)
-        fixed = _HEAD.pack(MAGIC, VERSION, 0, _index_width(p), value_code, p.code_bits,
-                           p.level, 0, *stamp)
-        parts = [bk.constant(list(fixed[:2]), "uint8", like), flag,
-                 bk.constant(list(fixed[3:8]), "uint8", like),
-                 bk.bitcast(count, "uint8")[:4], bk.constant(list(fixed[12:]), "uint8", like)]
+    # fields that are graph tensors (the flags, a count or level chosen in the graph) go
+    # in as their low bytes over the constant header's zeros: {offset: (tensor, bytes)}
+    fields = {2: (flags, 1), 5: (p.code_bits, 1), 6: (p.level, 2), 8: (p.count, 4)}
+    const = {at: t if isinstance(t, int) else 0 for at, (t, _) in fields.items()}
+    fixed = list(_HEAD.pack(MAGIC, VERSION, const[2], _index_width(p), value_code, const[5],
+                            const[6], const[8], *stamp))
+    parts, start = [], 0
+    for at, (t, nbytes) in fields.items():  # in offset order
+        if not isinstance(t, int):
+            if at > start:
+                parts.append(bk.constant(fixed[start:at], "uint8", like))
+            parts.append(_low_bytes(bk, t, nbytes))
+            start = at + nbytes
+    parts.append(bk.constant(fixed[start:], "uint8", like))
     if p.varint:
         parts.append(bk.bitcast(bk.reshape(bk.astype(bk.constant([0], "int64", like) +
                                                      bk.size(p.index_code), "int64"), (1,)),
@@ -208,6 +206,19 @@ def pack(bk, p: Payload, stamp: Stamp = Stamp(), flags=0):
             t = bk.astype(t, p.index_dtype)
         parts.append(bk.bitcast(bk.flatten(t), "uint8"))
     return bk.concat(parts)
+
+
+def _low_bytes(bk, t, nbytes: int):
+    """The ``nbytes`` low bytes of the integer scalar tensor t, little-endian."""
+    if nbytes == 1:
+        return bk.reshape(bk.astype(t, "uint8"), (1,))
+    return bk.bitcast(bk.reshape(bk.astype(t, "int64"), (1,)), "uint8")[:nbytes]
+
+
+def per_rank_level(p: Payload) -> bool:
+    """Whether p's level (and code width) may differ per rank and step: it travels in
+    each header (a level chosen eagerly, or a tensor chosen inside a graph)."""
+    return not isinstance(p.level, int) or p.level != 0
 
 
 class Header(NamedTuple):
@@ -345,20 +356,23 @@ def _unpack_graph(bk, buf, template, expect, name, rank):
     the header when the step runs (its result, the flags, feeds the update)."""
     tf = bk.tf
     head = buf[:HEADER_BYTES + (8 if template.varint else 0)]
+    # the host compares fields with ints; a level chosen in the graph is any level there
+    host = template._replace(level=1) if per_rank_level(template) else template
 
     def check(raw):
         h = read_header(raw, name, rank)
-        check_header(h, template, expect, name, rank, bk)
+        check_header(h, host, expect, name, rank, bk)
         return np.uint8(h.flags)
 
     flags = tf.numpy_function(check, [head], tf.uint8, stateful=True,
                               name="hvd_compress_check_header")
+    template = _sender_level(bk, buf, template)
     dense = template.indices is None and not template.varint
     count = template.count if dense and isinstance(template.count, int) else \
-        _read_int(bk, buf[8:12], "int32")  # a dense payload's count is the tensor's size
+        _read_uint(bk, buf[8:12], 4)  # a dense payload's count is the tensor's size
     sizes = template_sizes(template, count)
     if template.varint:
-        sizes["indices"] = _read_int(bk, buf[HEADER_BYTES:HEADER_BYTES + 8], "int64")
+        sizes["indices"] = _read_uint(bk, buf[HEADER_BYTES:HEADER_BYTES + 8], 8)
     with tf.control_dependencies([flags]):
         buf = tf.identity(buf)
     fields = _segments(bk, buf, template, sizes, count)
@@ -561,11 +575,12 @@ def _walk_graph(bk, gathered, template, n):
     dense = template.indices is None and not template.varint
     for _ in range(n):
         count = template.count if dense and isinstance(template.count, int) else \
-            _read_int(bk, gathered[offset + 8:offset + 12], "int32")
-        sizes = template_sizes(template, count)
+            _read_uint(bk, gathered[offset + 8:offset + 12], 4)
+        sizes = template_sizes(_sender_level(bk, gathered[offset:offset + HEADER_BYTES],
+                                             template), count)
         if template.varint:
-            sizes["indices"] = _read_int(bk, gathered[offset + HEADER_BYTES:
-                                                      offset + HEADER_BYTES + 8], "int64")
+            sizes["indices"] = _read_uint(bk, gathered[offset + HEADER_BYTES:
+                                                       offset + HEADER_BYTES + 8], 8)
         nbytes = _header_bytes(template) + sum(sizes[s] * _itemsize(dt)
                                                for s, _, dt in template.segments(bk))
         cuts.append((offset, offset + nbytes))
@@ -573,12 +588,22 @@ def _walk_graph(bk, gathered, template, n):
     return cuts
 
 
-def _read_int(bk, buf, dtype):
-    if dtype == "int32":  # the count is a uint32: widen its four bytes to eight
-        buf = bk.concat([buf, bk.zeros(4, "uint8", buf)])
-        dtype = "int64"
-    c = bk.reshape(bk.bitcast(buf, dtype), ())
+def _read_uint(bk, buf, n: int):
+    """The little-endian unsigned integer in the n (1 to 8) bytes of buf (an int
+    eagerly, an int64 tensor inside a graph)."""
+    if n < 8:
+        buf = bk.concat([buf, bk.zeros(8 - n, "uint8", buf)])
+    c = bk.reshape(bk.bitcast(buf, "int64"), ())
     return int(c) if bk.eager() else bk.astype(c, "int64")
+
+
+def _sender_level(bk, head, template: Payload) -> Payload:
+    """``template`` with the code width and level of the header ``head``, where they may
+    differ per rank (as tensors inside a graph)."""
+    if not per_rank_level(template):
+        return template
+    return template._replace(code_bits=_read_uint(bk, head[5:6], 1),
+                             level=_read_uint(bk, head[6:8], 2))
 
 
 def template_sizes(template: Payload, count):

@@ -93,11 +93,12 @@ class Dynamic(Algorithm):
         allgather's fast path). Without it each rank picks its own k every step.
     """
 
-    graph_safe = False  # QSGD's s and the budget are chosen on the host
+    graph_safe = False  # bernoulli's budget is chosen on the host
 
     def runs_in_graph(self, compressor) -> bool:
-        """Top-k's own k (not agreed) is chosen inside the graph too (:meth:`choose_k`)."""
-        return isinstance(compressor, TopK) and not self.agree
+        """Top-k's k (agreed or not) and QSGD's s are chosen inside the graph too
+        (:meth:`choose_k`, :meth:`agree_k`, :meth:`choose_s`)."""
+        return isinstance(compressor, (TopK, QSGD))
 
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
@@ -139,10 +140,8 @@ class Dynamic(Algorithm):
 
     def choose(self, bk, v, compressor):
         """The codec for this step: top-k at k*, or QSGD at s*."""
-        if isinstance(compressor, QSGD):
-            c = QSGD(self.choose_s(bk, v, compressor), compressor.bucket, compressor.seed)
-            c.per_rank_level = True  # s travels in each payload's header
-            return c
+        if isinstance(compressor, QSGD):  # s travels in each payload's header
+            return compressor.at_level(self.choose_s(bk, v, compressor), _QSGD_LEVELS[-1])
         if isinstance(compressor, Bernoulli):
             budget = self.choose_budget(bk, v, compressor)
             return Bernoulli(budget / bk.size(v), compressor.seed, compressor.values,
@@ -177,28 +176,46 @@ class Dynamic(Algorithm):
             return self.c0 + self.packet * math.ceil(bits / (self.packet - self.header))
         return (self.n - 1) * (self.alpha + self.beta * bits)
 
-    def choose_s(self, bk, v, q: QSGD) -> int:
-        """s* = argmax (||g||^2 - Var_s(g)) / C(s) over s in {1, 3, 7, ..., 255}."""
+    def choose_s(self, bk, v, q: QSGD):
+        """s* = argmax (||g||^2 - Var_s(g)) / C(s) over s in {1, 3, 7, ..., 255}: an int,
+        or an int32 tensor inside a graph (the same choice, as graph operations)."""
         d = bk.size(v)
         rows, nb = bucket_rows(bk, bk.astype(v, "float32"), d, bucket_width(q.bucket, d))
         norms2 = bk.sum_rows(rows * rows)
         inv = bk.reshape(bk.where(norms2 > 0, norms2, norms2 + 1) ** -0.5, (-1, 1))
         a = bk.abs(rows) * inv          # |g_j| / ||g_b||
-        total = float(bk.sum(norms2))
-        best, best_eff = 1, (-1, -math.inf)
+        total = bk.sum(norms2)
+        spreads, costs = [], []  # Var_s(g) = spread / s^2
         for s in _QSGD_LEVELS:
             r = a * s
             f = r - bk.floor(r)
-            var = float(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f)))) / s ** 2
+            spreads.append(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f))))
             width = 1 + max(1, math.ceil(math.log2(s + 1)))
-            bits = 64 + 32 * nb + 8 * width * ((d + 7) // 8)
-            descent = total - var
+            costs.append(self.bits_cost(64 + 32 * nb + 8 * width * ((d + 7) // 8)))
+        if not bk.eager():
+            return self._best_level_graph(bk, total, spreads, costs)
+        best, best_eff = 1, (-1, -math.inf)
+        for s, spread, cost in zip(_QSGD_LEVELS, spreads, costs):
+            descent = float(total) - float(spread) / s ** 2
             # where nothing descends, the least variance (dividing a negative score by
             # the cost would favour the dearest level)
-            eff = (1, descent / self.bits_cost(bits)) if descent > 0 else (0, descent)
+            eff = (1, descent / cost) if descent > 0 else (0, descent)
             if eff > best_eff:
                 best, best_eff = s, eff
         return best
+
+    @staticmethod
+    def _best_level_graph(bk, total, spreads, costs):
+        """:meth:`choose_s`'s rule as graph operations, in float64 as eagerly: the first
+        level with the most descent per bit among those that descend, else the one that
+        descends most."""
+        tf = bk.tf
+        squares = tf.constant([float(s * s) for s in _QSGD_LEVELS], tf.float64)
+        descent = tf.cast(total, tf.float64) - tf.cast(tf.stack(spreads), tf.float64) / squares
+        eff = tf.where(descent > 0, descent / tf.constant(costs, tf.float64),
+                       tf.constant(-math.inf, tf.float64))
+        best = tf.where(tf.reduce_any(descent > 0), tf.argmax(eff), tf.argmax(descent))
+        return tf.gather(tf.constant(_QSGD_LEVELS, tf.int32), best)
 
     def costs(self, ks, ceil=None):
         """C(k) for a numpy array of k values (or a float64 tensor and its ``ceil``)."""
@@ -216,15 +233,13 @@ class Dynamic(Algorithm):
 
     def choose_k(self, bk, v):
         """k* for the flat vector v: an int, or an int32 tensor inside a graph."""
-        if not bk.eager():
-            return self._search_graph(bk, v)
-        return self._search(bk, v)[0]
+        return (self._search(bk, v) if bk.eager() else self._search_graph(bk, v))[0]
 
     def _search_graph(self, bk, v):
         """:meth:`_search` as graph operations: the same window, growing four-fold while
         the optimum sits at its edge, in a ``tf.while_loop``; the same float64 prefix sums
         and argmax (the same k as eagerly, but for near-ties that the order of a parallel
-        sum can flip, as any two frameworks may)."""
+        sum can flip, as any two frameworks may). (k*, the window), int32 tensors."""
         tf = bk.tf
         d = bk.size(v)
         kmax = min(d, self.kmax or d)
@@ -243,9 +258,9 @@ class Dynamic(Algorithm):
             return tf.where(done, m, grown), best, done
 
         m0 = tf.constant(min(kmax, max(4 * kmin, 256)), tf.int32)
-        _, best, _ = tf.while_loop(lambda m, best, done: tf.logical_not(done), body,
+        m, best, _ = tf.while_loop(lambda m, best, done: tf.logical_not(done), body,
                                    (m0, tf.constant(0, tf.int32), tf.constant(False)))
-        return best
+        return best, m
 
     def _search(self, bk, v):
         """(k*, the selection size m that found it) for the flat vector v."""
@@ -278,14 +293,33 @@ class Dynamic(Algorithm):
         largest k_i (below every k_i each rank's efficiency rises, above every k_i it
         falls), so the grid spans [kmin, max_i m_i]: geometric with ratio 2^(1/16)
         (about 4.4% apart) plus every k up to 64, in whole packets under the packet cost.
-        Every rank sums the same gathered rows in the same order, so all choose alike."""
+        Every rank sums the same gathered rows in the same order, so all choose alike.
+        Inside a graph ``gather`` takes and returns tensors, and k is an int32 tensor."""
         import numpy as np
+        if not bk.eager():
+            return self._agree_graph(bk, v, gather)
         m = int(gather(np.array([self._search(bk, v)[1]], np.float64)).max())
         ks = self._grid(m)
         top = bk.to_numpy(bk.topk_values(bk.abs(v), int(ks[-1]))).astype(np.float64)
         energy = np.cumsum(top * top)[ks - 1]
         total = gather(energy).sum(axis=0)
         return int(ks[int(np.argmax(total / self.costs(ks)))])
+
+    def _agree_graph(self, bk, v, gather):
+        """:meth:`agree_k` as graph operations (the grid comes from :meth:`_grid` on the
+        host: a few hundred ints, the same on every rank)."""
+        tf = bk.tf
+        m = tf.reduce_max(gather(tf.cast(tf.reshape(self._search_graph(bk, v)[1], (1,)),
+                                         tf.float64)))
+        ks = tf.numpy_function(lambda m: self._grid(int(m)), [m], tf.int64, stateful=False,
+                               name="hvd_compress_agree_grid")
+        ks = tf.reshape(ks, (-1,))
+        top = tf.cast(tf.math.top_k(tf.abs(v), tf.cast(ks[-1], tf.int32), sorted=True).values,
+                      tf.float64)
+        energy = tf.gather(tf.cumsum(top * top), ks - 1)
+        total = tf.reduce_sum(gather(energy), axis=0)
+        best = tf.argmax(total / self.costs(tf.cast(ks, tf.float64), tf.math.ceil))
+        return tf.cast(tf.gather(ks, best), tf.int32)
 
     def _grid(self, m: int):
         """The k ``agree_k`` evaluates: sorted distinct ints in [kmin, m]."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
-from .bits import pack_codes, unpack_codes
+from .bits import pack_codes, plane_bytes, unpack_codes
 from .compressor import Compressor, check_float, check_int
+from .ops import backend_for
 from .payload import Payload
 from .registry import register
 from .rng import Key, uniform
@@ -30,7 +31,7 @@ class _Dense(Compressor):
         """The payload as a flat float32 tensor, in ``out``'s memory (a flat float32
         tensor of its size) where the framework allows."""
         d = p.count
-        codes = unpack_codes(bk, p.codes, p.code_bits, d, scratch=True)
+        codes = unpack_codes(bk, *self._planes(bk, p), d, scratch=True)
         blocks = bk.blocks(d, codes, self._align(d))
         if out is not None and not bk.contiguous(out):
             out = None  # the blocks write through views of out's memory
@@ -46,6 +47,10 @@ class _Dense(Compressor):
             return super().add_sent(bk, x, p, scale, owned)
         sent = self.decode_flat(bk, p, bk.scratch("quantizer.sent", bk.size(x), "float32", x))
         return bk.into(x, "add" if scale == 1.0 else "sub", x, sent)
+
+    def _planes(self, bk, p):
+        """(the payload's bit planes, how many): see :meth:`QSGD.at_level`."""
+        return p.codes, p.code_bits
 
     def _align(self, d) -> int:
         return 1
@@ -73,6 +78,16 @@ class _Dense(Compressor):
         if n != 1:
             total = bk.mul_(total, 1.0 / n)
         return total, bk.finite_flag(total)
+
+
+def _width(s: int) -> int:
+    """Bits of a QSGD code at level s: a sign, and the level 0..s."""
+    return 1 + max(1, math.ceil(math.log2(s + 1)))
+
+
+def _as_float(bk, level):
+    """A level as a float, or a float32 tensor where it is a tensor."""
+    return float(level) if isinstance(level, int) else bk.astype(level, "float32")
 
 
 def _piece(memory, start, stop):
@@ -172,24 +187,45 @@ class QSGD(_Stochastic):
         self.s = check_int("qsgd", "s", s, 1, 32767)
         self.bucket = check_int("qsgd", "bucket", bucket, 1)
         self.seed = check_int("qsgd", "seed", seed)
-        self.width = 1 + max(1, math.ceil(math.log2(self.s + 1)))
+        self.width = self.widest = _width(self.s)
+
+    per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
+
+    def at_level(self, s, most: int = 255) -> "QSGD":
+        """This quantizer at level s, chosen for one step on one rank (the dynamic policy):
+        s and the code width travel in each payload's header. ``s`` is an int, or inside
+        a graph an int32 tensor of at most ``most``: the codes are then packed in the
+        planes of ``most``'s width, of which the payload keeps the first (a code of fewer
+        bits has zeros above them), and a receiver pads them back."""
+        if isinstance(s, int):
+            c = QSGD(s, self.bucket, self.seed)
+        else:
+            bk = backend_for(s)
+            c = QSGD(most, self.bucket, self.seed)
+            # 1 + max(1, ceil(log2(s + 1))) bits, as integer compares
+            c.s, c.width = s, 2 + sum(bk.astype(s >= (1 << j), "int32") for j in range(1, 16))
+        c.per_rank_level = True
+        return c
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)
         v = _f32(bk, flat)
         bucket = bucket_width(self.bucket, d)
         norms = _bucket_norms(bk, v, d, bucket)
-        inv = bk.where(norms > 0, self.s / bk.where(norms > 0, norms, norms + 1), norms)
-        cdtype = "uint8" if self.width <= 8 else "int32"
+        s = _as_float(bk, self.s)
+        inv = bk.where(norms > 0, s / bk.where(norms > 0, norms, norms + 1), norms)
+        cdtype = "uint8" if self.widest <= 8 else "int32"
         padded, codes = _codes_memory(bk, d, cdtype, v)
         for a, b in bk.blocks(d, v, bucket):
             block = self._codes(bk, v[a:b], inv[a // bucket:-(-b // bucket)], bucket, key, a,
-                                _piece(codes, a, b), cdtype)
-        return Payload(shape=shape, dtype=dtype, count=d, scales=norms,
-                       codes=pack_codes(bk, block if padded is None else padded, self.width),
+                                _piece(codes, a, b), cdtype, s)
+        packed = pack_codes(bk, block if padded is None else padded, self.widest)
+        if not isinstance(self.width, int):
+            packed = packed[:self.width * plane_bytes(d)]
+        return Payload(shape=shape, dtype=dtype, count=d, scales=norms, codes=packed,
                        code_bits=self.width, level=self.s if self.per_rank_level else 0)
 
-    def _codes(self, bk, v, inv, bucket, key, start, out, cdtype):
+    def _codes(self, bk, v, inv, bucket, key, start, out, cdtype, s):
         """The codes of the entries v (from ``start`` on; ``inv``: s / the norm of each of
         their buckets), in ``out``'s memory where the framework allows."""
         n = bk.size(v)
@@ -197,7 +233,7 @@ class QSGD(_Stochastic):
         r = _scale_buckets(bk, r, inv, n, bucket)
         # |x_j| s / ||bucket|| can round above s (a bucket's largest entry): level s + 1
         # would not fit the code width
-        r = bk.into(r, "clamp_max", r, float(self.s))
+        r = bk.into(r, "clamp_max", r, s)
         lo = bk.into(bk.scratch("quantizer.a", n, "float32", v), "floor", r)
         frac = bk.into(r, "sub", r, lo)
         up = bk.into(bk.scratch("quantizer.mask", n, "bool", v), "lt",
@@ -208,18 +244,25 @@ class QSGD(_Stochastic):
         negative = bk.into(up, "lt", v, 0.0)  # up is spent
         return bk.into(codes, "bor", codes, _as_codes(bk, negative, cdtype))
 
-    per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
-
     @property
     def fixed_size(self):
         return not self.per_rank_level
+
+    def _planes(self, bk, p):
+        if isinstance(p.code_bits, int):
+            return p.codes, p.code_bits
+        # a width chosen in the graph: the planes above it are zeros
+        missing = self.widest * plane_bytes(p.count) - bk.size(p.codes)
+        return bk.concat([p.codes, bk.zeros(missing, "uint8", p.codes)]), self.widest
 
     def _align(self, d):
         return bucket_width(self.bucket, d)
 
     def _decode(self, bk, p, codes, start, out):
         n, bucket = bk.size(codes), bucket_width(self.bucket, p.count)
-        factors = p.scales[start // bucket:-(-(start + n) // bucket)] * (1.0 / (p.level or self.s))
+        level = p.level if not isinstance(p.level, int) or p.level else self.s
+        factors = p.scales[start // bucket:-(-(start + n) // bucket)] * \
+            (1.0 / _as_float(bk, level))
         negative = bk.into(bk.scratch("quantizer.neg", n, bk.dtype(codes), codes), "band",
                            codes, 1)
         y = bk.cast_into(out, bk.into(codes, "rshift", codes, 1), "float32")  # the level

@@ -13,10 +13,11 @@ they also work with Keras 3, where Horovod's own wrappers do not.
 
 Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
 keyed by variable name (see :mod:`.exchange`); ``dynamic`` top-k chooses its k in the graph
-too, and ``auto`` reads its plan from variables that its measurements write (see
-:mod:`.auto`). Stages that choose the level on the host (``dynamic`` for QSGD and ``bernoulli``,
-``dynamic:agree=true``) are the exception: their exchanges run eagerly inside one
-``tf.py_function`` per step, with state in Python like the PyTorch frontend's.
+and QSGD's s too, ``dynamic:agree=true`` agrees on k by two allgathers in the graph, and
+``auto`` reads its plan from variables that its measurements write (see :mod:`.auto`).
+``bernoulli``, whose budget is solved on the host, is the exception: its exchanges run
+eagerly inside one ``tf.py_function`` per step, with state in Python like the PyTorch
+frontend's.
 """
 from __future__ import annotations
 
@@ -300,10 +301,11 @@ class Compression:
 
         calls = []
 
-        def gather(row):  # dynamic:agree=true, eagerly (see _on_host)
+        def gather(row):  # dynamic:agree=true: every rank's row (numpy eagerly)
             calls.append(row)
-            return transport.gather(tf.constant(row.reshape(1, -1)),
-                                    collective_name(f"{name}.k{len(calls)}")).numpy()
+            rows = transport.gather(tf.reshape(tf.convert_to_tensor(row), (1, -1)),
+                                    collective_name(f"{name}.k{len(calls)}"))
+            return rows.numpy() if tf.executing_eagerly() else rows
 
         def run(dense):
             out = ex.begin(bk, name, tensor, transport.rank(), step=step, dense=dense,

@@ -35,7 +35,8 @@ THROUGH_HOROVOD = ["threshold:lam=0.05+ef14+perturb:radius=0.05",  # packed, siz
                    "fp16",                                     # cast, allreduce
                    "bf16",                                     # cast, gathered
                    "topk:0.1+ef21+warmup:1",                   # dense, then packed (tf.cond)
-                   "topk+ef14+dynamic:c0=2000"]                # k chosen in graph, per rank
+                   "topk+ef14+dynamic:c0=2000",                # k chosen in graph, per rank
+                   "qsgd:bucket=64+dynamic:c0=1000"]           # s chosen in graph, per rank
 TOL = {"fp16": 2e-3, "bf16": 2e-2}
 
 
@@ -233,12 +234,14 @@ def test_duplicate_variable_names_keep_their_own_state():
 
 
 def test_host_side_levels_need_hvd_compress_wrappers():
-    """Host levels (QSGD's s, bernoulli) run eagerly in one tf.py_function per step (blocking
-    collectives in name order); Horovod's own tape cannot order them, so it refuses."""
+    """Host levels (bernoulli's budget) run eagerly in one tf.py_function per step
+    (blocking collectives in name order); Horovod's own tape cannot order them, so it
+    refuses."""
     model = Model()
     with tf.GradientTape() as tape:
         loss = model.loss(*data(0))
-    tape = hvd.DistributedGradientTape(tape, compression=hctf.compression("qsgd+dynamic"))
+    tape = hvd.DistributedGradientTape(tape,
+                                       compression=hctf.compression("bernoulli:0.2+dynamic"))
     with pytest.raises(HvdCompressError, match="choose.s. the level on the host"):
         tape.gradient(loss, model.vars)
 
