@@ -168,3 +168,6 @@ def test_graph_decodes_ranks_that_chose_different_levels():
     with pytest.raises(tf.errors.InvalidArgumentError, match="rank 2: level 255 does not fit"):
         broken = tf.concat(sent[:2] + [sent[2][:5], tf.constant([3], tf.uint8), sent[2][6:]], 0)
         graph(broken, tf.constant(31))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="code width exceeds the 9 bits"):
+        wider = tf.concat(sent[:2] + [sent[2][:5], tf.constant([10], tf.uint8), sent[2][6:]], 0)
+        graph(wider, tf.constant(31))

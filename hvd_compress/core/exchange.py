@@ -124,6 +124,7 @@ class Exchange:
         self._stamps: dict[tuple, Stamp] = {}  # the fingerprints of each tensor, once made
         self._loaded: set[str] = set()  # states loaded whose size no step has checked yet
         self._spare: dict[str, Any] = {}  # name -> memory for its next state (_released)
+        self._handed_out: set[int] = set()  # ids of state tensors a state_dict returned
         # whether encoding reads values on the host (level policies, data-sized payloads):
         # such pipelines, and every pipeline on a CPU, see a non-finite tensor with those
         # entries zeroed; the others, on an accelerator, encode it as it is (the header
@@ -190,7 +191,7 @@ class Exchange:
         size per step, and auto's cast scales the tensor there (it holds the scaled
         gradient until the update is written back; a step that fails in between leaves
         it so). Nothing else keeps a reference to it: payload values are gathered copies,
-        feedback states fresh tensors. ``level``: inside a graph, auto's top-k route at
+        feedback states other tensors. ``level``: inside a graph, auto's top-k route at
         the planned k (:meth:`Auto.codec`), which the frontend reads from its plan
         (eagerly the exchange plans it itself)."""
         if name is None:
@@ -480,16 +481,35 @@ class Exchange:
             state = _select_state(bk, bad, outgoing.prior, state)
             update = bk.where(bad, bk.nan_like(update), update)
         self.states[name] = state
-        self._spare[name] = _released(bk, outgoing.prior, state)
+        self._spare[name] = self._released(bk, outgoing.prior, state)
         self.commit_state(name, state)
         if scale != 1:
             update = update * float(scale)
         return bk.reshape(bk.astype(update, outgoing.dtype), outgoing.shape)
 
+    def _released(self, bk, old, new):
+        """The state ``old`` less what ``new`` still holds: the tensors the feedback rule
+        writes anew each step (:attr:`Feedback.renews`) that no one holds once ``new``
+        replaces ``old`` (nor a caller of :meth:`state_dict`), whose memory the next
+        step's state may take (the ``spare`` of :meth:`Feedback.encode`); None where
+        none is worth keeping (:meth:`~hvd_compress.core.ops.Backend.keeps_memory`)."""
+        if old is None or not bk.mutable:
+            return None
+        held = {id(v) for v in (new or ())}
+        free = {}
+        for f, v in old._asdict().items():
+            kept = f in self.pipeline.feedback.renews and id(v) not in held
+            if kept and id(v) in self._handed_out:
+                self._handed_out.discard(id(v))  # the caller's now: left to it
+                kept = False
+            free[f] = v if kept and bk.keeps_memory(v) else None
+        return old._replace(**free) if any(v is not None for v in free.values()) else None
+
     def _restore(self, bk, outgoing: Outgoing):
         """The state as it was before this step (a void or refused step)."""
         Undo.put_back(bk, outgoing.undo)
-        self._spare[outgoing.name] = _released(bk, self.states[outgoing.name], outgoing.prior)
+        self._spare[outgoing.name] = self._released(bk, self.states[outgoing.name],
+                                                    outgoing.prior)
         self.states[outgoing.name] = outgoing.prior
         self.commit_state(outgoing.name, outgoing.prior)
 
@@ -630,6 +650,8 @@ class Exchange:
         :meth:`_check_checkpoint` for where it may be loaded). Tensors stay tensors (the
         live state, which later steps overwrite in place); the rest is ints, floats,
         strings and None, so torch.load(weights_only=True) reads it."""
+        # the tensors a step writes anew are no step's spare memory once handed out here
+        self._handed_out |= {id(v) for s in self.states.values() for v in (s or ())}
         return {**self._checkpoint_header(), "steps": dict(self.steps),
                 "states": {k: (None if s is None else s._asdict())
                            for k, s in self.states.items()}}
@@ -639,7 +661,7 @@ class Exchange:
         (a refused state changes nothing)."""
         self._check_checkpoint(sd)
         self.steps = dict(sd["steps"])
-        self.states, self._spare = {}, {}
+        self.states, self._spare, self._handed_out = {}, {}, set()
         self._loaded = {name for name, fields in sd["states"].items() if fields is not None}
         for name, fields in sd["states"].items():
             if fields is None:
@@ -654,19 +676,6 @@ class Exchange:
             self.states[name] = template._replace(**{
                 k: bk.copy(v) if hasattr(v, "shape") else v
                 for k, v in fields.items() if not isinstance(v, float)})
-
-
-def _released(bk, old, new):
-    """The state ``old`` less what ``new`` still holds: tensors no one holds once ``new``
-    replaces ``old``, whose memory the next step's state may take (see the ``spare`` of
-    :meth:`~hvd_compress.core.feedback.Feedback.encode`), or None where none is worth
-    keeping (see :meth:`~hvd_compress.core.ops.Backend.keeps_memory`)."""
-    if old is None or not bk.mutable:
-        return None
-    held = {id(v) for v in (new or ())}
-    free = {f: v if hasattr(v, "shape") and id(v) not in held and bk.keeps_memory(v) else None
-            for f, v in old._asdict().items()}
-    return old._replace(**free) if any(v is not None for v in free.values()) else None
 
 
 def _first_tensor(fields: dict) -> str:

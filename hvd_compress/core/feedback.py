@@ -49,6 +49,7 @@ from .registry import register
 class Feedback(Algorithm):
     kind = "feedback"
     accepts: tuple = ()
+    renews: tuple[str, ...] = ()  # the state's fields each step writes anew (in ``spare``)
 
     def check(self, compressor):
         """Refuse compressors whose class this rule's guarantee does not cover."""
@@ -102,6 +103,7 @@ class EF14(Feedback):
     """
     accepts = ("contractive", "absolute")
     hint = "Use an unscaled compressor (e.g. randk without scaled=true), or diana."
+    renews: tuple[str, ...] = ("residual",)
 
     def __init__(self):
         pass
@@ -191,6 +193,8 @@ class EF21SGDM(EF21):
     kept between steps, for the next momentum).
     """
 
+    renews: tuple[str, ...] = ("momentum",)
+
     def __init__(self, eta=0.1):
         self.eta = check_float(self.name, "eta", eta, high=1.0)
 
@@ -237,6 +241,8 @@ class EF21SGD2M(EF21SGDM):
     average u_i of v_i is what g_i tracks. Improves the compression-dependent term of the
     rate; same knob eta. Memory: four tensors per parameter (on a CPU two more are kept
     between steps, for the next momenta)."""
+
+    renews = ("momentum", "momentum2")
 
     def init(self, bk, x, compressor):
         return EF21SGD2MState(*[_zeros(bk, x) for _ in range(4)], 0)

@@ -215,10 +215,16 @@ def _low_bytes(bk, t, nbytes: int):
     return bk.bitcast(bk.reshape(bk.astype(t, "int64"), (1,)), "uint8")[:nbytes]
 
 
-def per_rank_level(p: Payload) -> bool:
-    """Whether p's level (and code width) may differ per rank and step: it travels in
-    each header (a level chosen eagerly, or a tensor chosen inside a graph)."""
+def levels_vary(p: Payload) -> bool:
+    """Whether payloads like p carry a level (and code width) that may differ per rank
+    and step, in each header (a level chosen eagerly, or a tensor inside a graph)."""
     return not isinstance(p.level, int) or p.level != 0
+
+
+def _at_level(template: Payload, code_bits, level) -> Payload:
+    """``template`` with a sender's code width and level, where they may differ."""
+    return template._replace(code_bits=code_bits, level=level) if levels_vary(template) \
+        else template
 
 
 class Header(NamedTuple):
@@ -316,7 +322,7 @@ def unpack_flagged(bk, buf, template: Payload, expect=None, name: str = "", rank
             else bk.to_numpy(buf)
     h = read_header(raw, name, rank)
     check_header(h, template, expect, name, rank, bk)
-    t = template._replace(code_bits=h.code_bits, level=h.level) if template.level else template
+    t = _at_level(template, h.code_bits, h.level)
     sizes = template_sizes(t, h.count)
     if t.varint:
         sizes["indices"] = h.varint_bytes
@@ -357,7 +363,7 @@ def _unpack_graph(bk, buf, template, expect, name, rank):
     tf = bk.tf
     head = buf[:HEADER_BYTES + (8 if template.varint else 0)]
     # the host compares fields with ints; a level chosen in the graph is any level there
-    host = template._replace(level=1) if per_rank_level(template) else template
+    host = template._replace(level=1) if levels_vary(template) else template
 
     def check(raw):
         h = read_header(raw, name, rank)
@@ -552,8 +558,7 @@ def _walk(bk, gathered, template, n, name):
         raw = bk.to_numpy(gathered[offset:offset + HEADER_BYTES + 8])
         raws.append(raw)
         h = read_header(raw, name, r)
-        t = template._replace(code_bits=h.code_bits, level=h.level) if template.level \
-            else template
+        t = _at_level(template, h.code_bits, h.level)
         sizes = template_sizes(t, h.count)
         if template.varint:
             sizes["indices"] = h.varint_bytes
@@ -600,10 +605,8 @@ def _read_uint(bk, buf, n: int):
 def _sender_level(bk, head, template: Payload) -> Payload:
     """``template`` with the code width and level of the header ``head``, where they may
     differ per rank (as tensors inside a graph)."""
-    if not per_rank_level(template):
-        return template
-    return template._replace(code_bits=_read_uint(bk, head[5:6], 1),
-                             level=_read_uint(bk, head[6:8], 2))
+    return _at_level(template, _read_uint(bk, head[5:6], 1), _read_uint(bk, head[6:8], 2)) \
+        if levels_vary(template) else template
 
 
 def template_sizes(template: Payload, count):

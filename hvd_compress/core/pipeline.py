@@ -103,9 +103,10 @@ class Pipeline:
 
         ``measure`` also returns the compression error of the vector compressed, relative
         and absolute (two extra passes over it). When ranks agree on k (``dynamic:agree=true``),
-        ``gather(row)`` is the frontend's allgather of a float64 row over the ranks, which
-        :meth:`Dynamic.agree_k` runs twice before the payload is formed (every rank must
-        encode this tensor at this point of its step). ``dense`` says whether this
+        ``gather(row)`` is the frontend's allgather of a float64 row over the ranks (numpy
+        eagerly, tensors inside a graph), which :meth:`Dynamic.agree_k` runs twice before
+        the payload is formed (every rank must encode this tensor at this point of its
+        step). ``dense`` says whether this
         is a warm-up step where ``key.step`` is a graph tensor (inside ``tf.function`` the
         frontend branches on the step and traces both phases). ``level``: the compressor
         ``auto`` planned for this tensor, in place of the spec's (see

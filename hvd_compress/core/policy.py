@@ -65,7 +65,7 @@ import math
 from ..errors import HvdCompressError
 from .algorithm import Algorithm
 from .compressor import check_bool, check_float, check_int
-from .quantizers import QSGD, bucket_rows, bucket_width
+from .quantizers import QSGD, bucket_rows, bucket_width, code_width
 from .registry import register
 from .sparsifiers import Bernoulli, TopK
 
@@ -190,8 +190,7 @@ class Dynamic(Algorithm):
             r = a * s
             f = r - bk.floor(r)
             spreads.append(bk.sum(norms2 * bk.sum_rows(f * (1.0 - f))))
-            width = 1 + max(1, math.ceil(math.log2(s + 1)))
-            costs.append(self.bits_cost(64 + 32 * nb + 8 * width * ((d + 7) // 8)))
+            costs.append(self.bits_cost(64 + 32 * nb + 8 * code_width(s) * ((d + 7) // 8)))
         if not bk.eager():
             return self._best_level_graph(bk, total, spreads, costs)
         best, best_eff = 1, (-1, -math.inf)
@@ -283,7 +282,7 @@ class Dynamic(Algorithm):
                 return best, m
             m = min(kmax, 4 * m)
 
-    def agree_k(self, bk, v, gather) -> int:
+    def agree_k(self, bk, v, gather):
         """The k every rank uses this step: argmax over a grid of k of
         sum_i S_k^i / C(k), S_k^i the energy of the k largest entries of rank i's vector.
 
@@ -294,7 +293,8 @@ class Dynamic(Algorithm):
         falls), so the grid spans [kmin, max_i m_i]: geometric with ratio 2^(1/16)
         (about 4.4% apart) plus every k up to 64, in whole packets under the packet cost.
         Every rank sums the same gathered rows in the same order, so all choose alike.
-        Inside a graph ``gather`` takes and returns tensors, and k is an int32 tensor."""
+        k is an int, or inside a graph an int32 tensor (``gather`` then takes and returns
+        tensors)."""
         import numpy as np
         if not bk.eager():
             return self._agree_graph(bk, v, gather)
@@ -306,8 +306,10 @@ class Dynamic(Algorithm):
         return int(ks[int(np.argmax(total / self.costs(ks)))])
 
     def _agree_graph(self, bk, v, gather):
-        """:meth:`agree_k` as graph operations (the grid comes from :meth:`_grid` on the
-        host: a few hundred ints, the same on every rank)."""
+        """:meth:`agree_k` with its selections and allgathers as graph operations; the
+        grid and the final sum over ranks run on the host, as eagerly (a few hundred
+        numbers: every rank sums the same rows in the same order, on any device)."""
+        import numpy as np
         tf = bk.tf
         m = tf.reduce_max(gather(tf.cast(tf.reshape(self._search_graph(bk, v)[1], (1,)),
                                          tf.float64)))
@@ -317,9 +319,12 @@ class Dynamic(Algorithm):
         top = tf.cast(tf.math.top_k(tf.abs(v), tf.cast(ks[-1], tf.int32), sorted=True).values,
                       tf.float64)
         energy = tf.gather(tf.cumsum(top * top), ks - 1)
-        total = tf.reduce_sum(gather(energy), axis=0)
-        best = tf.argmax(total / self.costs(tf.cast(ks, tf.float64), tf.math.ceil))
-        return tf.cast(tf.gather(ks, best), tf.int32)
+
+        def best(rows, ks):
+            return ks[int(np.argmax(rows.sum(axis=0) / self.costs(ks)))].astype(np.int32)
+        k = tf.numpy_function(best, [gather(energy), ks], tf.int32, stateful=False,
+                              name="hvd_compress_agree_k")
+        return tf.reshape(k, ())
 
     def _grid(self, m: int):
         """The k ``agree_k`` evaluates: sorted distinct ints in [kmin, m]."""

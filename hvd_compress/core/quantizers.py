@@ -80,7 +80,7 @@ class _Dense(Compressor):
         return total, bk.finite_flag(total)
 
 
-def _width(s: int) -> int:
+def code_width(s: int) -> int:
     """Bits of a QSGD code at level s: a sign, and the level 0..s."""
     return 1 + max(1, math.ceil(math.log2(s + 1)))
 
@@ -187,16 +187,17 @@ class QSGD(_Stochastic):
         self.s = check_int("qsgd", "s", s, 1, 32767)
         self.bucket = check_int("qsgd", "bucket", bucket, 1)
         self.seed = check_int("qsgd", "seed", seed)
-        self.width = self.widest = _width(self.s)
+        self.width = self.widest = code_width(self.s)
 
     per_rank_level = False  # set on the codecs the dynamic policy picks per step and rank
 
     def at_level(self, s, most: int = 255) -> "QSGD":
         """This quantizer at level s, chosen for one step on one rank (the dynamic policy):
         s and the code width travel in each payload's header. ``s`` is an int, or inside
-        a graph an int32 tensor of at most ``most``: the codes are then packed in the
-        planes of ``most``'s width, of which the payload keeps the first (a code of fewer
-        bits has zeros above them), and a receiver pads them back."""
+        a graph an int32 tensor of at most ``most``: the codes are then int32 and packed
+        in the planes of ``most``'s width (9 bits for 255, whatever s), of which the
+        payload keeps the first ``width`` (a code of fewer bits has zeros above them);
+        a receiver pads them back, and refuses a width above ``most``'s."""
         if isinstance(s, int):
             c = QSGD(s, self.bucket, self.seed)
         else:
@@ -221,7 +222,7 @@ class QSGD(_Stochastic):
                                 _piece(codes, a, b), cdtype, s)
         packed = pack_codes(bk, block if padded is None else padded, self.widest)
         if not isinstance(self.width, int):
-            packed = packed[:self.width * plane_bytes(d)]
+            packed = packed[:bk.astype(self.width, "int64") * plane_bytes(d)]
         return Payload(shape=shape, dtype=dtype, count=d, scales=norms, codes=packed,
                        code_bits=self.width, level=self.s if self.per_rank_level else 0)
 
@@ -252,7 +253,13 @@ class QSGD(_Stochastic):
         if isinstance(p.code_bits, int):
             return p.codes, p.code_bits
         # a width chosen in the graph: the planes above it are zeros
-        missing = self.widest * plane_bytes(p.count) - bk.size(p.codes)
+        tf = bk.tf
+        fits = tf.debugging.assert_less_equal(
+            bk.astype(p.code_bits, "int64"), tf.constant(self.widest, tf.int64),
+            message=f"a QSGD payload's code width exceeds the {self.widest} bits of the "
+                    "levels the dynamic policy chooses (a foreign or damaged header)")
+        with tf.control_dependencies([fits]):
+            missing = self.widest * plane_bytes(p.count) - bk.size(p.codes)
         return bk.concat([p.codes, bk.zeros(missing, "uint8", p.codes)]), self.widest
 
     def _align(self, d):
