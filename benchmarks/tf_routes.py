@@ -51,6 +51,8 @@ def main():
         ("hvd_compress tape, topk+ef14+dynamic:c0=20000,agree=true", "ours",
          "topk+ef14+dynamic:c0=20000,agree=true"),
         ("hvd_compress tape, qsgd+dynamic", "ours", "qsgd+dynamic"),
+        ("hvd_compress tape, bernoulli+dynamic:c0=20000", "ours",
+         "bernoulli+dynamic:c0=20000"),
         ("hvd_compress tape, auto (it measures on step 1)", "ours", "auto"),
     ]
     h = args.hidden

@@ -10,9 +10,8 @@ as an allreduce would, on each frontend's route:
 * ``torch``: PyTorch tensors, casts summed by allreduce (the Horovod + torch frontend);
 * ``mpi4py``: NumPy buffers, everything gathered (``SparseAllreduce``);
 * ``tensorflow``: every rank's step inside one ``tf.function`` with the state in
-  variables (two ranks, one tensor: tracing is what costs), or eagerly for stages that
-  choose the level on the host (as the TF frontend's ``tf.py_function``) and for ranks
-  that agree on k (their allgathers mid-step need a graph per rank).
+  variables (two ranks, one tensor: tracing is what costs), or eagerly for ranks that
+  agree on k (their allgathers mid-step need a graph per rank).
 
 Every rank must decode the same update, equal to the simulator's on the payload objects,
 and hand over the bits the simulator's payloads take. Under mpirun (tests/mpi) a few specs
@@ -170,8 +169,7 @@ def wire_bits(oracle, r, step, route):
 def test_exchange_across_simulated_ranks_matches_simulator(route, spec):
     # agreeing ranks meet in allgathers mid-step, which one graph of every rank cannot
     # hold: eagerly here, in the graph under mpirun (tests/mpi/test_tf_horovod.py)
-    pipe = resolve_pipeline(spec)
-    graph = route == "tensorflow" and not pipe.host_stages() and not pipe.agrees
+    graph = route == "tensorflow" and not resolve_pipeline(spec).agrees
     exchanges, run = graph_exchanges(spec) if graph else eager_exchanges(route, spec)
     shapes, n = (GRAPH_SHAPES, N_GRAPH) if graph else (SHAPES, N)
     oracles = {name: Workers(spec, n, seed=SEED, name=name, model_size=MODEL_SIZE)

@@ -12,7 +12,7 @@ from hvd_compress.core.ops import backend_named
 from hvd_compress.core.payload import pack, unpack
 from hvd_compress.tensorflow.exchange import VariableExchange
 
-GRAPH_SAFE = [s for s in hc.available("compressor") if s != "bernoulli"]
+GRAPH_SAFE = hc.available("compressor")
 PIPELINES = ["topk:0.05+ef14", "topk:0.05+ef21", "topk:0.05+ef21sgdm:eta=0.3",
              "topk:0.05+ef21sgd2m", "randk:0.1,scaled=true+diana", "qsgd:s=3+diana",
              "threshold:lam=1.5+ef14", "topk:0.05,indices=varint,values=float16+ef14",
@@ -20,7 +20,8 @@ PIPELINES = ["topk:0.05+ef14", "topk:0.05+ef21", "topk:0.05+ef21sgdm:eta=0.3",
              "topk+ef14+dynamic:c0=20000", "topk+ef21sgdm+dynamic:cost=packet",
              "topk:indices=varint+dynamic:c0=5000,kmin=3", "qsgd+dynamic",
              "qsgd:bucket=64+dynamic:cost=packet", "qsgd:bucket=100+dynamic:c0=1e6",
-             "topk+ef14+dynamic:c0=20000,agree=true"]
+             "topk+ef14+dynamic:c0=20000,agree=true", "bernoulli:0.1",
+             "bernoulli+dynamic:c0=5000", "bernoulli:values=float16+dynamic:cost=linear"]
 TF = backend_named("tensorflow")
 TORCH = backend_named("torch")
 

@@ -12,13 +12,6 @@ class Algorithm:
     """
     name = "abstract"
     kind = "abstract"
-    # False when the algorithm reads tensor values in Python (a host-side choice), which
-    # a graph (tf.function) cannot do
-    graph_safe = True
-
-    def runs_in_graph(self, compressor) -> bool:
-        """Whether this stage, in a pipeline around ``compressor``, runs inside a graph."""
-        return self.graph_safe
 
     def params(self) -> dict:
         """Constructor arguments, in signature order, that differ from their defaults."""

@@ -205,7 +205,6 @@ class Auto(Algorithm):
 
     # the plan is made on the host between steps; inside a graph (TensorFlow) the steps
     # read it from variables (see hvd_compress.tensorflow)
-    graph_safe = True
     agree = False
 
     def __init__(self, every=500):

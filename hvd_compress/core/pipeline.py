@@ -84,13 +84,6 @@ class Pipeline:
     def init(self, bk, flat):
         return None if self.feedback is None else self.feedback.init(bk, flat, self.compressor)
 
-    def host_stages(self) -> list:
-        """Specs of the stages that read tensor values in Python, so cannot run inside a
-        graph (``tf.function``); see ``Algorithm.graph_safe``."""
-        return [s.spec() for s in (self.compressor, self.feedback, self.policy,
-                                    self.perturbation)
-                if s is not None and not s.runs_in_graph(self.compressor)]
-
     @property
     def agrees(self) -> bool:
         """Whether ranks agree on the level (dynamic:agree=true): see :meth:`encode`."""

@@ -93,12 +93,6 @@ class Dynamic(Algorithm):
         allgather's fast path). Without it each rank picks its own k every step.
     """
 
-    graph_safe = False  # bernoulli's budget is chosen on the host
-
-    def runs_in_graph(self, compressor) -> bool:
-        """Top-k's k (agreed or not) and QSGD's s are chosen inside the graph too
-        (:meth:`choose_k`, :meth:`agree_k`, :meth:`choose_s`)."""
-        return isinstance(compressor, (TopK, QSGD))
 
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
@@ -143,28 +137,35 @@ class Dynamic(Algorithm):
         if isinstance(compressor, QSGD):  # s travels in each payload's header
             return compressor.at_level(self.choose_s(bk, v, compressor), _QSGD_LEVELS[-1])
         if isinstance(compressor, Bernoulli):
-            budget = self.choose_budget(bk, v, compressor)
-            return Bernoulli(budget / bk.size(v), compressor.seed, compressor.values,
-                             compressor.indices)
+            return compressor.at_budget(self.choose_budget(bk, v, compressor), bk.size(v))
         return self.codec(self.choose_k(bk, v), compressor)
 
-    def choose_budget(self, bk, v, c: Bernoulli) -> float:
+    def choose_budget(self, bk, v, c: Bernoulli):
         """B* = argmax (||g||^2 - Var_B(g)) / C(B) over B = d, d/2, ..., 1, with
-        Var_B(g) = sum_j g_j^2 / p_j - ||g||^2."""
+        Var_B(g) = sum_j g_j^2 / p_j - ||g||^2: a float, or a float64 tensor inside a
+        graph (the same choice, as graph operations)."""
         d = bk.size(v)
         a = bk.abs(bk.astype(v, "float32"))
         g2 = a * a
-        norm2 = float(bk.sum(g2))
-        best, best_eff = float(d), -math.inf
-        budget = float(d)
-        while budget >= 1.0:
+        norm2 = bk.sum(g2)
+        budgets = [float(d) / 2 ** i for i in range(int(math.log2(d)) + 2)
+                   if float(d) / 2 ** i >= 1.0]
+        seconds = []  # sum_j g_j^2 / p_j
+        for budget in budgets:
             p = c.probabilities(bk, a, budget)
-            second = float(bk.sum(bk.where(p > 0, g2 / bk.where(p > 0, p, p + 1.0), p)))
-            eff = (2.0 * norm2 - second) / float(self.costs([budget])[0])
+            seconds.append(bk.sum(bk.where(p > 0, g2 / bk.where(p > 0, p, p + 1.0), p)))
+        costs = [float(self.costs([b])[0]) for b in budgets]
+        if not bk.eager():
+            tf = bk.tf
+            eff = (2.0 * tf.cast(norm2, tf.float64) - tf.cast(tf.stack(seconds), tf.float64)) \
+                / tf.constant(costs, tf.float64)
+            return tf.gather(tf.constant(budgets, tf.float64), tf.argmax(eff))
+        best, best_eff = float(d), -math.inf
+        for budget, second, cost in zip(budgets, seconds, costs):
+            eff = (2.0 * float(norm2) - float(second)) / cost
             if eff > best_eff:
                 best, best_eff = budget, eff
-            budget /= 2.0
-        return max(1.0, min(best, float(d)))
+        return best
 
     def bits_cost(self, bits):
         """C for a payload of ``bits`` bits (QSGD): the same models, per bit."""

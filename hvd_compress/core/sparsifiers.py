@@ -301,7 +301,6 @@ class Bernoulli(_Sparse):
     bias = "unbiased"
     stochastic = True
     size_fixed = False
-    graph_safe = False  # the budget's lambda is solved on the host
 
     def __init__(self, ratio=0.01, seed=0, values=None, indices=None):
         _check_formats("bernoulli", values, indices)
@@ -309,13 +308,23 @@ class Bernoulli(_Sparse):
         self.seed = check_int("bernoulli", "seed", seed)
         self.values, self.indices = values, indices
 
-    def probabilities(self, bk, a, budget: float):
+    def at_budget(self, budget, d: int) -> "Bernoulli":
+        """This sparsifier at an expected budget of ``budget`` of its d entries (the
+        dynamic policy's choice): a float, or inside a graph a float64 tensor."""
+        c = Bernoulli(self.ratio, self.seed, self.values, self.indices)
+        c.ratio = budget / d
+        return c
+
+    def probabilities(self, bk, a, budget):
         """p_j = min(1, a_j / lam) with sum_j p_j = budget (a = |x|), exactly.
 
         If the m largest entries saturate, lam = (sum of the others) / (budget - m); the
         right m is the first one for which the (m+1)-th largest entry stays below lam.
-        One partial selection of the top entries and a prefix sum find it."""
+        One partial selection of the top entries and a prefix sum find it (inside a
+        graph as graph operations, in float64 as eagerly)."""
         import numpy as np
+        if not bk.eager():
+            return self._probabilities_graph(bk, a, budget)
         nnz = int(bk.count(a > 0))
         if budget >= nnz:
             return bk.astype(a > 0, "float32")
@@ -328,6 +337,27 @@ class Bernoulli(_Sparse):
         ok[1:] &= top[:-1] >= lams[1:]
         lam = float(lams[int(np.argmax(ok))])
         return bk.where(a >= lam, a * 0.0 + 1.0, a * (1.0 / lam))
+
+    @staticmethod
+    def _probabilities_graph(bk, a, budget):
+        tf = bk.tf
+        budget = tf.cast(budget, tf.float64)
+        nnz = bk.count(a > 0)
+
+        def solved():
+            m_max = tf.minimum(tf.cast(tf.math.ceil(budget), tf.int64) - 1, nnz - 1)
+            top = tf.cast(tf.math.top_k(a, tf.cast(m_max + 1, tf.int32)).values, tf.float64)
+            total = tf.reduce_sum(tf.cast(a, tf.float64))
+            m = tf.cast(tf.range(m_max + 1), tf.float64)
+            lams = (total - tf.concat([[0.0], tf.cumsum(top[:-1])], 0)) / (budget - m)
+            ok = tf.logical_and(top < lams,
+                                tf.concat([[True], top[:-1] >= lams[1:]], 0))
+            lam = lams[tf.argmax(tf.cast(ok, tf.int32))]
+            # as eagerly: a float32 compare and a float32 product by 1 / lam
+            return tf.where(a >= tf.cast(lam, a.dtype), tf.ones_like(a),
+                            a * tf.cast(1.0 / lam, a.dtype))
+        return tf.cond(budget >= tf.cast(nnz, tf.float64),
+                       lambda: tf.cast(a > 0, tf.float32), solved)
 
     def compress(self, x, key: Key = Key()):
         bk, flat, d, shape, dtype = self._flat(x, key.name)

@@ -12,10 +12,8 @@
 Works inside ``tf.function`` and in ``model.fit``. Sparse and quantized payloads travel as
 packed bytes through ``hvd.allgather``; ``none`` and ``fp16`` through Horovod's allreduce
 (bf16 is gathered: Horovod's TF allreduce has no bf16 kernel). ``dynamic`` chooses top-k's
-k (agreed across ranks or not) and QSGD's s inside the graph, and ``auto`` routes each
-variable by a plan held in variables (see :mod:`.auto`). ``bernoulli``, whose budget is
-solved on the host, runs eagerly in one ``tf.py_function`` per step, in variable-name
-order; only this package's tape and optimizer can schedule that.
+k (agreed across ranks or not), QSGD's s and bernoulli's budget inside the graph, and
+``auto`` routes each variable by a plan held in variables (see :mod:`.auto`).
 """
 from .compression import Compression, compression
 from .keras import DistributedOptimizer

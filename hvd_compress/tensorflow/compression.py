@@ -13,11 +13,9 @@ they also work with Keras 3, where Horovod's own wrappers do not.
 
 Everything runs inside ``tf.function`` (and eagerly): state lives in ``tf.Variable``s
 keyed by variable name (see :mod:`.exchange`); ``dynamic`` top-k chooses its k in the graph
-and QSGD's s too, ``dynamic:agree=true`` agrees on k by two allgathers in the graph, and
-``auto`` reads its plan from variables that its measurements write (see :mod:`.auto`).
-``bernoulli``, whose budget is solved on the host, is the exception: its exchanges run
-eagerly inside one ``tf.py_function`` per step, with state in Python like the PyTorch
-frontend's.
+and QSGD's s and bernoulli's budget too, ``dynamic:agree=true`` agrees on k by two
+allgathers in the graph, and ``auto`` reads its plan from variables that its
+measurements write (see :mod:`.auto`).
 """
 from __future__ import annotations
 
@@ -28,7 +26,6 @@ from typing import cast
 
 from ..core.agreement import COMPRESSED, NONE, SPARSE
 from ..core.auto import Auto
-from ..core.exchange import Exchange
 from ..core.ops import TensorflowBackend, backend_named
 from ..core.pipeline import resolve_pipeline
 from ..core.rng import Key
@@ -89,13 +86,10 @@ class Compression:
 
     def __init__(self, spec, seed: int = 0, measure_error: bool = False,
                  nonfinite: str = "propagate"):
-        pipeline = resolve_pipeline(spec)
-        # stages that choose on the host run eagerly, in one tf.py_function per step
-        self.host_stages = pipeline.host_stages()
-        kind = Exchange if self.host_stages else VariableExchange
-        self.exchange = kind(pipeline, seed, measure_error=measure_error,
-                             allreduce_dtypes=("float16", "float32", "float64"),
-                             nonfinite=nonfinite, transport="horovod")
+        self.exchange = VariableExchange(resolve_pipeline(spec), seed,
+                                         measure_error=measure_error,
+                                         allreduce_dtypes=("float16", "float32", "float64"),
+                                         nonfinite=nonfinite, transport="horovod")
         self.pipeline = self.exchange.pipeline
         self.telemetry = self.exchange.telemetry
         codec = self.pipeline.compressor
@@ -123,11 +117,8 @@ class Compression:
         ``state`` holds feedback state of another rank, world size or feedback rule.
         ``process_set``: the Horovod process set this compression averages over,
         where no step has told it yet (default: Horovod's global set)."""
-        from ..checkpoint import map_tensors, sync_group
-        ex = sync_group(self, process_set)
-        if not isinstance(ex, VariableExchange):  # host stages keep eager tensors
-            state = map_tensors(state, self._bk.tf.constant)
-        ex.load_state_dict(state)
+        from ..checkpoint import sync_group
+        sync_group(self, process_set).load_state_dict(state)
 
     def checkpointable(self, process_set=None):
         """This compression's state as a ``tf.train.Checkpoint`` dependency:
@@ -174,11 +165,6 @@ class Compression:
             raise HvdCompressError(
                 f"{self.pipeline.spec()}: auto plans every variable together at its "
                 "measurements, which Horovod's own tape and optimizer hand over one by one; "
-                "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
-        if self.host_stages:
-            raise HvdCompressError(
-                f"{self.pipeline.spec()}: {', '.join(self.host_stages)} choose(s) the level "
-                "on the host, which Horovod's own tape and optimizer cannot schedule safely; "
                 "use hvd_compress.tensorflow.DistributedGradientTape or DistributedOptimizer")
         self._refuse_xla()
         self.exchange.model_size = model_size(variables)
@@ -248,10 +234,7 @@ class Compression:
                     if isinstance(g, tf.IndexedSlices):  # keep the variable's static shape
                         out[i] = tf.reshape(tf.convert_to_tensor(g), shapes[i])
                     dense.append(i)
-            if self.host_stages:
-                updates = self._on_host([names[i] for i in dense], [out[i] for i in dense],
-                                        transport)
-            elif self.auto is not None and dense:
+            if self.auto is not None and dense:
                 updates = self.auto.reduce([names[i] for i in dense],
                                            [out[i] for i in dense], transport)
             else:
@@ -316,27 +299,6 @@ class Compression:
             return run(None)
         return tf.cond(step < self.pipeline.dense_steps, lambda: run(True),
                        lambda: run(False))
-
-    def _on_host(self, names, grads, transport):
-        """Exchanges whose level is chosen on the host (``Pipeline.host_stages``): one
-        ``tf.py_function`` runs them eagerly, one tensor after another in name order, so
-        every rank issues the same blocking collectives in the same order."""
-        tf = self._bk.tf
-        if not grads:
-            return []
-        order = sorted(range(len(names)), key=lambda i: names[i])
-
-        def run(*tensors):
-            updates = [None] * len(tensors)
-            for i in order:
-                updates[i] = self._exchange(names[i], tensors[i], transport)
-            return updates
-
-        if tf.executing_eagerly():
-            return run(*grads)
-        updates = tf.py_function(run, list(grads), [g.dtype for g in grads],
-                                 name="hvd_compress_host_level")
-        return [tf.ensure_shape(u, g.shape) for u, g in zip(updates, grads)]
 
     def _transport(self, op, process_set, predivide=1.0) -> HorovodTransport:
         """How this reduction's payloads travel (refusing Adasum, which reduces model

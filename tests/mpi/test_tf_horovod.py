@@ -28,8 +28,8 @@ MPI_RANKS = (3,)
 SPECS = ["sign",                                              # quantizer, in graph
          "randk:0.3,scaled=true+diana",                       # fixed-size sparse, in graph
          "topk:0.1,indices=varint,values=float16+ef14",       # variable-size, in graph
-         "topk+ef21sgdm+dynamic:c0=2000,agree=true",          # level on the host, agreed
-         "bernoulli:0.2+dynamic"]                             # host level, sizes vary
+         "topk+ef21sgdm+dynamic:c0=2000,agree=true",          # k agreed in the graph
+         "bernoulli:0.2+dynamic"]                             # budget in graph, sizes vary
 # Horovod's own tape finds each gradient's variable in its frames: one spec per route
 THROUGH_HOROVOD = ["threshold:lam=0.05+ef14+perturb:radius=0.05",  # packed, sizes vary
                    "fp16",                                     # cast, allreduce
@@ -231,19 +231,6 @@ def test_duplicate_variable_names_keep_their_own_state():
         loss = tf.reduce_sum(a * 2.0) + tf.reduce_sum(b * 3.0)
     hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, [a, b])
     assert sorted(comp.exchange.variables) == ["Variable", "Variable#2"]
-
-
-def test_host_side_levels_need_hvd_compress_wrappers():
-    """Host levels (bernoulli's budget) run eagerly in one tf.py_function per step
-    (blocking collectives in name order); Horovod's own tape cannot order them, so it
-    refuses."""
-    model = Model()
-    with tf.GradientTape() as tape:
-        loss = model.loss(*data(0))
-    tape = hvd.DistributedGradientTape(tape,
-                                       compression=hctf.compression("bernoulli:0.2+dynamic"))
-    with pytest.raises(HvdCompressError, match="choose.s. the level on the host"):
-        tape.gradient(loss, model.vars)
 
 
 def test_auto_routes_every_variable_by_one_plan_on_every_rank(monkeypatch):
