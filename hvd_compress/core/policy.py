@@ -93,7 +93,6 @@ class Dynamic(Algorithm):
         allgather's fast path). Without it each rank picks its own k every step.
     """
 
-
     def __init__(self, cost="affine", c0=1000.0, b=64, packet=12000, header=320,
                  alpha=1e-5, beta=1e-9, n=2, kmin=1, kmax=0, agree=False):
         if cost not in _COSTS:
