@@ -179,7 +179,8 @@ def graph_budget(policy, v, c):
 def test_bernoulli_probabilities_inside_a_graph_are_the_eager_ones():
     """lam solved with graph operations (a top-k of data-sized k, a prefix sum): the
     same probabilities as eagerly, saturated entries, zeros and a budget at or above the
-    nonzero count included."""
+    nonzero count included; and the same again from one selection shared by every
+    budget (``ranked``, as the dynamic policy solves them)."""
     import tensorflow as tf
 
     from hvd_compress.core.sparsifiers import Bernoulli
@@ -187,11 +188,16 @@ def test_bernoulli_probabilities_inside_a_graph_are_the_eager_ones():
     v = decaying(4096, 100)
     v[::7] = 0.0
     a = np.abs(v)
-    solve = tf.function(lambda a, b: Bernoulli().probabilities(tfb, a, b))
+    c = Bernoulli()
+    solve = tf.function(lambda a, b: c.probabilities(tfb, a, b))
+    shared = tf.function(lambda a, b: c.probabilities(tfb, a, b, c.ranked(tfb, a)))
+    ranked = c.ranked(bk, a)
     for budget in (1.0, 3.5, 100.0, 2000.0, 3510.0, 4096.0):
-        want = Bernoulli().probabilities(bk, a, budget)
-        np.testing.assert_array_equal(solve(tf.constant(a), tf.constant(budget, tf.float64)),
-                                      want, err_msg=str(budget))
+        want = c.probabilities(bk, a, budget)
+        for got in (solve(tf.constant(a), tf.constant(budget, tf.float64)),
+                    shared(tf.constant(a), tf.constant(budget, tf.float64)),
+                    c.probabilities(bk, a, budget, ranked)):
+            np.testing.assert_array_equal(got, want, err_msg=str(budget))
 
 
 def heavy_tailed(d, seed=0):

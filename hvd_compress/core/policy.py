@@ -149,9 +149,9 @@ class Dynamic(Algorithm):
         norm2 = bk.sum(g2)
         budgets = [float(d) / 2 ** i for i in range(int(math.log2(d)) + 2)
                    if float(d) / 2 ** i >= 1.0]
-        seconds = []  # sum_j g_j^2 / p_j
+        seconds, ranked = [], c.ranked(bk, a)  # sum_j g_j^2 / p_j; one selection for all
         for budget in budgets:
-            p = c.probabilities(bk, a, budget)
+            p = c.probabilities(bk, a, budget, ranked)
             seconds.append(bk.sum(bk.where(p > 0, g2 / bk.where(p > 0, p, p + 1.0), p)))
         costs = [float(self.costs([b])[0]) for b in budgets]
         if not bk.eager():

@@ -315,22 +315,26 @@ class Bernoulli(_Sparse):
         c.ratio = budget / d
         return c
 
-    def probabilities(self, bk, a, budget):
+    def probabilities(self, bk, a, budget, ranked=None):
         """p_j = min(1, a_j / lam) with sum_j p_j = budget (a = |x|), exactly.
 
         If the m largest entries saturate, lam = (sum of the others) / (budget - m); the
         right m is the first one for which the (m+1)-th largest entry stays below lam.
         One partial selection of the top entries and a prefix sum find it (inside a
-        graph as graph operations, in float64 as eagerly)."""
+        graph as graph operations, in float64 as eagerly). ``ranked``: :meth:`ranked`
+        of a, where several budgets share one selection (the dynamic policy)."""
         import numpy as np
         if not bk.eager():
-            return self._probabilities_graph(bk, a, budget)
-        nnz = int(bk.count(a > 0))
+            return self._probabilities_graph(bk, a, budget, ranked)
+        nnz = int(bk.count(a > 0)) if ranked is None else ranked[0]
         if budget >= nnz:
             return bk.astype(a > 0, "float32")
         m_max = min(math.ceil(budget) - 1, nnz - 1)  # fewer than budget entries saturate
-        top = bk.to_numpy(bk.topk_values(a, m_max + 1)).astype(np.float64)
-        total = float(bk.sum(bk.astype(a, "float64")))
+        if ranked is None:
+            top = bk.to_numpy(bk.topk_values(a, m_max + 1)).astype(np.float64)
+            total = float(bk.sum(bk.astype(a, "float64")))
+        else:
+            top, total = ranked[1][:m_max + 1], ranked[2]
         m = np.arange(m_max + 1)
         lams = (total - np.concatenate([[0.0], np.cumsum(top[:-1])])) / (budget - m)  # per m
         ok = top < lams
@@ -339,15 +343,34 @@ class Bernoulli(_Sparse):
         return bk.where(a >= lam, a * 0.0 + 1.0, a * (1.0 / lam))
 
     @staticmethod
-    def _probabilities_graph(bk, a, budget):
+    def ranked(bk, a):
+        """(the nonzero count of a, its nonzero entries in descending order and their
+        total, both in float64): what :meth:`probabilities` selects, for any budget."""
+        import numpy as np
+        total = bk.sum(bk.astype(a, "float64"))
+        if not bk.eager():
+            tf = bk.tf
+            nnz = bk.count(a > 0)
+            return nnz, tf.cast(tf.math.top_k(a, tf.cast(nnz, tf.int32)).values, tf.float64), \
+                total
+        nnz = int(bk.count(a > 0))
+        top = bk.to_numpy(bk.topk_values(a, nnz)).astype(np.float64) if nnz else np.zeros(0)
+        return nnz, top, float(total)
+
+    @staticmethod
+    def _probabilities_graph(bk, a, budget, ranked):
         tf = bk.tf
         budget = tf.cast(budget, tf.float64)
-        nnz = bk.count(a > 0)
+        nnz = bk.count(a > 0) if ranked is None else ranked[0]
 
         def solved():
             m_max = tf.minimum(tf.cast(tf.math.ceil(budget), tf.int64) - 1, nnz - 1)
-            top = tf.cast(tf.math.top_k(a, tf.cast(m_max + 1, tf.int32)).values, tf.float64)
-            total = tf.reduce_sum(tf.cast(a, tf.float64))
+            if ranked is None:
+                top = tf.cast(tf.math.top_k(a, tf.cast(m_max + 1, tf.int32)).values,
+                              tf.float64)
+                total = tf.reduce_sum(tf.cast(a, tf.float64))
+            else:
+                top, total = ranked[1][:m_max + 1], ranked[2]
             m = tf.cast(tf.range(m_max + 1), tf.float64)
             lams = (total - tf.concat([[0.0], tf.cumsum(top[:-1])], 0)) / (budget - m)
             ok = tf.logical_and(top < lams,
