@@ -605,8 +605,10 @@ def _read_uint(bk, buf, n: int):
 def _sender_level(bk, head, template: Payload) -> Payload:
     """``template`` with the code width and level of the header ``head``, where they may
     differ per rank (as tensors inside a graph)."""
-    return _at_level(template, _read_uint(bk, head[5:6], 1), _read_uint(bk, head[6:8], 2)) \
-        if levels_vary(template) else template
+    if not levels_vary(template):
+        return template
+    return template._replace(code_bits=_read_uint(bk, head[5:6], 1),
+                             level=_read_uint(bk, head[6:8], 2))
 
 
 def template_sizes(template: Payload, count):

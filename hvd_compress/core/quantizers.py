@@ -11,7 +11,7 @@ import math
 from .bits import pack_codes, plane_bytes, unpack_codes
 from .compressor import Compressor, check_float, check_int
 from .ops import backend_for
-from .payload import Payload
+from .payload import Payload, levels_vary
 from .registry import register
 from .rng import Key, uniform
 
@@ -80,9 +80,13 @@ class _Dense(Compressor):
         return total, bk.finite_flag(total)
 
 
-def code_width(s: int) -> int:
-    """Bits of a QSGD code at level s: a sign, and the level 0..s."""
-    return 1 + max(1, math.ceil(math.log2(s + 1)))
+def code_width(s):
+    """Bits of a QSGD code at level s: a sign, and the level 0..s (an int32 tensor where
+    s is one: 2 + the number of j >= 1 with s >= 2**j)."""
+    if isinstance(s, int):
+        return 1 + max(1, math.ceil(math.log2(s + 1)))
+    bk = backend_for(s)
+    return 2 + sum(bk.astype(s >= (1 << j), "int32") for j in range(1, 16))
 
 
 def _as_float(bk, level):
@@ -201,10 +205,8 @@ class QSGD(_Stochastic):
         if isinstance(s, int):
             c = QSGD(s, self.bucket, self.seed)
         else:
-            bk = backend_for(s)
             c = QSGD(most, self.bucket, self.seed)
-            # 1 + max(1, ceil(log2(s + 1))) bits, as integer compares
-            c.s, c.width = s, 2 + sum(bk.astype(s >= (1 << j), "int32") for j in range(1, 16))
+            c.s, c.width = s, code_width(s)
         c.per_rank_level = True
         return c
 
@@ -267,7 +269,7 @@ class QSGD(_Stochastic):
 
     def _decode(self, bk, p, codes, start, out):
         n, bucket = bk.size(codes), bucket_width(self.bucket, p.count)
-        level = p.level if not isinstance(p.level, int) or p.level else self.s
+        level = p.level if levels_vary(p) else self.s
         factors = p.scales[start // bucket:-(-(start + n) // bucket)] * \
             (1.0 / _as_float(bk, level))
         negative = bk.into(bk.scratch("quantizer.neg", n, bk.dtype(codes), codes), "band",
