@@ -2,6 +2,7 @@
 bench-link`; needs root, for network namespaces):
 
     python benchmarks/link.py [--ranks 4] [--rates unshaped 1gbit 100mbit] [--write-docs]
+    python benchmarks/link.py --tf [--ranks 2] [--only auto fp16]
 
 For each link rate it makes a network namespace whose loopback is shaped with a token
 bucket (tc tbf; the ranks then talk over TCP through it, and the rate caps their combined
@@ -10,7 +11,9 @@ traffic, so it is not the per-node rate of a switched cluster), runs
 step-time table (dense and fp16 are Horovod's own) with each spec's speed against dense
 on the same link and the bits each rank sent per step, plots step time against link rate
 (docs/img/step_time_vs_link.png) and, with --write-docs, replaces the table in
-docs/BENCHMARKS.md between its markers.
+docs/BENCHMARKS.md between its markers. With --tf it runs `benchmarks/tf_routes.py` on
+each link instead (TensorFlow's routes as ratios to Horovod's uncompressed tape; --only
+picks routes by label) and prints its tables.
 """
 import argparse
 import json
@@ -40,7 +43,8 @@ def sh(*cmd, check=True):
 
 
 def run_on_link(rate, args, out_json):
-    """step_time.py under mpirun in a namespace shaped to ``rate`` (None: not shaped)."""
+    """step_time.py (with --tf, tf_routes.py) under mpirun in a namespace shaped to
+    ``rate`` (None: not shaped): step_time.py's JSON, or tf_routes.py's printed table."""
     ns = f"hvdc-bench-{os.getpid()}"
     sh("ip", "netns", "add", ns)
     try:
@@ -54,14 +58,19 @@ def run_on_link(rate, args, out_json):
                   "--allow-run-as-root", "--mca", "btl", "tcp,self",
                   "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
                   "-x", "OMP_NUM_THREADS=1", "-x", "HOROVOD_CYCLE_TIME=1"]
+        script = "tf_routes.py" if args.tf else "step_time.py"
+        options = ["--steps", str(args.steps)] + (
+            ["--only", *args.only] if args.tf and args.only else [] if args.tf else
+            ["--width", str(args.width), "--json", out_json, "--specs", *args.specs])
         cmd = ["ip", "netns", "exec", ns, "env", f"PATH={os.environ['PATH']}"] + mpirun + [
-            sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--width",
-            str(args.width), "--steps", str(args.steps), "--json", out_json, "--specs",
-            *args.specs]
+            "-x", "TF_CPP_MIN_LOG_LEVEL=3", sys.executable,
+            str(ROOT / "benchmarks" / script), *options]
         done = subprocess.run(cmd, text=True, capture_output=True, timeout=args.timeout)
         if done.returncode:
-            raise RuntimeError(f"step_time.py failed on {rate or 'unshaped'}:\n"
+            raise RuntimeError(f"{script} failed on {rate or 'unshaped'}:\n"
                                f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        if args.tf:
+            return done.stdout.strip()
         with open(out_json) as f:
             return json.load(f)
     finally:
@@ -108,7 +117,7 @@ def plot(results, specs, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=None, help="4 (--tf: 2)")
     ap.add_argument("--rates", nargs="+", default=["unshaped", "1gbit", "100mbit"],
                     choices=list(RATE_BITS))
     ap.add_argument("--specs", nargs="+",
@@ -116,9 +125,16 @@ def main():
                              "auto"])
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tf", action="store_true",
+                    help="time benchmarks/tf_routes.py's TensorFlow routes on each link")
+    ap.add_argument("--only", nargs="+", metavar="WORDS",
+                    help="--tf: only the routes whose label holds one of these")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per link")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
+    args.ranks = args.ranks or (2 if args.tf else 4)
+    if args.write_docs and args.tf:
+        refuse("--write-docs rewrites the step-time table of step_time.py, not --tf's")
     if os.geteuid() != 0:
         refuse("needs root: it creates network namespaces and shapes their loopback with tc "
                "(run it as root, e.g. sudo make bench-link)")
@@ -131,6 +147,10 @@ def main():
             print(f"link {rate} ...", flush=True)
             results[rate] = run_on_link(None if rate == "unshaped" else rate, args,
                                         os.path.join(tmp, f"{rate}.json"))
+            if args.tf:
+                print(f"{LABEL[rate]}: {results[rate]}", flush=True)
+    if args.tf:
+        return
     first = next(iter(results.values()))
     text = (f"{first['ranks']} ranks, MLP 256-{args.width}-{args.width}-{args.width}-10 "
             f"({first['parameters']:,} parameters), batch 32 per rank, median of "

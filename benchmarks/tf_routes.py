@@ -1,7 +1,7 @@
 """TensorFlow step time through each route, as a ratio to Horovod's uncompressed tape,
 measured in one run under mpirun:
 
-    mpirun -np 2 python benchmarks/tf_routes.py [--steps 60] [--hidden 512]
+    mpirun -np 2 python benchmarks/tf_routes.py [--steps 60] [--hidden 512] [--only auto]
 
 One compiled training step (forward, backward, exchange, SGD update) of an MLP on a9a
 batches; each route times the same steps after two warm-up steps, the routes taking turns
@@ -23,6 +23,9 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--only", nargs="+", metavar="WORDS",
+                    help="time only the routes whose label holds one of these (the "
+                         "uncompressed tape, the baseline, always runs)")
     args = ap.parse_args()
 
     import numpy as np
@@ -55,6 +58,8 @@ def main():
          "bernoulli+dynamic:c0=20000"),
         ("hvd_compress tape, auto (it measures on step 1)", "ours", "auto"),
     ]
+    if args.only:
+        routes = routes[:1] + [r for r in routes[1:] if any(w in r[0] for w in args.only)]
     h = args.hidden
     if hvd.rank() == 0:
         print(f"{hvd.size()} ranks, MLP 123-{h}-{h}-1 ({124 * h + (h + 1) * h + h + 1:,} "

@@ -42,6 +42,16 @@ def test_step_time_benchmark_runs_under_mpirun(tmp_path):
     assert "topk:0.001+ef14" in out and (tmp_path / "t.json").exists()
 
 
+def test_tensorflow_routes_benchmark_runs_under_mpirun():
+    cmd = mpirun_command(2, "x")
+    cmd = cmd[:cmd.index(sys.executable)] + [
+        sys.executable, "benchmarks/tf_routes.py", "--steps", "1", "--hidden", "8",
+        "--only", "auto", "tape, fp16"]
+    out = run(cmd)
+    assert "no compression" in out and "auto" in out and "tape, fp16" in out
+    assert "qsgd" not in out  # --only picked the routes
+
+
 def test_tree_benchmark_runs_and_plots(tmp_path):
     out = run([sys.executable, "benchmarks/tree.py", "--no-netns", "--ranks", "2", "--d",
                "2000", "--steps", "1", "--out", str(tmp_path)])

@@ -172,3 +172,22 @@ def test_graph_decodes_ranks_that_chose_different_levels():
     with pytest.raises(tf.errors.InvalidArgumentError, match="code width exceeds the 9 bits"):
         wider = tf.concat(sent[:2] + [sent[2][:5], tf.constant([10], tf.uint8), sent[2][6:]], 0)
         graph(wider, tf.constant(31))
+
+
+def test_graph_cast_scales_by_a_shift_tensor_exactly():
+    """auto's cast route inside a graph, its shift an int32 tensor: 2**n is exact for
+    every float32 exponent, and the payload and the update scaled back are numpy's bit
+    for bit."""
+    from hvd_compress.core.auto import cast_from_wire, cast_to_wire
+    n = tf.range(-126, 128, dtype=tf.int32)
+    np.testing.assert_array_equal(tf.function(TF.power_of_two)(n).numpy(),
+                                  np.ldexp(np.float32(1), np.arange(-126, 128)))
+    x = grads(3) * np.float32(1e-6)
+    np_bk = backend_named("numpy")
+    for shift in (-7, 0, 21):
+        wire = tf.function(lambda x, s: cast_to_wire(TF, x, s))(tf.constant(x), tf.constant(shift))
+        np.testing.assert_array_equal(wire.numpy(), cast_to_wire(np_bk, x, shift))
+        back = tf.function(lambda y, s: cast_from_wire(TF, y, "float32", s))(wire,
+                                                                           tf.constant(shift))
+        np.testing.assert_array_equal(back.numpy(),
+                                      cast_from_wire(np_bk, wire.numpy(), "float32", shift))

@@ -65,12 +65,12 @@ since the plan, it grows back by the power of two between them (float16 would
 otherwise flush the small entries of a shrinking gradient: 1e8 times smaller, most of
 them); a scale past 2^100 sends the tensor dense until the next measurement.
 
-The TensorFlow frontend keeps the plan in variables that its compiled steps read (see
-:mod:`hvd_compress.tensorflow.auto`): there step 0 goes top-k at the spec's k, and no
-tensor is cast. A tensor of a dtype Horovod cannot allreduce (bfloat16) always goes top-k. Until the
-first measurement (the first step) every tensor goes dense; a tensor without a profile
-(one seen first after it) is planned alone from the costs (dense, or top-k at the spec's
-k). Costs and profiles are measurements, not
+The TensorFlow frontend keeps the plan (and each cast's scale) in variables that its
+compiled steps read and the same rule moves (see :mod:`hvd_compress.tensorflow.auto`):
+there step 0 goes top-k at the spec's k. A tensor of a dtype Horovod cannot allreduce
+(bfloat16) always goes top-k. Until the first measurement (the first step) every tensor
+goes dense; a tensor without a profile (one seen first after it) is planned alone from
+the costs (dense, or top-k at the spec's k). Costs and profiles are measurements, not
 training state: they are not checkpointed, and a resumed run routes dense for one step,
 then measures again. The dense and cast routes leave the feedback state untouched, so
 EF14's residual still holds what was not sent and goes out with the next top-k step;
@@ -175,12 +175,13 @@ def cast_to_wire(bk, x, shift: int, in_place: bool = False):
     ``in_place`` x is scaled in its own memory first (one pass in place, then the plain
     cast); else the product is written into float16 directly where the framework can
     (no scaled copy of x, but on a CPU torch's mixed-dtype multiply is about twice the
-    cost of the cast)."""
-    if not shift:
+    cost of the cast). Inside a TensorFlow graph ``shift`` is an int32 tensor (the
+    variable the plan wrote)."""
+    if isinstance(shift, int) and not shift:
         return bk.astype(x, "float16")
     if in_place:
-        return bk.astype(bk.mul_(x, float(2.0 ** shift)), "float16")
-    return bk.scaled(x, float(2.0 ** shift), "float16")
+        return bk.astype(bk.mul_(x, bk.power_of_two(shift)), "float16")
+    return bk.scaled(x, bk.power_of_two(shift), "float16")
 
 
 def cast_from_wire(bk, y, dtype: str, shift: int, into=None):
@@ -188,7 +189,7 @@ def cast_from_wire(bk, y, dtype: str, shift: int, into=None):
     scaled back there (float16 would underflow), in ``into``'s memory where given (the
     tensor the payload was cast from), else in a new tensor."""
     y = bk.astype(y, dtype) if into is None else bk.overwrite(into, y)
-    return bk.mul_(y, float(2.0 ** -shift)) if shift else y
+    return y if isinstance(shift, int) and not shift else bk.mul_(y, bk.power_of_two(-shift))
 
 
 def cast_shift(largest: float) -> int:

@@ -258,10 +258,11 @@ class Exchange:
         return Outgoing(name, step, wire, by_allreduce, payload, codec, bk.shape(tensor),
                         bk.dtype(tensor), prior, stamp, into=into, undo=tuple(undo or ()))
 
-    def begin_dense(self, bk, name: str, tensor, step) -> Outgoing:
-        """auto's dense route inside a graph, where the frontend reads the plan (see
-        :meth:`begin`): the tensor goes by allreduce as it is."""
-        return self._begin_dense(bk, name, tensor, step, time.perf_counter(), None, False)
+    def begin_dense(self, bk, name: str, tensor, step, shift=None) -> Outgoing:
+        """auto's dense and cast routes inside a graph, where the frontend reads the plan
+        (see :meth:`begin`): the tensor goes by allreduce as it is, or (``shift``, an
+        int32 tensor) scaled by 2**shift and cast to float16."""
+        return self._begin_dense(bk, name, tensor, step, time.perf_counter(), shift, False)
 
     def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
                      overwrite: bool) -> Outgoing:
@@ -303,11 +304,15 @@ class Exchange:
         lo, hi = bk.extremes(sum_)
         finite = math.isfinite(lo) and math.isfinite(hi)
         self._follow_scale(outgoing, bk.size(sum_), finite, max(-lo, hi) if finite else 0.0)
-        if finite:
-            return None
+        return None if finite else self.resent(bk, outgoing)
+
+    def resent(self, bk, outgoing: Outgoing) -> Outgoing:
+        """The Outgoing that sends a cast's tensor again as it is, in its own dtype (see
+        :meth:`resend_dense`; inside a graph the frontend decides when, on the same
+        sum)."""
         source = outgoing.source
-        if outgoing.into is not None:
-            source = bk.mul_(source, float(2.0 ** -outgoing.shift))
+        if outgoing.into is not None and outgoing.shift is not None:  # scaled in place
+            source = bk.mul_(source, bk.power_of_two(-outgoing.shift))
         d = bk.size(source)
         self.log(outgoing.step, outgoing.name, d * ITEMSIZE[outgoing.dtype], 0, d, 0, 0.0,
                  None)

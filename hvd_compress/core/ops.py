@@ -61,6 +61,11 @@ class Backend:
         that writes the product into a tensor of ``dtype`` where the framework can."""
         return self.astype(x * factor, dtype)
 
+    def power_of_two(self, n):
+        """2**n, exactly: a float for an int ``n`` (a graph's int32 tensor ``n``, from -126
+        to 127, gives a float32 tensor; see TensorflowBackend)."""
+        return float(2.0 ** n)
+
     def size(self, x) -> int:
         n = 1
         for s in self.shape(x):
@@ -593,6 +598,11 @@ class TensorflowBackend(Backend):
     def dtype(self, x): return x.dtype.name
     def reshape(self, x, shape): return self.tf.reshape(x, shape)
     def astype(self, x, dtype): return self.tf.cast(x, self._dt[dtype])
+    def power_of_two(self, n):
+        if isinstance(n, int):
+            return float(2.0 ** n)
+        tf = self.tf  # the float32 whose exponent bits are n's: exact, unlike a pow
+        return tf.bitcast(tf.bitwise.left_shift(tf.cast(n, tf.int32) + 127, 23), tf.float32)
     def bitcast(self, x, dtype):
         tf = self.tf
         src, dst = ITEMSIZE[x.dtype.name], ITEMSIZE[dtype]

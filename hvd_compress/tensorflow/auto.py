@@ -2,34 +2,42 @@
 
 The rule is PyTorch's (:mod:`hvd_compress.core.auto`); what differs is where it runs.
 Inside ``tf.function`` (and so inside ``model.fit``) Python runs only when the step is
-traced, so every tensor's route is a pair of ``tf.Variable``s (dense or top-k, and k)
-and the step branches on them (``tf.cond``: every rank reads the same plan, so every rank
-takes the same branch and issues the same collectives):
+traced, so every tensor's route is a set of ``tf.Variable``s (dense, top-k or cast; k;
+the cast's shift) and the step branches on them (``tf.switch_case``: every rank reads
+the same plan, so every rank takes the same branch and issues the same collectives):
 
 * dense: the gradient goes by Horovod's allreduce as it is (named ``<variable>.dense``);
 * top-k: the spec's pipeline at the planned k, a tensor (``tf.math.top_k`` takes one),
-  its payload gathered as every top-k payload is (named after the variable).
+  its payload gathered as every top-k payload is (named after the variable);
+* cast (float32 only): the gradient scaled by 2**shift goes by Horovod's allreduce in
+  float16 (``<variable>.cast``). Every rank holds the same float16 sum, so every rank
+  makes the same decisions from it, in the graph: where it is not finite (it
+  overflowed, or some rank's gradient was not), the gradient goes again as it is
+  (``<variable>.resend``, a telemetry row of count 0); and its extremes move the shift
+  for the next steps, as in PyTorch (2^10 smaller after an overflow, larger once the
+  sum's largest entry falls 2^10 below the first one seen since the plan, dense until
+  the next measurement past 2^±100).
 
 At a measurement (step 1, then every ``every`` steps), before the step's first
 exchange, every rank writes each gradient's profile of this step (the energy of its
 largest entries for each candidate k, in the graph) into a variable; then one
-``tf.py_function`` times Horovod's allreduce and allgather eagerly on the training's
-process set, takes the slowest rank's times (and of the top-k route, timed compiled when
-the step was first traced) and the sum of the profiles, plans every tensor and writes
-the plan. Each place that reduces a set of variables (a tape's or an optimizer's call)
-keeps its own step count and schedule, so one compression object can serve several.
-Step 0, before any plan, sends every tensor through top-k at the spec's k (its feedback
-keeps the rest). Ranks whose spec, seed, nonfinite rule or variables differ are refused
-before anything moves (:mod:`.agree`). Warm-up steps (``+warmup:N``) go dense, and a
-dtype Horovod's TF allreduce cannot sum (bfloat16) always goes top-k. Two measurements
-traced into one step (two tapes) run one after the other, in the order they were traced.
+``tf.py_function`` times Horovod's allreduce (of float32 and of float16) and allgather
+eagerly on the training's process set, takes the slowest rank's times (and of the top-k
+and cast routes, timed compiled when the step was first traced) and the sum of the
+profiles, plans every tensor and writes the plan. Each place that reduces a set of
+variables (a tape's or an optimizer's call) keeps its own step count and schedule, so
+one compression object can serve several. Step 0, before any plan, sends every tensor
+through top-k at the spec's k (its feedback keeps the rest). Ranks whose spec, seed,
+nonfinite rule or variables differ are refused before anything moves (:mod:`.agree`).
+Warm-up steps (``+warmup:N``) go dense, and a dtype Horovod's TF allreduce cannot sum
+(bfloat16) always goes top-k. Two measurements traced into one step (two tapes) run one
+after the other, in the order they were traced.
 
-No float16 cast route: the casts' scale follows each step's sum on the host, which a
-graph cannot; on a link fast enough for it, the tensor goes dense. A tensor planned dense
-keeps its feedback residual (what step 0's top-k left, about all of that step's
-gradient at 1%) until a later plan sends it through top-k again, as in PyTorch when a
-plan turns a tensor from top-k to dense. Costs and plans are measurements, not training
-state: a restored model measures again (step 1 of the restored run).
+A tensor planned dense or cast keeps its feedback residual (what step 0's top-k left,
+about all of that step's gradient at 1%) until a later plan sends it through top-k
+again, as in PyTorch when a plan turns a tensor from top-k to dense. Costs, plans and
+shifts are measurements, not training state: a restored model measures again (step 1
+of the restored run).
 """
 from __future__ import annotations
 
@@ -37,11 +45,15 @@ import zlib
 
 from ..core.auto import (
     COMPUTE_SIZES,
+    HEADROOM_BITS,
     LINK_BYTES,
     LINK_MAX_BYTES,
     LINK_SECONDS,
+    SHIFT_CLAMP,
     Auto,
     Costs,
+    cast_from_wire,
+    cast_to_wire,
     fit_costs,
 )
 from ..core.exchange import Exchange
@@ -51,7 +63,8 @@ from ..core.transport import best_of
 from ..errors import HvdCompressError
 from .agree import in_trace_order
 
-DENSE, TOPK = 0, 1  # a route variable's values
+DENSE, TOPK, CAST = 0, 1, 2  # a route variable's values
+ROUTES = {"dense": DENSE, "topk": TOPK, "cast": CAST}
 ALLREDUCED = ("float16", "float32", "float64")  # what Horovod's TF allreduce sums
 
 
@@ -68,7 +81,6 @@ class _Site:
         self.measured = 0
 
 
-
 class GraphAuto:
     """A :class:`~hvd_compress.tensorflow.Compression`'s auto plan and its measurements.
 
@@ -76,7 +88,7 @@ class GraphAuto:
       costs: the last measurement's :class:`~hvd_compress.core.auto.Costs`, every rank's
         alike (None before the first).
       routes: name -> the :class:`~hvd_compress.core.auto.Route` the last plan of its
-        variable chose.
+        variable chose (a cast's shift as planned; the steps since may have moved it).
     """
 
     def __init__(self, compression):
@@ -84,11 +96,13 @@ class GraphAuto:
         self.auto: Auto = compression.pipeline.policy
         self.costs: Costs | None = None
         self.routes: dict = {}
-        # name -> (route, k, profile, the step of its next measurement) variables
+        # name -> (route, k, profile, the step of its next measurement, the cast's shift,
+        # the largest entry of its first float16 sum since the plan) variables
         self._vars: dict[str, tuple] = {}
         self._shapes: dict[str, tuple] = {}  # name -> (entries, dtype)
         self._sites: dict[tuple, _Site] = {}
         self._compute: dict[int, list] = {}  # ranks -> the top-k route's seconds per size
+        self._cast_compute: list | None = None  # the cast route's seconds per size
 
     def reduce(self, names, grads, transport):
         """The updates of ``grads`` (named ``names``) by their planned routes, inside the
@@ -101,6 +115,9 @@ class GraphAuto:
         if n not in self._compute:  # timed where the step is traced (see _time_route)
             with tf.init_scope():
                 self._compute[n] = [self._time_route(d, n) for d in COMPUTE_SIZES]
+        if self._cast_compute is None:
+            with tf.init_scope():
+                self._cast_compute = [self._time_cast(d) for d in COMPUTE_SIZES]
         ats = {name: ex.next_step(name) for name in names}
         step, measure_at = ats[site.names[0]], self._vars[site.names[0]][3]
 
@@ -116,7 +133,7 @@ class GraphAuto:
         updates = []
         with tf.control_dependencies([done]):
             for name, g in zip(names, grads):
-                route, k = (v.read_value() for v in self._vars[name][:2])
+                route, k, shift = (self._vars[name][i].read_value() for i in (0, 1, 4))
                 at = ats[name]
 
                 def dense(name=name, g=g, at=at):
@@ -128,19 +145,70 @@ class GraphAuto:
                                    dense=False if warmup else None,
                                    level=self.auto.codec(k, compressor))
                     return c._move(out, transport)
+
+                def cast(name=name, g=g, at=at, shift=shift):
+                    return self._cast(name, g, at, shift, transport)
                 if g.dtype.name not in ALLREDUCED:  # Horovod cannot allreduce it: top-k
                     updates.append(topk())
                     continue
-                dense_now = tf.equal(route, DENSE)
                 if warmup:  # warm-up steps are dense whatever the plan
-                    dense_now = tf.logical_or(dense_now, at < warmup)
-                updates.append(tf.cond(dense_now, dense, topk))
+                    route = tf.where(at < warmup, tf.constant(DENSE, tf.int32), route)
+                # only float32 is ever planned cast (CAST reaches no other dtype's branches)
+                updates.append(tf.switch_case(route, [dense, topk, cast])
+                               if g.dtype.name == "float32" else
+                               tf.cond(tf.equal(route, DENSE), dense, topk))
         return updates
 
+    def _cast(self, name, g, at, shift, transport):
+        """The cast route's update of ``g`` inside the graph: the float16 sum scaled back,
+        or where it is not finite the sum of ``g`` sent again as it is (see the module
+        docstring)."""
+        import tensorflow as tf
+
+        from .compression import collective_name
+        c = self.compression
+        bk, ex = c._bk, c.exchange
+        out = ex.begin_dense(bk, name, g, at, shift)
+        summed = transport.start(out, collective_name(name + ".cast"))()
+        finite = bk.finite_flag(summed)
+
+        def scaled_back():
+            return transport.finish(ex, bk, summed, out, transport.size(), transport.summed)
+
+        def resend():
+            return c._move(ex.resent(bk, out), transport, ".resend")
+        with tf.control_dependencies(self._follow_scale(name, shift, finite, summed)):
+            return tf.cond(finite, scaled_back, resend)
+
+    def _follow_scale(self, name, shift, finite, summed) -> list:
+        """The assignments that move the cast's shift for the next steps from this step's
+        float16 sum, the rule of PyTorch's (see
+        :meth:`~hvd_compress.core.exchange.Exchange._follow_scale`), in the graph: the
+        power of two between the first sum's largest entry and this one's is read from
+        their quotient's exponent bits (frexp's exactly, where a logarithm rounds)."""
+        import tensorflow as tf
+        route, _, _, _, shift_var, first = self._vars[name]
+        largest = tf.where(finite, tf.cast(tf.reduce_max(tf.abs(summed)), tf.float64),
+                           tf.constant(0.0, tf.float64))
+        seen = tf.where(first > 0, first, largest)  # the first sum's, since the plan
+        quotient = seen / tf.where(largest > 0, largest, tf.constant(1.0, tf.float64))
+        power = tf.cast(tf.bitwise.bitwise_and(
+            tf.bitwise.right_shift(tf.bitcast(quotient, tf.int64),
+                                   tf.constant(52, tf.int64)), tf.constant(0x7FF, tf.int64)),
+            tf.int32) - 1023
+        shrank = tf.logical_and(largest > 0, largest * 2.0 ** HEADROOM_BITS < seen)
+        moved = tf.where(finite, tf.where(shrank, shift + power, shift),
+                         shift - HEADROOM_BITS)
+        return [shift_var.assign(moved),
+                first.assign(tf.where(finite, seen, first)),
+                route.assign(tf.where(tf.abs(moved) < SHIFT_CLAMP,
+                                      tf.constant(CAST, tf.int32),
+                                      tf.constant(DENSE, tf.int32)))]
+
     def _create(self, names, grads, process_set) -> _Site:
-        """Each tensor's plan variables (top-k at the spec's k until the first plan, and
-        the step of its next measurement), made once outside the graph, and the call
-        site (plain Python: see :class:`_Site`)."""
+        """Each tensor's plan variables (top-k at the spec's k until the first plan, the
+        step of its next measurement, and the cast's shift and first sum), made once
+        outside the graph, and the call site (plain Python: see :class:`_Site`)."""
         import tensorflow as tf
         c = self.compression
         key = (tuple(names), process_set.process_set_id)
@@ -161,11 +229,13 @@ class GraphAuto:
                     tf.Variable(TOPK, dtype=tf.int32, trainable=False),
                     tf.Variable(ks[0], dtype=tf.int32, trainable=False),
                     tf.Variable(tf.zeros([len(ks) + 2], tf.float64), trainable=False),
-                    tf.Variable(1, dtype=tf.int64, trainable=False))  # next measurement
+                    tf.Variable(1, dtype=tf.int64, trainable=False),  # next measurement
+                    tf.Variable(0, dtype=tf.int32, trainable=False),
+                    tf.Variable(0.0, dtype=tf.float64, trainable=False))
         return self._sites[key]
 
     def _measure(self, step: int, site: _Site, link) -> int:
-        """Eagerly, inside the step: time the link and the top-k route, agree with every
+        """Eagerly, inside the step: time the link and the routes, agree with every
         rank, plan every tensor of ``site`` and write the plan (see the module
         docstring)."""
         c = self.compression
@@ -178,12 +248,12 @@ class GraphAuto:
         sizes = (LINK_BYTES[0], big)
         gather_sizes = (LINK_BYTES[0], max(LINK_BYTES[1], min(big, LINK_MAX_BYTES // n)))
         times = link.time_link(sizes, gather_sizes, tag, None)
-        compute = self._compute[n]
         floats = [float(v) for m in order for v in self._vars[m][2].numpy()]
-        agreed = link.over_ranks(times + compute, f"{tag}.agree")
-        m = 3 * len(sizes)
-        self.costs = fit_costs(sizes, gather_sizes, agreed[:m],
-                               agreed[m:m + len(COMPUTE_SIZES)], None)
+        agreed = link.over_ranks(times + self._compute[n] + self._cast_compute,
+                                 f"{tag}.agree")
+        m, k = 3 * len(sizes), len(COMPUTE_SIZES)
+        self.costs = fit_costs(sizes, gather_sizes, agreed[:m], agreed[m:m + k],
+                               agreed[m + k:m + 2 * k])
         sums = iter(link.over_ranks(floats, f"{tag}.profiles", op="sum"))
         tensors = {name: (*self._shapes[name],
                           [next(sums) for _ in range(self._vars[name][2].shape[0])])
@@ -193,10 +263,12 @@ class GraphAuto:
                                 feedback=c.pipeline.feedback is not None)
         self.routes.update(routes)
         for name, route in routes.items():
-            kind, k = self._vars[name][:2]
-            kind.assign(DENSE if route.kind == "dense" else TOPK)
+            kind, k, _, _, shift, first = self._vars[name]
+            kind.assign(ROUTES[route.kind])
             if route.kind == "topk":
                 k.assign(route.k)
+            shift.assign(route.shift)
+            first.assign(0.0)
         for name in order:
             self._vars[name][3].assign(step + self.auto.every)
         site.measured += 1
@@ -222,3 +294,20 @@ class GraphAuto:
             return scratch.finish_gathered(bk, tf.concat([out.wire] * n, 0), out, n, False)
         route(x)  # traced here, not timed
         return best_of(3, lambda i: route(x).numpy())
+
+    def _time_cast(self, d: int) -> float:
+        """Seconds of the cast route's own work on a tensor of ``d`` entries, compiled as
+        the steps run it (scale and cast, the sum's finiteness and largest entry, cast
+        back and scale); timed once, eagerly, as :meth:`_time_route`."""
+        import tensorflow as tf
+        bk = self.compression._bk
+        x = tf.random.stateless_normal([d], seed=[d, 1])
+
+        @tf.function(autograph=False)
+        def route(x, shift):
+            wire = cast_to_wire(bk, x, shift)
+            return (cast_from_wire(bk, wire, "float32", shift)[-1], bk.finite_flag(wire),
+                    tf.reduce_max(tf.abs(wire)))
+        shift = tf.constant(4, tf.int32)
+        route(x, shift)  # traced here, not timed
+        return best_of(3, lambda i: route(x, shift)[0].numpy())

@@ -18,7 +18,6 @@ class HorovodTransport(Transport):
     by default) after dividing by ``predivide``."""
 
     name = "horovod"
-    sums_float16 = False  # auto has no cast route in a graph (see .auto)
 
     def __init__(self, process_set, op=None, predivide: float = 1.0):
         import horovod.tensorflow as hvd
@@ -67,7 +66,8 @@ class HorovodTransport(Transport):
         if kind == "allgather":
             buf = tf.zeros([nbytes], tf.uint8)
             return best_of(2, lambda i: self.gather(buf, f"{name}.{i}").numpy())
-        buf = tf.zeros([nbytes // 4], tf.float32)
+        dtype = tf.float32 if kind == "allreduce" else tf.float16
+        buf = tf.zeros([nbytes // dtype.size], dtype)
         return best_of(2, lambda i: hvd.allreduce(buf, name=f"{name}.{i}", process_set=ps,
                                                   ignore_name_scope=True).numpy())
 
