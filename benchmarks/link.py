@@ -124,7 +124,7 @@ def main():
                     default=["none", "horovod-fp16", "topk:0.01+ef21sgdm", "topk:0.001+ef14",
                              "auto"])
     ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=None, help="10 (--tf: 30)")
     ap.add_argument("--tf", action="store_true",
                     help="time benchmarks/tf_routes.py's TensorFlow routes on each link")
     ap.add_argument("--only", nargs="+", metavar="WORDS",
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     args.ranks = args.ranks or (2 if args.tf else 4)
+    args.steps = args.steps or (30 if args.tf else 10)
     if args.write_docs and args.tf:
         refuse("--write-docs rewrites the step-time table of step_time.py, not --tf's")
     if os.geteuid() != 0:

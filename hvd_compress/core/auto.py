@@ -68,8 +68,8 @@ them); a scale past 2^100 sends the tensor dense until the next measurement.
 The TensorFlow frontend keeps the plan (and each cast's scale) in variables that its
 compiled steps read and the same rule moves (see :mod:`hvd_compress.tensorflow.auto`):
 there step 0 goes top-k at the spec's k. A tensor of a dtype Horovod cannot allreduce
-(bfloat16) always goes top-k. Until the first measurement (the first step) every tensor
-goes dense; a tensor without a profile (one seen first after it) is planned alone from
+(bfloat16) always goes top-k. In PyTorch, until the first measurement (the first step)
+every tensor goes dense; a tensor without a profile (one seen first after it) is planned alone from
 the costs (dense, or top-k at the spec's k). Costs and profiles are measurements, not
 training state: they are not checkpointed, and a resumed run routes dense for one step,
 then measures again. The dense and cast routes leave the feedback state untouched, so
@@ -170,7 +170,7 @@ class Route(NamedTuple):
 DENSE = Route("dense")
 
 
-def cast_to_wire(bk, x, shift: int, in_place: bool = False):
+def cast_to_wire(bk, x, shift, in_place: bool = False):
     """The cast route's payload: ``x * 2**shift`` in float16 (the scaling is exact). With
     ``in_place`` x is scaled in its own memory first (one pass in place, then the plain
     cast); else the product is written into float16 directly where the framework can
@@ -184,10 +184,10 @@ def cast_to_wire(bk, x, shift: int, in_place: bool = False):
     return bk.scaled(x, bk.power_of_two(shift), "float16")
 
 
-def cast_from_wire(bk, y, dtype: str, shift: int, into=None):
+def cast_from_wire(bk, y, dtype: str, shift, into=None):
     """The inverse of :func:`cast_to_wire` on a (summed) payload: in ``dtype`` (float32),
     scaled back there (float16 would underflow), in ``into``'s memory where given (the
-    tensor the payload was cast from), else in a new tensor."""
+    tensor the payload was cast from), else in a new tensor; ``shift`` as there."""
     y = bk.astype(y, dtype) if into is None else bk.overwrite(into, y)
     return y if isinstance(shift, int) and not shift else bk.mul_(y, bk.power_of_two(-shift))
 

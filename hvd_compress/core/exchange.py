@@ -56,7 +56,9 @@ class Outgoing(NamedTuple):
     stamp: Stamp = Stamp()  # this rank's fingerprints, which every received header must match
     dense_route: bool = False  # auto sent the tensor as it is or cast, by an allreduce
     into: Any = None      # the flat input, whose memory the average may take (overwrite)
-    shift: int | None = None  # auto's cast route: the payload is float16(x * 2**shift)
+    # auto's cast route: the payload is float16(x * 2**shift) (inside a graph, an int32
+    # tensor shift)
+    shift: Any = None
     source: Any = None    # ... and x, for a resend (see resend_dense); where ``into`` is
     #                       x too, x was scaled in its memory and the update goes there
     undo: tuple = ()      # state entries this step overwrote in place (pipeline.Undo)
@@ -264,7 +266,7 @@ class Exchange:
         int32 tensor) scaled by 2**shift and cast to float16."""
         return self._begin_dense(bk, name, tensor, step, time.perf_counter(), shift, False)
 
-    def _begin_dense(self, bk, name, tensor, step, t0, shift: int | None,
+    def _begin_dense(self, bk, name, tensor, step, t0, shift,
                      overwrite: bool) -> Outgoing:
         """auto's dense and cast routes: the tensor itself travels by allreduce, exactly
         as Horovod sends it uncompressed (no copy, no pass over it, unless its entries

@@ -62,8 +62,9 @@ class Backend:
         return self.astype(x * factor, dtype)
 
     def power_of_two(self, n):
-        """2**n, exactly: a float for an int ``n`` (a graph's int32 tensor ``n``, from -126
-        to 127, gives a float32 tensor; see TensorflowBackend)."""
+        """2**n, exactly: a float for an int ``n`` (a graph's int32 tensor ``n`` gives a
+        float32 tensor, exact from -126 to 127 and meaningless outside, which auto's cast
+        never leaves: its shifts stay within 2^±100; see TensorflowBackend)."""
         return float(2.0 ** n)
 
     def size(self, x) -> int:
