@@ -68,13 +68,13 @@ them); a scale past 2^100 sends the tensor dense until the next measurement.
 The TensorFlow frontend keeps the plan (and each cast's scale) in variables that its
 compiled steps read and the same rule moves (see :mod:`hvd_compress.tensorflow.auto`):
 there step 0 goes top-k at the spec's k. A tensor of a dtype Horovod cannot allreduce
-(bfloat16) always goes top-k. In PyTorch, until the first measurement (the first step)
-every tensor goes dense; a tensor without a profile (one seen first after it) is planned alone from
-the costs (dense, or top-k at the spec's k). Costs and profiles are measurements, not
-training state: they are not checkpointed, and a resumed run routes dense for one step,
-then measures again. The dense and cast routes leave the feedback state untouched, so
-EF14's residual still holds what was not sent and goes out with the next top-k step;
-routes can change at every measurement without losing it.
+(bfloat16) always goes top-k. In PyTorch, until the first measurement (the first
+step) every tensor goes dense; a tensor without a profile (one seen first after it) is
+planned alone from the costs (dense, or top-k at the spec's k). Costs and profiles are
+measurements, not training state: they are not checkpointed, and a resumed run routes
+dense for one step, then measures again. The dense and cast routes leave the feedback
+state untouched, so EF14's residual still holds what was not sent and goes out with
+the next top-k step; routes can change at every measurement without losing it.
 
 The top-k route is the spec's pipeline at the planned k (``topk:0.01+ef14+auto``:
 candidates from 1% up with EF14; bare ``auto`` means that): the spec's ratio is the
