@@ -616,7 +616,21 @@ def test_auto_cast_that_overflows_is_sent_again_in_the_gradients_dtype(overwrite
     np.testing.assert_array_equal(update, (spikes[0] + spikes[1]) * np.float32(0.5))
     rows = [r for r in exs[0].telemetry.rows if r.name == "w"]
     assert [(r.count, r.bits) for r in rows] == [(300, 16 * 300), (0, 32 * 300)]
-    assert exs[0].resend_dense(bk, np.zeros(300, np.float16), outs[0]) is None
+    assert exs[0].resend_dense(bk, np.ones(300, np.float16), outs[0]) is None
+
+
+def cast_step(exs, grads):
+    """One step of two ranks' cast route (Exchanges from :func:`cast_exchanges`), the
+    float16 average restated: (the update, or None where the ranks send it again; what
+    resend_dense returned on each rank; each rank's shift for the next step)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflows are what some test
+        outs = [ex.begin(bk, "w", x.copy(), r) for r, (ex, x) in enumerate(zip(exs, grads))]
+        mean = ((outs[0].wire.astype(np.float32) + outs[1].wire.astype(np.float32))
+                * 0.5).astype(np.float16)
+    again = [ex.resend_dense(bk, mean, o) for ex, o in zip(exs, outs)]
+    update = exs[0].finish_allreduced(bk, mean, outs[0], 2, False) \
+        if again[0] is None else None
+    return update, again, [ex.route("w", 300, "float32").shift for ex in exs]
 
 
 def test_auto_cast_scale_follows_the_gradient_between_measurements():
@@ -629,15 +643,7 @@ def test_auto_cast_scale_follows_the_gradient_between_measurements():
     exs = cast_exchanges("propagate", g)
 
     def step(grads):
-        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what is tested
-            outs = [ex.begin(bk, "w", x.copy(), r)
-                    for r, (ex, x) in enumerate(zip(exs, grads))]
-            mean = ((outs[0].wire.astype(np.float32) + outs[1].wire.astype(np.float32))
-                    * 0.5).astype(np.float16)
-        again = [ex.resend_dense(bk, mean, o) for ex, o in zip(exs, outs)]
-        update = exs[0].finish_allreduced(bk, mean, outs[0], 2, False) \
-            if again[0] is None else None
-        return update, again, [ex.route("w", 300, "float32").shift for ex in exs]
+        return cast_step(exs, grads)
 
     def error(update, grads):
         want = (grads[0] + grads[1]) / 2
@@ -655,6 +661,38 @@ def test_auto_cast_scale_follows_the_gradient_between_measurements():
         assert again[0] is not None and grown[0] == grown[1] == shifts[0] - 10 * overflow
     _, again, _ = step(big)
     assert again == [None, None]
+
+
+def test_auto_cast_sum_of_zeros_is_sent_again_and_grows_the_scale():
+    """A gradient that falls below float16's range after the plan (1e-12x) leaves a
+    float16 sum of zeros only: instead of a zero update until the next measurement,
+    every rank sends it again as it is (the exact float32 average, a row of count 0) and
+    the next steps' scale grows 2^30, after which the cast carries it again, within
+    float16's precision; a gradient that stays zero goes dense once the scale passes
+    the clamp, on every rank alike."""
+    from hvd_compress.core.auto import DENSE, SHIFT_CLAMP
+    g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
+    exs = cast_exchanges("propagate", g)
+    _, again, (shift, _) = cast_step(exs, g)
+    assert again == [None, None]
+    tiny = [np.float32(1e-12) * x for x in g]
+    update, again, shifts = cast_step(exs, tiny)
+    assert update is None and all(a is not None for a in again)
+    mean = (again[0].wire + again[1].wire) * np.float32(0.5)
+    np.testing.assert_array_equal(exs[0].finish_allreduced(bk, mean, again[0], 2, False),
+                                  (tiny[0] + tiny[1]) * np.float32(0.5))
+    assert shifts == [shift + 30] * 2
+    rows = [(r.count, r.bits) for r in exs[0].telemetry.rows if r.name == "w"]
+    assert rows[-2:] == [(300, 16 * 300), (0, 32 * 300)]
+    update, again, _ = cast_step(exs, tiny)
+    assert again == [None, None]
+    want = (tiny[0] + tiny[1]) / 2
+    assert np.abs(update - want).max() <= 2 ** -9 * np.abs(want).max()
+    zero = [np.zeros(300, np.float32)] * 2
+    while exs[0].route("w", 300, "float32") != DENSE:
+        _, again, shifts = cast_step(exs, zero)
+        assert all(a is not None for a in again) and shifts[0] == shifts[1] < SHIFT_CLAMP + 30
+    assert exs[1].route("w", 300, "float32") == DENSE
 
 
 def test_auto_cast_of_a_nan_gradient_raises_with_the_gradient_as_it_was():

@@ -22,6 +22,7 @@ from ..errors import HvdCompressError
 from .auto import (
     CAST_HEADROOM,
     DENSE,
+    FLUSH_BITS,
     HEADROOM_BITS,
     SHIFT_CLAMP,
     Auto,
@@ -291,10 +292,11 @@ class Exchange:
                         into=tensor if in_place else None)
 
     def resend_dense(self, bk, sum_, outgoing: Outgoing):
-        """The cast route's fallback: None where the float16 sum is finite; else, since
-        every rank holds the same sum and so decides alike, the Outgoing that sends the
-        tensor again as it is, in its own dtype (the sum overflowed float16, or some
-        rank's gradient is not finite, which the dense sum then shows). A tensor scaled
+        """The cast route's fallback: None where the float16 sum is finite and not all
+        zeros; else, since every rank holds the same sum and so decides alike, the
+        Outgoing that sends the tensor again as it is, in its own dtype (the sum
+        overflowed float16, or some rank's gradient is not finite, which the dense sum
+        then shows; or every entry flushed to zero in float16, or is zero). A tensor scaled
         in its memory is scaled back there first (exactly: a power of two; only an entry
         2^122 times the profiled largest overflowed float32 when scaled, and goes as
         infinite). The sum's extremes also set the next steps' scale (see
@@ -305,8 +307,9 @@ class Exchange:
             return None
         lo, hi = bk.extremes(sum_)
         finite = math.isfinite(lo) and math.isfinite(hi)
-        self._follow_scale(outgoing, bk.size(sum_), finite, max(-lo, hi) if finite else 0.0)
-        return None if finite else self.resent(bk, outgoing)
+        largest = max(-lo, hi) if finite else 0.0
+        self._follow_scale(outgoing, bk.size(sum_), finite, largest)
+        return None if largest > 0.0 else self.resent(bk, outgoing)
 
     def resent(self, bk, outgoing: Outgoing) -> Outgoing:
         """The Outgoing that sends a cast's tensor again as it is, in its own dtype (see
@@ -326,8 +329,9 @@ class Exchange:
         (the gradient grew past the headroom, or a rank's was not finite); larger by the
         power of two that brings the sum's largest entry back to the first one seen
         since the plan, once it is 2^10 below it (the gradient shrank, and float16
-        would flush its small entries). A scale past the clamp sends the tensor dense
-        until the next measurement."""
+        would flush its small entries); 2^30 larger after a sum of zeros only (see
+        :data:`~hvd_compress.core.auto.FLUSH_BITS`). A scale past the clamp sends the
+        tensor dense until the next measurement."""
         key, routes = (outgoing.name, d, outgoing.dtype), self._routes
         route = None if routes is None else routes.get(key)
         if routes is None or route is None or route.kind != "cast" or \
@@ -335,9 +339,11 @@ class Exchange:
             return
         if not finite:
             shift = route.shift - HEADROOM_BITS
+        elif largest == 0.0:
+            shift = route.shift + FLUSH_BITS
         else:
             first = self._cast_seen[key] = self._cast_seen.get(key) or largest
-            if largest == 0.0 or largest * 2.0 ** HEADROOM_BITS >= first:
+            if largest * 2.0 ** HEADROOM_BITS >= first:
                 return
             shift = route.shift + math.frexp(first / largest)[1] - 1
         routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE

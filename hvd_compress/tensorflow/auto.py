@@ -12,11 +12,12 @@ the same plan, so every rank takes the same branch and issues the same collectiv
 * cast (float32 only): the gradient scaled by 2**shift goes by Horovod's allreduce in
   float16 (``<variable>.cast``). Every rank holds the same float16 sum, so every rank
   makes the same decisions from it, in the graph: where it is not finite (it
-  overflowed, or some rank's gradient was not), the gradient goes again as it is
+  overflowed, or some rank's gradient was not) or holds zeros only (the gradient fell
+  below float16's range, or is zero), the gradient goes again as it is
   (``<variable>.resend``, a telemetry row of count 0); and its extremes move the shift
-  for the next steps, as in PyTorch (2^10 smaller after an overflow, larger once the
-  sum's largest entry falls 2^10 below the first one seen since the plan, dense until
-  the next measurement past 2^±100).
+  for the next steps, as in PyTorch (2^10 smaller after an overflow, 2^30 larger after
+  a sum of zeros, larger once the sum's largest entry falls 2^10 below the first one
+  seen since the plan, dense until the next measurement past 2^±100).
 
 At a measurement (step 1, then every ``every`` steps), before the step's first
 exchange, every rank writes each gradient's profile of this step (the energy of its
@@ -45,6 +46,7 @@ import zlib
 
 from ..core.auto import (
     COMPUTE_SIZES,
+    FLUSH_BITS,
     HEADROOM_BITS,
     LINK_BYTES,
     LINK_MAX_BYTES,
@@ -106,7 +108,17 @@ class GraphAuto:
 
     def reduce(self, names, grads, transport):
         """The updates of ``grads`` (named ``names``) by their planned routes, inside the
-        graph being traced."""
+        graph being traced; a gradient without entries goes dense, unplanned."""
+        c = self.compression
+        empty = {i for i, g in enumerate(grads) if g.shape.num_elements() == 0}
+        planned = iter(self._reduce([m for i, m in enumerate(names) if i not in empty],
+                                    [g for i, g in enumerate(grads) if i not in empty],
+                                    transport) if len(empty) < len(grads) else [])
+        return [c._move(c.exchange.begin_dense(c._bk, m, g, c.exchange.next_step(m)),
+                        transport, ".dense") if i in empty else next(planned)
+                for i, (m, g) in enumerate(zip(names, grads))]
+
+    def _reduce(self, names, grads, transport):
         import tensorflow as tf
         c = self.compression
         bk, ex, compressor = c._bk, c.exchange, c.pipeline.compressor
@@ -161,8 +173,8 @@ class GraphAuto:
 
     def _cast(self, name, g, at, shift, transport):
         """The cast route's update of ``g`` inside the graph: the float16 sum scaled back,
-        or where it is not finite the sum of ``g`` sent again as it is (see the module
-        docstring)."""
+        or where it is not finite or all zeros the sum of ``g`` sent again as it is (see
+        the module docstring)."""
         import tensorflow as tf
 
         from .compression import collective_name
@@ -171,16 +183,18 @@ class GraphAuto:
         out = ex.begin_dense(bk, name, g, at, shift)
         summed = transport.start(out, collective_name(name + ".cast"))()
         finite = bk.finite_flag(summed)
+        largest = tf.where(finite, tf.cast(tf.reduce_max(tf.abs(summed)), tf.float64),
+                           tf.constant(0.0, tf.float64))
 
         def scaled_back():
             return transport.finish(ex, bk, summed, out, transport.size(), transport.summed)
 
         def resend():
             return c._move(ex.resent(bk, out), transport, ".resend")
-        with tf.control_dependencies(self._follow_scale(name, shift, finite, summed)):
-            return tf.cond(finite, scaled_back, resend)
+        with tf.control_dependencies(self._follow_scale(name, shift, finite, largest)):
+            return tf.cond(largest > 0, scaled_back, resend)
 
-    def _follow_scale(self, name, shift, finite, summed) -> list:
+    def _follow_scale(self, name, shift, finite, largest) -> list:
         """The assignments that move the cast's shift for the next steps from this step's
         float16 sum, the rule of PyTorch's (see
         :meth:`~hvd_compress.core.exchange.Exchange._follow_scale`), in the graph: the
@@ -188,8 +202,6 @@ class GraphAuto:
         their quotient's exponent bits (frexp's exactly, where a logarithm rounds)."""
         import tensorflow as tf
         route, _, _, _, shift_var, first = self._vars[name]
-        largest = tf.where(finite, tf.cast(tf.reduce_max(tf.abs(summed)), tf.float64),
-                           tf.constant(0.0, tf.float64))
         seen = tf.where(first > 0, first, largest)  # the first sum's, since the plan
         quotient = seen / tf.where(largest > 0, largest, tf.constant(1.0, tf.float64))
         power = tf.cast(tf.bitwise.bitwise_and(
@@ -197,8 +209,8 @@ class GraphAuto:
                                    tf.constant(52, tf.int64)), tf.constant(0x7FF, tf.int64)),
             tf.int32) - 1023
         shrank = tf.logical_and(largest > 0, largest * 2.0 ** HEADROOM_BITS < seen)
-        moved = tf.where(finite, tf.where(shrank, shift + power, shift),
-                         shift - HEADROOM_BITS)
+        moved = tf.where(finite, tf.where(largest > 0, tf.where(shrank, shift + power, shift),
+                                          shift + FLUSH_BITS), shift - HEADROOM_BITS)
         return [shift_var.assign(moved),
                 first.assign(tf.where(finite, seen, first)),
                 route.assign(tf.where(tf.abs(moved) < SHIFT_CLAMP,
