@@ -663,36 +663,41 @@ def test_auto_cast_scale_follows_the_gradient_between_measurements():
     assert again == [None, None]
 
 
-def test_auto_cast_sum_of_zeros_is_sent_again_and_grows_the_scale():
+def test_auto_cast_sum_of_zeros_is_sent_again_and_its_dense_sum_sets_the_scale():
     """A gradient that falls below float16's range after the plan (1e-12x) leaves a
     float16 sum of zeros only: instead of a zero update until the next measurement,
-    every rank sends it again as it is (the exact float32 average, a row of count 0) and
-    the next steps' scale grows 2^30, after which the cast carries it again, within
-    float16's precision; a gradient that stays zero goes dense once the scale passes
-    the clamp, on every rank alike."""
-    from hvd_compress.core.auto import DENSE, SHIFT_CLAMP
+    every rank sends it again as it is (the exact float32 average, a row of count 0),
+    and that dense sum sets the next steps' scale afresh (the power of two that puts its
+    largest entry, summed over the ranks, in [32, 64)), after which the cast carries the
+    gradient again within float16's precision. A gradient that is zero on every rank is
+    sent again too, and leaves the scale as it was."""
+    import math
     g = [1e-7 * decaying(300, 50, seed=r) for r in range(2)]
     exs = cast_exchanges("propagate", g)
     _, again, (shift, _) = cast_step(exs, g)
     assert again == [None, None]
+
+    def resent(grads):
+        update, again, shifts = cast_step(exs, grads)
+        assert update is None and all(a is not None for a in again) and shifts == [shift] * 2
+        mean = (again[0].wire + again[1].wire) * np.float32(0.5)
+        np.testing.assert_array_equal(exs[0].finish_allreduced(bk, mean, again[0], 2, False),
+                                      (grads[0] + grads[1]) * np.float32(0.5))
+        for ex, a in zip(exs, again):
+            ex.rescale_flushed(bk, mean, a, 2)
+        return float(np.abs(mean).max()) * 2, [ex.route("w", 300, "float32") for ex in exs]
     tiny = [np.float32(1e-12) * x for x in g]
-    update, again, shifts = cast_step(exs, tiny)
-    assert update is None and all(a is not None for a in again)
-    mean = (again[0].wire + again[1].wire) * np.float32(0.5)
-    np.testing.assert_array_equal(exs[0].finish_allreduced(bk, mean, again[0], 2, False),
-                                  (tiny[0] + tiny[1]) * np.float32(0.5))
-    assert shifts == [shift + 30] * 2
+    largest, routes = resent(tiny)
+    shift = math.frexp(65504 / 1024 / largest)[1] - 1
+    assert routes == [routes[0]] * 2 and routes[0].kind == "cast" and routes[0].shift == shift
     rows = [(r.count, r.bits) for r in exs[0].telemetry.rows if r.name == "w"]
     assert rows[-2:] == [(300, 16 * 300), (0, 32 * 300)]
     update, again, _ = cast_step(exs, tiny)
     assert again == [None, None]
     want = (tiny[0] + tiny[1]) / 2
     assert np.abs(update - want).max() <= 2 ** -9 * np.abs(want).max()
-    zero = [np.zeros(300, np.float32)] * 2
-    while exs[0].route("w", 300, "float32") != DENSE:
-        _, again, shifts = cast_step(exs, zero)
-        assert all(a is not None for a in again) and shifts[0] == shifts[1] < SHIFT_CLAMP + 30
-    assert exs[1].route("w", 300, "float32") == DENSE
+    _, routes = resent([np.zeros(300, np.float32)] * 2)
+    assert [r.shift for r in routes] == [shift] * 2 and routes[0].kind == "cast"
 
 
 def test_auto_cast_of_a_nan_gradient_raises_with_the_gradient_as_it_was():

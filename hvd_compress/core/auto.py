@@ -55,19 +55,20 @@ the profile before the last measurement) between 32 and 65504 / 1024: gradients 
 keep float16's 11 bits of precision instead of flushing to zero, and may grow 1024x
 before the float16 sum overflows. If it does (or some rank's gradient is not finite),
 every rank sees the same non-finite sum and sends the tensor again as it is, in one more
-allreduce that step; so it does where the sum holds zeros only (the gradient fell
-below float16's range, or is zero), which would otherwise hand every rank a zero update
-until the next measurement (logged as a row of its own; every rank starts all of a step's
-resends before it waits on one); reading the sum's finiteness costs a wait per cast
-tensor and step on an accelerator. Its rounding is not kept for later steps. Between
+allreduce that step (logged as a row of its own; every rank starts all of a step's
+resends before it waits on one); so it does where the sum holds zeros only (the
+gradient is zero, or fell below float16's range, which would otherwise hand every rank
+a zero update until the next measurement); reading the sum's finiteness costs a wait
+per cast tensor and step on an accelerator. Its rounding is not kept for later steps. Between
 measurements the scale follows the gradient, from the float16 sum every rank holds
 alike: after an overflow it shrinks 2^10 for the next steps (the sum would overflow at
 every step otherwise), and once the sum's largest entry falls 2^10 below the first seen
 since the plan, it grows back by the power of two between them (float16 would
 otherwise flush the small entries of a shrinking gradient: 1e8 times smaller, most of
-them); after a sum of zeros only it grows 2^30 (what it took to flush every entry:
-below 2^-25, 30 powers of two under the largest's target); a scale past 2^100 sends
-the tensor dense until the next measurement.
+them); after a sum of zeros only, the dense sum sent in its place sets the scale
+afresh (as a measurement would, from its largest entry), unless it is zero too (a
+zero gradient, which leaves the scale as it was); a scale past 2^100 sends the tensor
+dense until the next measurement.
 
 The TensorFlow frontend keeps the plan (and each cast's scale) in variables that its
 compiled steps read and the same rule moves (see :mod:`hvd_compress.tensorflow.auto`):
@@ -120,7 +121,6 @@ FLOAT16_MAX = 65504.0
 HEADROOM_BITS = 10   # ... as a power of two: how far the scale moves when the gradient does
 CAST_HEADROOM = 2.0 ** HEADROOM_BITS
 SHIFT_CLAMP = 100    # scales of 2^100 or more are refused (a gradient of 0, or near it)
-FLUSH_BITS = 30      # how far a sum of zeros grows the scale: each entry was below 2^-25
 # what the frontends time: collective sizes in bytes (the larger one grows, by 4x up to
 # LINK_MAX_BYTES and the largest gradient, until a float32 allreduce takes LINK_SECONDS on
 # the slowest rank: on a fast link a small one is all latency and noise, and its slope

@@ -22,13 +22,13 @@ from ..errors import HvdCompressError
 from .auto import (
     CAST_HEADROOM,
     DENSE,
-    FLUSH_BITS,
     HEADROOM_BITS,
     SHIFT_CLAMP,
     Auto,
     Costs,
     Route,
     cast_from_wire,
+    cast_shift,
     cast_to_wire,
 )
 from .compressor import check_int
@@ -63,6 +63,7 @@ class Outgoing(NamedTuple):
     source: Any = None    # ... and x, for a resend (see resend_dense); where ``into`` is
     #                       x too, x was scaled in its memory and the update goes there
     undo: tuple = ()      # state entries this step overwrote in place (pipeline.Undo)
+    flushed: Any = None   # a resend of a cast whose sum held zeros only: that cast's shift
 
 
 class Exchange:
@@ -296,10 +297,11 @@ class Exchange:
         zeros; else, since every rank holds the same sum and so decides alike, the
         Outgoing that sends the tensor again as it is, in its own dtype (the sum
         overflowed float16, or some rank's gradient is not finite, which the dense sum
-        then shows; or every entry flushed to zero in float16, or is zero). A tensor scaled
-        in its memory is scaled back there first (exactly: a power of two; only an entry
-        2^122 times the profiled largest overflowed float32 when scaled, and goes as
-        infinite). The sum's extremes also set the next steps' scale (see
+        then shows; or it holds zeros only: the gradient fell below float16's range, or
+        is zero, and the dense sum tells which, see :meth:`rescale_flushed`). A tensor
+        scaled in its memory is scaled back there first (exactly: a power of two; only
+        an entry 2^126 times the scale in effect overflowed float32 when scaled, and goes
+        as infinite). The sum's extremes also set the next steps' scale (see
         :meth:`_follow_scale`). Costs one read of two numbers per cast tensor and step
         (a wait on an accelerator). The resend's bits are logged as a row of its own
         (count 0, no dense bits: the tensor was counted once)."""
@@ -307,9 +309,32 @@ class Exchange:
             return None
         lo, hi = bk.extremes(sum_)
         finite = math.isfinite(lo) and math.isfinite(hi)
-        largest = max(-lo, hi) if finite else 0.0
-        self._follow_scale(outgoing, bk.size(sum_), finite, largest)
-        return None if largest > 0.0 else self.resent(bk, outgoing)
+        if finite and max(-lo, hi) == 0.0:
+            return self.resent(bk, outgoing)._replace(flushed=outgoing.shift)
+        self._follow_scale(outgoing, bk.size(sum_), finite, max(-lo, hi) if finite else 0.0)
+        return None if finite else self.resent(bk, outgoing)
+
+    def rescale_flushed(self, bk, sum_, resend: Outgoing, ranks: int):
+        """After a cast whose float16 sum held zeros only was sent again (``resend``, from
+        :meth:`resend_dense`): the next steps' scale from that dense ``sum_`` (the
+        average over ``ranks`` ranks where ``ranks`` > 1), which every rank holds alike.
+        Where it is zero too the gradient is zero, and the scale stays; else the
+        gradient fell below float16's range since the plan, and the scale is planned
+        afresh from the largest entry (:func:`~hvd_compress.core.auto.cast_shift`, the
+        sum over ranks), as a measurement would (the first sum the scale then follows is
+        the next one)."""
+        if resend.flushed is None:
+            return
+        lo, hi = bk.extremes(sum_)
+        largest = max(-lo, hi) * ranks
+        key, routes = (resend.name, bk.size(sum_), resend.dtype), self._routes
+        route = None if routes is None else routes.get(key)
+        if routes is None or route is None or route.kind != "cast" or \
+                route.shift != resend.flushed or not math.isfinite(largest) or largest == 0.0:
+            return
+        self._cast_seen.pop(key, None)
+        shift = cast_shift(largest)
+        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE
 
     def resent(self, bk, outgoing: Outgoing) -> Outgoing:
         """The Outgoing that sends a cast's tensor again as it is, in its own dtype (see
@@ -329,9 +354,8 @@ class Exchange:
         (the gradient grew past the headroom, or a rank's was not finite); larger by the
         power of two that brings the sum's largest entry back to the first one seen
         since the plan, once it is 2^10 below it (the gradient shrank, and float16
-        would flush its small entries); 2^30 larger after a sum of zeros only (see
-        :data:`~hvd_compress.core.auto.FLUSH_BITS`). A scale past the clamp sends the
-        tensor dense until the next measurement."""
+        would flush its small entries). A scale past the clamp sends the tensor dense
+        until the next measurement. (A sum of zeros only: see :meth:`rescale_flushed`.)"""
         key, routes = (outgoing.name, d, outgoing.dtype), self._routes
         route = None if routes is None else routes.get(key)
         if routes is None or route is None or route.kind != "cast" or \
@@ -339,11 +363,9 @@ class Exchange:
             return
         if not finite:
             shift = route.shift - HEADROOM_BITS
-        elif largest == 0.0:
-            shift = route.shift + FLUSH_BITS
         else:
             first = self._cast_seen[key] = self._cast_seen.get(key) or largest
-            if largest * 2.0 ** HEADROOM_BITS >= first:
+            if largest == 0.0 or largest * 2.0 ** HEADROOM_BITS >= first:
                 return
             shift = route.shift + math.frexp(first / largest)[1] - 1
         routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE

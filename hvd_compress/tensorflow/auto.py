@@ -12,12 +12,13 @@ the same plan, so every rank takes the same branch and issues the same collectiv
 * cast (float32 only): the gradient scaled by 2**shift goes by Horovod's allreduce in
   float16 (``<variable>.cast``). Every rank holds the same float16 sum, so every rank
   makes the same decisions from it, in the graph: where it is not finite (it
-  overflowed, or some rank's gradient was not) or holds zeros only (the gradient fell
-  below float16's range, or is zero), the gradient goes again as it is
+  overflowed, or some rank's gradient was not) or holds zeros only (the gradient is
+  zero, or fell below float16's range), the gradient goes again as it is
   (``<variable>.resend``, a telemetry row of count 0); and its extremes move the shift
-  for the next steps, as in PyTorch (2^10 smaller after an overflow, 2^30 larger after
-  a sum of zeros, larger once the sum's largest entry falls 2^10 below the first one
-  seen since the plan, dense until the next measurement past 2^±100).
+  for the next steps, as in PyTorch (2^10 smaller after an overflow, larger once the
+  sum's largest entry falls 2^10 below the first one seen since the plan, planned
+  afresh from the dense sum sent in place of a sum of zeros unless that is zero too,
+  dense until the next measurement past 2^±100).
 
 At a measurement (step 1, then every ``every`` steps), before the step's first
 exchange, every rank writes each gradient's profile of this step (the energy of its
@@ -45,8 +46,9 @@ from __future__ import annotations
 import zlib
 
 from ..core.auto import (
+    CAST_HEADROOM,
     COMPUTE_SIZES,
-    FLUSH_BITS,
+    FLOAT16_MAX,
     HEADROOM_BITS,
     LINK_BYTES,
     LINK_MAX_BYTES,
@@ -68,6 +70,14 @@ from .agree import in_trace_order
 DENSE, TOPK, CAST = 0, 1, 2  # a route variable's values
 ROUTES = {"dense": DENSE, "topk": TOPK, "cast": CAST}
 ALLREDUCED = ("float16", "float32", "float64")  # what Horovod's TF allreduce sums
+
+
+def _floor_log2(x):
+    """floor(log2(x)) of a positive normal float64 tensor, read from its exponent bits
+    (``math.frexp(x)[1] - 1`` exactly, where a logarithm rounds), as int32."""
+    import tensorflow as tf
+    bits = tf.bitwise.right_shift(tf.bitcast(x, tf.int64), tf.constant(52, tf.int64))
+    return tf.cast(tf.bitwise.bitwise_and(bits, tf.constant(0x7FF, tf.int64)), tf.int32) - 1023
 
 
 class _Site:
@@ -190,7 +200,10 @@ class GraphAuto:
             return transport.finish(ex, bk, summed, out, transport.size(), transport.summed)
 
         def resend():
-            return c._move(ex.resent(bk, out), transport, ".resend")
+            update = c._move(ex.resent(bk, out), transport, ".resend")
+            with tf.control_dependencies(self._rescale_flushed(
+                    name, finite, update, 1 if transport.summed else transport.size())):
+                return tf.identity(update)
         with tf.control_dependencies(self._follow_scale(name, shift, finite, largest)):
             return tf.cond(largest > 0, scaled_back, resend)
 
@@ -203,19 +216,38 @@ class GraphAuto:
         import tensorflow as tf
         route, _, _, _, shift_var, first = self._vars[name]
         seen = tf.where(first > 0, first, largest)  # the first sum's, since the plan
-        quotient = seen / tf.where(largest > 0, largest, tf.constant(1.0, tf.float64))
-        power = tf.cast(tf.bitwise.bitwise_and(
-            tf.bitwise.right_shift(tf.bitcast(quotient, tf.int64),
-                                   tf.constant(52, tf.int64)), tf.constant(0x7FF, tf.int64)),
-            tf.int32) - 1023
+        power = _floor_log2(seen / tf.where(largest > 0, largest,
+                                            tf.constant(1.0, tf.float64)))
         shrank = tf.logical_and(largest > 0, largest * 2.0 ** HEADROOM_BITS < seen)
-        moved = tf.where(finite, tf.where(largest > 0, tf.where(shrank, shift + power, shift),
-                                          shift + FLUSH_BITS), shift - HEADROOM_BITS)
+        moved = tf.where(finite, tf.where(shrank, shift + power, shift),
+                         shift - HEADROOM_BITS)
         return [shift_var.assign(moved),
                 first.assign(tf.where(finite, seen, first)),
                 route.assign(tf.where(tf.abs(moved) < SHIFT_CLAMP,
                                       tf.constant(CAST, tf.int32),
                                       tf.constant(DENSE, tf.int32)))]
+
+    def _rescale_flushed(self, name, finite, update, ranks) -> list:
+        """The assignments that plan the cast's shift afresh from the dense ``update`` sent
+        in place of a float16 sum of zeros only (``finite``; the average over ``ranks``
+        ranks where ``ranks`` > 1), PyTorch's rule (see
+        :meth:`~hvd_compress.core.exchange.Exchange.rescale_flushed`) in the graph:
+        :func:`~hvd_compress.core.auto.cast_shift` of its largest entry, summed over the
+        ranks, unless that is zero (a zero gradient keeps its shift)."""
+        import tensorflow as tf
+        route, _, _, _, shift_var, first = self._vars[name]
+        largest = tf.cast(tf.reduce_max(tf.abs(update)), tf.float64) * float(ranks)
+        flushed = tf.logical_and(finite, tf.logical_and(largest > 0,
+                                                         tf.math.is_finite(largest)))
+        planned = tf.clip_by_value(_floor_log2(
+            FLOAT16_MAX / CAST_HEADROOM / tf.where(flushed, largest,
+                                                   tf.constant(1.0, tf.float64))),
+            -SHIFT_CLAMP, SHIFT_CLAMP)
+        return [shift_var.assign(tf.where(flushed, planned, shift_var.read_value())),
+                first.assign(tf.where(flushed, tf.constant(0.0, tf.float64),
+                                      first.read_value())),
+                route.assign(tf.where(tf.logical_and(flushed, tf.abs(planned) >= SHIFT_CLAMP),
+                                      tf.constant(DENSE, tf.int32), route.read_value()))]
 
     def _create(self, names, grads, process_set) -> _Site:
         """Each tensor's plan variables (top-k at the spec's k until the first plan, the

@@ -54,15 +54,17 @@ class HorovodTransport(Transport):
         return scale_factors(self.opt)
 
     def finish(self, exchange, bk, result, out, n: int, summed: bool):
-        """As every transport's, except that a cast whose float16 sum is not finite goes
-        again as it is (:meth:`Exchange.resend_dense`, the same on every rank): see
-        :meth:`_settle`."""
+        """As every transport's, except that a cast whose float16 sum is not finite, or
+        holds zeros only, goes again as it is (:meth:`Exchange.resend_dense`, the same
+        on every rank): see :meth:`_settle`; the dense sum of a cast that held zeros
+        then sets its scale (:meth:`Exchange.rescale_flushed`)."""
         if out.shift is not None:  # a cast
             if out.name not in self._settled:
                 # registered at start, unless a step that failed halfway dropped it
                 self._casts.setdefault(out.name, (lambda: result, out))
                 self._settle(exchange, bk)
             result, out = self._settled.pop(out.name)
+            exchange.rescale_flushed(bk, result, out, 1 if summed else n)
         return super().finish(exchange, bk, result, out, n, summed)
 
     def _settle(self, exchange, bk):

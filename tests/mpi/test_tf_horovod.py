@@ -412,9 +412,10 @@ def test_auto_cast_route_in_the_graph_follows_its_sum_and_resends_what_overflowe
     sends the variable dense until the next measurement (step 8), which plans the cast
     afresh: its shift and the first sum the rule compares with are step 8's. A gradient
     1e12x smaller leaves a sum of zeros only: it is sent again as it is, and the shift
-    grows 2^30, so that the next step's cast carries it. Every rank holds the same plan
-    and update, bit for bit, at every step. The loss is linear, so
-    each gradient is known exactly outside the graph."""
+    is planned afresh from that dense sum, so that the next step's cast carries it; a
+    zero gradient is sent again too, and keeps its shift. Every rank holds the same plan
+    and update, bit for bit, at every step. The loss is linear, so each gradient is
+    known exactly outside the graph."""
     import math
 
     from hvd_compress.core.auto import Costs
@@ -432,7 +433,7 @@ def test_auto_cast_route_in_the_graph_follows_its_sum_and_resends_what_overflowe
         return hctf.DistributedGradientTape(tape, compression=comp).gradient(loss, [v, u])
     rs = np.random.RandomState(rank)
     base = (rs.standard_normal(300) * 3.0).astype(np.float32)
-    scales = [1.0, 1.0] + [4e-5] * 6 + [1e-3, 3e-7, 3e-19, 3e-19]  # this rank's, per step
+    scales = [1.0, 1.0] + [4e-5] * 6 + [1e-3, 3e-7, 3e-19, 3e-19, 0.0]  # this rank's
     if rank == 0:
         scales[3] = 1e2  # 2.5e6x the others' at step 3: the sum overflows
     shift = first = None
@@ -464,10 +465,14 @@ def test_auto_cast_route_in_the_graph_follows_its_sum_and_resends_what_overflowe
             assert [(r.bits, r.count) for r in rows] == [(32 * 300, 300)]
             np.testing.assert_array_equal(got.numpy(), hvd.allreduce(tf.constant(c)).numpy())
             continue
-        if step in (3, 5, 10):  # not finite, or flushed to zeros: sent again as it is
+        if step in (3, 5, 10, 12):  # not finite, or zeros only: sent again as it is
             assert [(r.bits, r.count) for r in rows] == [(16 * 300, 300), (32 * 300, 0)]
             np.testing.assert_array_equal(got.numpy(), hvd.allreduce(tf.constant(c)).numpy())
-            shift += 30 if step == 10 else -10
+            if step == 10:  # planned afresh from the dense sum (the average, times size)
+                largest = float(np.abs(got.numpy()).max()) * size
+                shift, first = math.frexp(65504 / 1024 / largest)[1] - 1, None
+            elif step != 12:  # (a zero gradient keeps its shift)
+                shift -= 10
         else:
             assert [(r.bits, r.count) for r in rows] == [(16 * 300, 300)]
             half = (everyone * np.float32(2.0 ** shift)).astype(np.float16).astype(np.float32)

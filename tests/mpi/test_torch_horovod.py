@@ -483,6 +483,51 @@ def test_auto_grows_the_link_measurement_alike_on_every_rank():
     assert t.link_size(1024, seconds, 1 << 20, "grow.2", "cpu") == 1024
 
 
+def test_cast_of_a_gradient_below_float16_is_sent_again_and_rescaled_alike():
+    """Every tensor cast (forced costs from step 2); from step 3 the gradients are 1e-12x
+    smaller, so every float16 sum holds zeros only: every rank sends each tensor again
+    as it is (the update is Horovod's float32 average, a NumPy mean to float32
+    rounding), and that dense sum plans each tensor's scale afresh, alike on every rank
+    (the power of two that puts its largest entry, times the ranks, in [32, 64)); at
+    step 4 the casts carry the small gradients again."""
+    import math
+
+    from hvd_compress.core.auto import Costs, Route
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    comp = hct.compression("topk:0.01+ef14+auto:every=1000")
+    dopt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                    named_parameters=model.named_parameters(),
+                                    compression=comp)
+    x = torch.full((2, 8), float(rank + 1))
+    for step in range(5):
+        if step == 2:
+            comp.exchange.costs = Costs((1e-9, 1e-6), (1e-2, 1e-6), (0.0, 0.0), (0.0, 0.0))
+        scale = 1e-12 if step >= 3 else 1.0
+        shadow = copy.deepcopy(model)
+        (shadow(x).sum() * scale).backward()
+        mean = {n: hvd.allgather(p.grad.reshape(1, -1), name=f"flush.{step}.{n}")
+                .double().mean(0).numpy() for n, p in shadow.named_parameters()}
+        dopt.zero_grad()
+        (model(x).sum() * scale).backward()
+        dopt.synchronize()
+        resent = {r.name for r in comp.telemetry.rows if r.step == step and not r.count}
+        assert resent == (set(mean) if step == 3 else set()), step
+        for n, p in model.named_parameters():
+            got = p.grad.reshape(-1).numpy()
+            if step == 3:
+                np.testing.assert_allclose(got, mean[n], rtol=1e-6)
+                largest = float(np.abs(got).max()) * size
+                want = Route("cast", shift=math.frexp(65504 / 1024 / largest)[1] - 1)
+                assert comp.exchange.route(n, p.numel(), "float32") == want
+            elif step >= 2:
+                np.testing.assert_allclose(got, mean[n], rtol=2e-3,
+                                           atol=2e-3 * float(np.abs(mean[n]).max()))
+        shifts = torch.tensor([[r.shift for _, r in sorted(comp.exchange._routes.items())]])
+        everyone = hvd.allgather(shifts, name=f"flush.shifts.{step}")
+        assert torch.equal(everyone, shifts.expand(size, -1)), "ranks scale apart"
+
+
 @pytest.mark.parametrize("route", ["measured", "topk", "dense", "cast"])
 def test_auto_plans_every_tensor_alike_on_every_rank(route):
     """auto profiles every tensor at step 0, measures at step 1 and plans each tensor
