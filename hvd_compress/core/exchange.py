@@ -300,8 +300,8 @@ class Exchange:
         then shows; or it holds zeros only: the gradient fell below float16's range, or
         is zero, and the dense sum tells which, see :meth:`rescale_flushed`). A tensor
         scaled in its memory is scaled back there first (exactly: a power of two; only
-        an entry 2^126 times the scale in effect overflowed float32 when scaled, and goes
-        as infinite). The sum's extremes also set the next steps' scale (see
+        an entry of 2^(128 - shift) or more overflowed float32 when scaled, and goes as
+        infinite). The sum's extremes also set the next steps' scale (see
         :meth:`_follow_scale`). Costs one read of two numbers per cast tensor and step
         (a wait on an accelerator). The resend's bits are logged as a row of its own
         (count 0, no dense bits: the tensor was counted once)."""
