@@ -58,13 +58,14 @@ def run_on_link(rate, args, out_json):
                   "--allow-run-as-root", "--mca", "btl", "tcp,self",
                   "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
                   "-x", "OMP_NUM_THREADS=1", "-x", "HOROVOD_CYCLE_TIME=1"]
-        script = "tf_routes.py" if args.tf else "step_time.py"
-        options = ["--steps", str(args.steps)] + (
-            ["--only", *args.only] if args.tf and args.only else [] if args.tf else
-            ["--width", str(args.width), "--json", out_json, "--specs", *args.specs])
+        if args.tf:
+            script, options = "tf_routes.py", ["--only", *args.only] if args.only else []
+        else:
+            script, options = "step_time.py", ["--width", str(args.width), "--json",
+                                               out_json, "--specs", *args.specs]
         cmd = ["ip", "netns", "exec", ns, "env", f"PATH={os.environ['PATH']}"] + mpirun + [
             "-x", "TF_CPP_MIN_LOG_LEVEL=3", sys.executable,
-            str(ROOT / "benchmarks" / script), *options]
+            str(ROOT / "benchmarks" / script), "--steps", str(args.steps), *options]
         done = subprocess.run(cmd, text=True, capture_output=True, timeout=args.timeout)
         if done.returncode:
             raise RuntimeError(f"{script} failed on {rate or 'unshaped'}:\n"

@@ -327,14 +327,11 @@ class Exchange:
             return
         lo, hi = bk.extremes(sum_)
         largest = max(-lo, hi) * ranks
-        key, routes = (resend.name, bk.size(sum_), resend.dtype), self._routes
-        route = None if routes is None else routes.get(key)
-        if routes is None or route is None or route.kind != "cast" or \
-                route.shift != resend.flushed or not math.isfinite(largest) or largest == 0.0:
-            return
-        self._cast_seen.pop(key, None)
-        shift = cast_shift(largest)
-        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE
+        key = (resend.name, bk.size(sum_), resend.dtype)
+        route = self._cast_at(key, resend.flushed)
+        if route is not None and math.isfinite(largest) and largest > 0.0:
+            self._cast_seen.pop(key, None)
+            self._rescale(key, route, cast_shift(largest))
 
     def resent(self, bk, outgoing: Outgoing) -> Outgoing:
         """The Outgoing that sends a cast's tensor again as it is, in its own dtype (see
@@ -355,20 +352,33 @@ class Exchange:
         power of two that brings the sum's largest entry back to the first one seen
         since the plan, once it is 2^10 below it (the gradient shrank, and float16
         would flush its small entries). A scale past the clamp sends the tensor dense
-        until the next measurement. (A sum of zeros only: see :meth:`rescale_flushed`.)"""
-        key, routes = (outgoing.name, d, outgoing.dtype), self._routes
-        route = None if routes is None else routes.get(key)
-        if routes is None or route is None or route.kind != "cast" or \
-                route.shift != outgoing.shift:
+        until the next measurement. ``largest`` > 0 where ``finite``: a sum of zeros
+        only goes to :meth:`rescale_flushed`."""
+        key = (outgoing.name, d, outgoing.dtype)
+        route = self._cast_at(key, outgoing.shift)
+        if route is None:
             return
         if not finite:
-            shift = route.shift - HEADROOM_BITS
-        else:
-            first = self._cast_seen[key] = self._cast_seen.get(key) or largest
-            if largest == 0.0 or largest * 2.0 ** HEADROOM_BITS >= first:
-                return
-            shift = route.shift + math.frexp(first / largest)[1] - 1
-        routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP else DENSE
+            self._rescale(key, route, route.shift - HEADROOM_BITS)
+            return
+        first = self._cast_seen[key] = self._cast_seen.get(key) or largest
+        if largest * 2.0 ** HEADROOM_BITS < first:
+            self._rescale(key, route, route.shift + math.frexp(first / largest)[1] - 1)
+
+    def _cast_at(self, key, sent):
+        """The plan's cast route of tensor ``key`` (name, entries, dtype) if it still
+        casts at the scale ``sent`` was sent at (else None: a later measurement planned
+        it anew, and this step's sum moves nothing)."""
+        route = None if self._routes is None else self._routes.get(key)
+        return route if route is not None and route.kind == "cast" and \
+            route.shift == sent else None
+
+    def _rescale(self, key, route: Route, shift: int):
+        """The cast ``route`` of ``key`` at the scale 2**shift from the next step on
+        (dense until the next measurement past the clamp)."""
+        assert self._routes is not None
+        self._routes[key] = route._replace(shift=shift) if abs(shift) < SHIFT_CLAMP \
+            else DENSE
 
     def stamp(self, name: str, shape, dtype: str) -> Stamp:
         """This rank's fingerprints for tensor ``name`` (see :class:`Stamp`), computed once

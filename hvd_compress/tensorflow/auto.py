@@ -119,14 +119,18 @@ class GraphAuto:
     def reduce(self, names, grads, transport):
         """The updates of ``grads`` (named ``names``) by their planned routes, inside the
         graph being traced; a gradient without entries goes dense, unplanned."""
-        c = self.compression
-        empty = {i for i, g in enumerate(grads) if g.shape.num_elements() == 0}
-        planned = iter(self._reduce([m for i, m in enumerate(names) if i not in empty],
-                                    [g for i, g in enumerate(grads) if i not in empty],
-                                    transport) if len(empty) < len(grads) else [])
-        return [c._move(c.exchange.begin_dense(c._bk, m, g, c.exchange.next_step(m)),
-                        transport, ".dense") if i in empty else next(planned)
+        kept = [i for i, g in enumerate(grads) if g.shape.num_elements() != 0]
+        planned = dict(zip(kept, self._reduce([names[i] for i in kept],
+                                              [grads[i] for i in kept], transport))) \
+            if kept else {}
+        return [planned[i] if i in planned else
+                self._dense(m, g, self.compression.exchange.next_step(m), transport)
                 for i, (m, g) in enumerate(zip(names, grads))]
+
+    def _dense(self, name, g, at, transport):
+        """The dense route: Horovod's allreduce of ``g`` as it is (``<variable>.dense``)."""
+        c = self.compression
+        return c._move(c.exchange.begin_dense(c._bk, name, g, at), transport, ".dense")
 
     def _reduce(self, names, grads, transport):
         import tensorflow as tf
@@ -159,8 +163,7 @@ class GraphAuto:
                 at = ats[name]
 
                 def dense(name=name, g=g, at=at):
-                    out = ex.begin_dense(bk, name, g, at)
-                    return c._move(out, transport, ".dense")
+                    return self._dense(name, g, at, transport)
 
                 def topk(name=name, g=g, at=at, k=k):
                     out = ex.begin(bk, name, g, transport.rank(), step=at,
